@@ -1,0 +1,145 @@
+//! `datastore mount NAME[@VERSION] MOUNTPOINT`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::{StoreArgs, parse_duration, parse_size};
+use crate::cache::BlockCache;
+use crate::fs::fetch::{FetchConfig, Fetcher};
+use crate::fs::fuse::{MountConfig, mount};
+use crate::fs::{DatastoreFs, FsOptions};
+use crate::store::s3::ReadTimeouts;
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// What to mount: NAME (the latest version) or NAME@VERSION.
+    #[arg(value_name = "NAME[@VERSION]")]
+    pub target: String,
+    /// An existing empty directory to mount on.
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// How long a read keeps retrying an unreachable store before it fails with EIO.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
+    /// Owner shown for every file (default: the mounting user).
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Group shown for every file (default: the mounting user's group).
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Only the mounting user may access the mount (default: everyone, checked by file modes).
+    #[arg(long)]
+    pub owner_only: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+}
+
+/// The node cache.
+#[derive(Debug, Clone, Args)]
+pub struct CacheArgs {
+    /// Node cache directory, shared by every mount of the machine (default: your cache dir).
+    #[arg(long, value_name = "DIR", env = "DATASTORE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Hard limit of the node cache, e.g. 10GiB. 0 disables the cache.
+    #[arg(long, value_name = "SIZE", default_value = "10GiB", value_parser = parse_size, env = "DATASTORE_CACHE_SIZE")]
+    pub cache_size: u64,
+}
+
+impl CacheArgs {
+    /// Opens the cache, or `None` when disabled.
+    pub async fn open(&self, block_size: u64) -> anyhow::Result<Option<Arc<BlockCache>>> {
+        if self.cache_size == 0 {
+            return Ok(None);
+        }
+        let dir = match &self.cache_dir {
+            Some(d) => d.clone(),
+            None => crate::store::default_cache_dir()?,
+        };
+        let size = self.cache_size;
+        let cache = tokio::task::spawn_blocking(move || BlockCache::open(&dir, size, block_size)).await??;
+        Ok(Some(Arc::new(cache)))
+    }
+}
+
+/// Splits `NAME[@VERSION]`.
+pub fn parse_target(s: &str) -> anyhow::Result<(&str, Option<u64>)> {
+    match s.split_once('@') {
+        None => Ok((s, None)),
+        Some((name, "latest")) => Ok((name, None)),
+        Some((name, v)) => {
+            let v = v.parse().with_context(|| format!("{v:?} is not a version number (NAME@VERSION)"))?;
+            Ok((name, Some(v)))
+        }
+    }
+}
+
+pub async fn run(a: MountArgs) -> anyhow::Result<()> {
+    let (name, version) = parse_target(&a.target)?;
+    crate::store::names::validate_datastore_name(name)?;
+    if !a.mountpoint.is_dir() {
+        anyhow::bail!("mount point {} is not a directory", a.mountpoint.display());
+    }
+    if let Some(addr) = a.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr).await {
+                tracing::error!(error = %e, %addr, "metrics server stopped");
+            }
+        });
+    }
+    let store = a.store.open_with(ReadTimeouts::default()).await?;
+    let version = store.resolve_version(name, version).await?;
+    let manifest = Arc::new(store.load_manifest(name, version).await?);
+    let cfg = FetchConfig { deadline: a.read_timeout, ..FetchConfig::default() };
+    let cache = a.cache.open(cfg.block_size).await?;
+    let fetcher = Fetcher::new(store, cache, cfg);
+    let mut opts = FsOptions::default();
+    opts.uid = a.uid.unwrap_or(opts.uid);
+    opts.gid = a.gid.unwrap_or(opts.gid);
+    let fs = Arc::new(DatastoreFs::new(name, version, manifest.clone(), fetcher, opts));
+    let mount_cfg = MountConfig {
+        fs_name: format!("datastore:{name}@{version}"),
+        allow_other: !a.owner_only,
+        threads: usize::from(a.threads),
+    };
+    let mountpoint = a.mountpoint.clone();
+    let rt = tokio::runtime::Handle::current();
+    let mounted = tokio::task::spawn_blocking(move || mount(fs, &mountpoint, &mount_cfg, rt))
+        .await?
+        .with_context(|| format!("mounting on {}", a.mountpoint.display()))?;
+    let t = manifest.totals();
+    tracing::info!(datastore = name, version, mountpoint = %a.mountpoint.display(), files = t.files, bytes = t.bytes, "mounted read-only");
+    eprintln!(
+        "mounted {name}@{version} at {} (read-only, {} files, {}); press Ctrl-C to unmount",
+        a.mountpoint.display(),
+        t.files,
+        bytesize::ByteSize(t.bytes)
+    );
+    wait_for_signal().await?;
+    tracing::info!(mountpoint = %a.mountpoint.display(), "unmounting");
+    tokio::task::spawn_blocking(move || mounted.unmount()).await??;
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! `create`, `list`, `versions` and `delete` against a store.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+use super::StoreArgs;
+use super::progress::ProgressReporter;
+use crate::store::import::{ImportMode, ImportOptions, S3Source, import_from_s3};
+use crate::store::names::validate_datastore_name;
+use crate::store::upload::{Progress, Report, SymlinkPolicy, UploadOptions, create_from_dir};
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Datastore name (a DNS-1123 label: lower-case letters, digits and '-').
+    pub name: String,
+    /// Source: a local directory or s3://BUCKET/PREFIX/ (same as --source).
+    #[arg(value_name = "SRC", conflicts_with = "source")]
+    pub src: Option<String>,
+    /// Source: a local directory or s3://BUCKET/PREFIX/.
+    #[arg(long, value_name = "SRC")]
+    pub source: Option<String>,
+    /// For s3:// sources: copy the objects into the store, or reference them in place.
+    #[arg(long, value_enum, default_value = "copy")]
+    pub mode: ImportMode,
+    /// What to do with symlinks in a local source.
+    #[arg(long, value_enum, default_value = "preserve")]
+    pub symlinks: SymlinkPolicy,
+    /// Files transferred at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+    /// For s3:// sources: make no version when nothing changed since the latest one.
+    #[arg(long)]
+    pub skip_unchanged: bool,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VersionsArgs {
+    /// Datastore name.
+    pub name: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// Datastore name.
+    pub name: String,
+    /// Delete only this version (and the objects no other version uses).
+    #[arg(long)]
+    pub version: Option<u64>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
+    validate_datastore_name(&a.name)?;
+    let Some(src) = a.src.or(a.source) else {
+        bail!("give a source: datastore create NAME SRC (a directory or s3://bucket/prefix/)");
+    };
+    let store = a.store.open().await?;
+    let progress = std::sync::Arc::new(Progress::default());
+    let reporter = ProgressReporter::start(progress.clone(), &format!("{} → {}", src, a.name));
+    let result: anyhow::Result<Report> = async {
+        if src.starts_with("s3://") {
+            let source = S3Source::parse(&src)?;
+            let opts = ImportOptions {
+                mode: a.mode,
+                concurrency: usize::from(a.concurrency),
+                skip_if_unchanged: a.skip_unchanged,
+            };
+            Ok(import_from_s3(&store, &a.name, &source, &opts, &progress).await?)
+        } else {
+            let dir = PathBuf::from(&src);
+            if !dir.is_dir() {
+                bail!("source {src:?} is not a directory (nor an s3:// URL)");
+            }
+            let opts = UploadOptions { concurrency: usize::from(a.concurrency), symlinks: a.symlinks };
+            Ok(create_from_dir(&store, &a.name, &dir, &opts, &progress).await?)
+        }
+    }
+    .await;
+    reporter.finish();
+    let report = result.with_context(|| format!("creating {} from {src}", a.name))?;
+    for s in &report.skipped {
+        eprintln!("skipped {}: {}", s.path, s.reason);
+    }
+    let i = &report.info;
+    if report.unchanged {
+        eprintln!("{}: source unchanged; latest version is still {}", a.name, report.version);
+    } else {
+        eprintln!(
+            "{}@{}: {} files, {} dirs, {} ({} bytes); transferred {} files, {} ({} bytes); {} skipped",
+            a.name,
+            report.version,
+            i.files,
+            i.dirs,
+            bytesize::ByteSize(i.bytes),
+            i.bytes,
+            i.transferred_files,
+            bytesize::ByteSize(i.transferred_bytes),
+            i.transferred_bytes,
+            report.skipped.len()
+        );
+    }
+    println!("{}", report.version);
+    Ok(())
+}
+
+pub async fn list(a: ListArgs) -> anyhow::Result<()> {
+    let store = a.store.open().await?;
+    let names = store.list_datastores().await?;
+    println!("{:<40} {:>8} {:>12} {:>12}  CREATED", "NAME", "VERSION", "FILES", "SIZE");
+    for name in names {
+        let Some(v) = store.latest(&name).await? else { continue };
+        let info = store.version_info(&name, v).await?;
+        println!(
+            "{:<40} {:>8} {:>12} {:>12}  {}",
+            name,
+            v,
+            info.files,
+            bytesize::ByteSize(info.bytes).to_string(),
+            info.created
+        );
+    }
+    Ok(())
+}
+
+pub async fn versions(a: VersionsArgs) -> anyhow::Result<()> {
+    validate_datastore_name(&a.name)?;
+    let store = a.store.open().await?;
+    let versions = store.versions(&a.name).await?;
+    if versions.is_empty() {
+        bail!("datastore {:?} does not exist in {}", a.name, store.url());
+    }
+    println!("{:>8} {:>12} {:>12} {:>12}  {:<10} {:<22} SOURCE", "VERSION", "FILES", "SIZE", "TRANSFERRED", "MODE", "CREATED");
+    for v in versions {
+        let i = store.version_info(&a.name, v).await?;
+        println!(
+            "{:>8} {:>12} {:>12} {:>12}  {:<10} {:<22} {}",
+            v,
+            i.files,
+            bytesize::ByteSize(i.bytes).to_string(),
+            bytesize::ByteSize(i.transferred_bytes).to_string(),
+            i.mode,
+            i.created,
+            i.source
+        );
+    }
+    Ok(())
+}
+
+pub async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
+    validate_datastore_name(&a.name)?;
+    let store = a.store.open().await?;
+    match a.version {
+        Some(v) => {
+            store.resolve_version(&a.name, Some(v)).await?;
+            let (objects, bytes) = store.delete_version(&a.name, v).await?;
+            eprintln!("deleted {}@{v}: {objects} objects, {} freed", a.name, bytesize::ByteSize(bytes));
+        }
+        None => {
+            if store.versions(&a.name).await?.is_empty() && store.object_ids(&a.name).await?.is_empty() {
+                bail!("datastore {:?} does not exist in {}", a.name, store.url());
+            }
+            let n = store.delete_datastore(&a.name).await?;
+            eprintln!("deleted {}: {n} objects", a.name);
+        }
+    }
+    Ok(())
+}

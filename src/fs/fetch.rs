@@ -1,0 +1,334 @@
+//! Fetching file blocks: single-flight, cache first, ranged GETs with retries and a deadline.
+//!
+//! A *block* is `block_size` bytes of a file's content (the last one may be shorter). Callers
+//! ask for runs of blocks and get one future per block. Under one lock, a block that is already
+//! being fetched is joined; the others get a slot and one task per contiguous run fetches them:
+//! blocks found in the node cache are served from it, the rest with one ranged GET per run whose
+//! body is split into blocks as it arrives (the first block is ready before the run is done).
+//!
+//! Failures: transient errors (throttling, 5xx, resets, stalls, short bodies) are retried with
+//! exponential backoff and jitter, resuming at the first unfinished block, until `deadline`
+//! after the run started; then every unfinished block fails. A pinned object that changed fails
+//! at once. Nothing partial is ever handed out: a block is complete and of the right length.
+//!
+//! Memory: runs in flight hold at most `max_inflight_bytes` (a semaphore taken before the GET).
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use thiserror::Error;
+use tokio::sync::{Semaphore, watch};
+
+use crate::cache::{BlockCache, BlockKey};
+use crate::metrics;
+use crate::store::Store;
+use crate::store::manifest::Blob;
+use crate::store::object::StoreError;
+
+/// Why a block could not be read. Cloneable: one failure reaches every waiter.
+#[derive(Debug, Clone, Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Store(Arc<StoreError>),
+    #[error("gave up after {after:?}: {last}")]
+    Deadline { after: Duration, last: Arc<StoreError> },
+    #[error("the fetch was abandoned")]
+    Abandoned,
+}
+
+/// Tuning of the read path.
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Bytes per block (the cache's unit, and the unit of readahead).
+    pub block_size: u64,
+    /// Most blocks fetched by one GET.
+    pub max_run_blocks: u64,
+    /// How long a read keeps retrying before it fails with EIO.
+    pub deadline: Duration,
+    /// Bytes of GET bodies in flight at once, across all files.
+    pub max_inflight_bytes: u64,
+    /// First and longest wait between retries.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Largest readahead window of one handle, in blocks.
+    pub max_readahead_blocks: u64,
+    /// Readahead blocks of all handles together (the prefetch memory bound).
+    pub max_readahead_blocks_total: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            block_size: 1 << 20,
+            max_run_blocks: 8,
+            deadline: Duration::from_secs(20),
+            max_inflight_bytes: 256 << 20,
+            min_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+            max_readahead_blocks: 64,
+            max_readahead_blocks_total: 512,
+        }
+    }
+}
+
+/// The content a file handle reads: which datastore, which blob, how big.
+#[derive(Debug, Clone)]
+pub struct Content {
+    pub datastore: Arc<str>,
+    pub blob: Blob,
+    pub size: u64,
+}
+
+type Slot = watch::Receiver<Option<Result<Bytes, ReadError>>>;
+type Sender = watch::Sender<Option<Result<Bytes, ReadError>>>;
+
+/// A block being fetched; resolves to its bytes.
+pub type BlockFuture = BoxFuture<'static, Result<Bytes, ReadError>>;
+
+/// A handle on a block being fetched (or fetched): cheap to clone, waits for the bytes.
+#[derive(Clone)]
+pub struct Pending(Slot);
+
+impl Pending {
+    /// Waits for the block.
+    pub fn wait(&self) -> BlockFuture {
+        let mut rx = self.0.clone();
+        Box::pin(async move {
+            match rx.wait_for(|v| v.is_some()).await {
+                Ok(v) => v.clone().unwrap_or(Err(ReadError::Abandoned)),
+                Err(_) => Err(ReadError::Abandoned),
+            }
+        })
+    }
+}
+
+/// Shared by every mount of a process: one single-flight table, one cache, one memory bound.
+pub struct Fetcher {
+    store: Store,
+    cache: Option<Arc<BlockCache>>,
+    cfg: FetchConfig,
+    inflight: Mutex<HashMap<BlockKey, Slot>>,
+    budget: Arc<Semaphore>,
+    /// Readahead blocks that open handles may still claim (see `readahead`).
+    window_budget: AtomicU64,
+}
+
+impl std::fmt::Debug for Fetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetcher").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Fetcher {
+    pub fn new(store: Store, cache: Option<Arc<BlockCache>>, cfg: FetchConfig) -> Arc<Fetcher> {
+        let permits = (cfg.max_inflight_bytes / cfg.block_size).clamp(cfg.max_run_blocks, u32::MAX as u64 >> 3);
+        Arc::new(Fetcher {
+            store,
+            cache,
+            budget: Arc::new(Semaphore::new(permits as usize)),
+            inflight: Mutex::new(HashMap::new()),
+            window_budget: AtomicU64::new(cfg.max_readahead_blocks_total),
+            cfg,
+        })
+    }
+
+    /// Claims up to `n` readahead blocks from the process-wide budget; returns how many.
+    pub fn claim_window(&self, n: u64) -> u64 {
+        let mut granted = 0;
+        let _ = self.window_budget.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+            granted = left.min(n);
+            Some(left - granted)
+        });
+        granted
+    }
+
+    /// Returns readahead blocks to the budget.
+    pub fn release_window(&self, n: u64) {
+        self.window_budget.fetch_add(n, Ordering::AcqRel);
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.cfg
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Number of blocks of a content.
+    pub fn block_count(&self, size: u64) -> u64 {
+        size.div_ceil(self.cfg.block_size)
+    }
+
+    fn block_len(&self, content: &Content, block: u64) -> usize {
+        let start = block * self.cfg.block_size;
+        (content.size.saturating_sub(start)).min(self.cfg.block_size) as usize
+    }
+
+    /// One handle per block of `blocks` (clamped to the content), joining fetches in flight
+    /// and starting the others.
+    pub fn request(self: &Arc<Self>, content: &Arc<Content>, blocks: Range<u64>) -> Vec<(u64, Pending)> {
+        let end = blocks.end.min(self.block_count(content.size));
+        let mut out = Vec::new();
+        let mut to_start: Vec<(u64, Sender)> = Vec::new();
+        {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for b in blocks.start..end {
+                let key = BlockKey { id: content.blob.id, block: b };
+                let rx = match inflight.get(&key) {
+                    Some(rx) => rx.clone(),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        inflight.insert(key, rx.clone());
+                        to_start.push((b, tx));
+                        rx
+                    }
+                };
+                out.push((b, Pending(rx)));
+            }
+        }
+        // Contiguous runs of new slots, at most `max_run_blocks` each, one task per run.
+        let mut run: Vec<(u64, Sender)> = Vec::new();
+        for (b, tx) in to_start {
+            let contiguous = run.last().is_some_and(|(last, _)| *last + 1 == b);
+            if !run.is_empty() && (!contiguous || run.len() as u64 >= self.cfg.max_run_blocks) {
+                self.spawn_run(content.clone(), std::mem::take(&mut run));
+            }
+            run.push((b, tx));
+        }
+        if !run.is_empty() {
+            self.spawn_run(content.clone(), run);
+        }
+        out
+    }
+
+    fn spawn_run(self: &Arc<Self>, content: Arc<Content>, run: Vec<(u64, Sender)>) {
+        let this = self.clone();
+        tokio::spawn(async move { this.run(content, run).await });
+    }
+
+    /// Completes a slot and removes it from the single-flight table.
+    fn complete(&self, content: &Content, block: u64, tx: Sender, result: Result<Bytes, ReadError>) {
+        if let (Some(cache), Ok(bytes)) = (&self.cache, &result) {
+            cache.put_async(BlockKey { id: content.blob.id, block }, bytes.clone());
+        }
+        tx.send_replace(Some(result));
+        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        inflight.remove(&BlockKey { id: content.blob.id, block });
+    }
+
+    async fn run(self: Arc<Self>, content: Arc<Content>, run: Vec<(u64, Sender)>) {
+        // Serve what the cache has; fetch the remaining contiguous stretches.
+        let mut missing: Vec<(u64, Sender)> = Vec::new();
+        for (b, tx) in run {
+            let cached = match &self.cache {
+                Some(cache) => {
+                    let cache = cache.clone();
+                    let key = BlockKey { id: content.blob.id, block: b };
+                    let len = self.block_len(&content, b);
+                    tokio::task::spawn_blocking(move || cache.get_blocking(&key, len)).await.ok().flatten()
+                }
+                None => None,
+            };
+            match cached {
+                Some(bytes) => {
+                    tx.send_replace(Some(Ok(bytes)));
+                    let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                    inflight.remove(&BlockKey { id: content.blob.id, block: b });
+                }
+                None => {
+                    if !missing.last().is_none_or(|(last, _)| *last + 1 == b) {
+                        let stretch = std::mem::take(&mut missing);
+                        self.fetch(&content, stretch).await;
+                    }
+                    missing.push((b, tx));
+                }
+            }
+        }
+        if !missing.is_empty() {
+            self.fetch(&content, missing).await;
+        }
+    }
+
+    /// Fetches a contiguous stretch of blocks with retries (see the module docs).
+    async fn fetch(&self, content: &Content, mut blocks: Vec<(u64, Sender)>) {
+        let Ok(_permit) = self.budget.acquire_many(blocks.len() as u32).await else {
+            return;
+        };
+        let started = Instant::now();
+        let mut backoff = backon::ExponentialBuilder::default()
+            .with_min_delay(self.cfg.min_backoff)
+            .with_max_delay(self.cfg.max_backoff)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        blocks.reverse(); // pop() from the front of the stretch
+        loop {
+            let remaining = self.cfg.deadline.saturating_sub(started.elapsed());
+            let attempt = tokio::time::timeout(remaining, self.attempt(content, &mut blocks)).await;
+            let err = match attempt {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e,
+                Err(_) => StoreError::Timeout { what: "read".into(), after: self.cfg.deadline },
+            };
+            let elapsed = started.elapsed();
+            let delay = backoff.next().unwrap_or(self.cfg.max_backoff);
+            if !err.is_transient() || elapsed + delay >= self.cfg.deadline {
+                let err = Arc::new(err);
+                let failure = if err.is_transient() {
+                    tracing::error!(error = %err, after = ?elapsed, "read failed: the store stayed unreachable; returning EIO");
+                    ReadError::Deadline { after: elapsed, last: err }
+                } else {
+                    tracing::error!(error = %err, "read failed; returning EIO");
+                    ReadError::Store(err)
+                };
+                while let Some((b, tx)) = blocks.pop() {
+                    self.complete(content, b, tx, Err(failure.clone()));
+                }
+                return;
+            }
+            tracing::debug!(error = %err, ?delay, "transient read error; retrying");
+            metrics::s3_retry();
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+impl Fetcher {
+    /// One GET for the blocks left in `blocks` (reversed: the next block is last); completes
+    /// each block as soon as its bytes are in.
+    async fn attempt(&self, content: &Content, blocks: &mut Vec<(u64, Sender)>) -> Result<(), StoreError> {
+        let (Some(&(first, _)), Some(&(last, _))) = (blocks.last(), blocks.first()) else {
+            return Ok(());
+        };
+        let range = first * self.cfg.block_size..((last + 1) * self.cfg.block_size).min(content.size);
+        let mut body = self.store.read_blob(&content.datastore, &content.blob, range).await?;
+        let mut buf = BytesMut::new();
+        while let Some(&(b, _)) = blocks.last() {
+            let want = self.block_len(content, b);
+            while buf.len() < want {
+                match body.next().await {
+                    Some(chunk) => buf.extend_from_slice(&chunk?),
+                    None => {
+                        return Err(StoreError::Body {
+                            what: format!("{:?}", content.blob.location),
+                            message: "body ended early".into(),
+                        });
+                    }
+                }
+            }
+            let block = buf.split_to(want).freeze();
+            if let Some((b, tx)) = blocks.pop() {
+                self.complete(content, b, tx, Ok(block));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,300 @@
+//! The read-only filesystem of one datastore version, as plain methods.
+//!
+//! Metadata (lookup, getattr, readdir, readlink, statfs) comes from the manifest in memory and
+//! never touches the network. Data reads go through the [`fetch::Fetcher`] with per-handle
+//! sequential readahead. `fuse.rs` adapts this to the kernel; nothing else here knows FUSE.
+//!
+//! Inode numbers are manifest indices plus one (the root is 1). Readdir offsets are stable:
+//! 1 is ".", 2 is "..", and 3 + k is the k-th child in name order.
+
+pub mod fetch;
+pub mod fuse;
+mod readahead;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::metrics;
+use crate::store::manifest::{Entry, Kind, Manifest};
+use fetch::{Content, Fetcher, ReadError};
+use readahead::Readahead;
+
+/// An errno value (libc constants).
+pub type Errno = i32;
+
+/// Attributes of an inode, as `stat` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub perm: u16,
+    pub nlink: u32,
+    pub mtime: SystemTime,
+    pub uid: u32,
+    pub gid: u32,
+    pub blksize: u32,
+}
+
+/// One directory entry of a readdir answer.
+#[derive(Debug, Clone)]
+pub struct DirEntry<'a> {
+    /// Offset of the entry after this one (what the kernel passes back to continue).
+    pub next_offset: u64,
+    pub attr: Attr,
+    pub name: &'a OsStr,
+}
+
+/// Filesystem-wide numbers for statfs.
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub files: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+}
+
+/// Who owns every inode, and how long the kernel may cache answers.
+#[derive(Debug, Clone, Copy)]
+pub struct FsOptions {
+    pub uid: u32,
+    pub gid: u32,
+    /// Entry and attribute TTL. Versions are immutable, so this can be long.
+    pub ttl: Duration,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        FsOptions { uid, gid, ttl: Duration::from_secs(24 * 3600) }
+    }
+}
+
+struct Handle {
+    content: Arc<Content>,
+    readahead: Mutex<Readahead>,
+}
+
+/// A mounted (or mountable) datastore version.
+pub struct DatastoreFs {
+    name: Arc<str>,
+    version: u64,
+    manifest: Arc<Manifest>,
+    fetcher: Arc<Fetcher>,
+    opts: FsOptions,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    next_fh: AtomicU64,
+}
+
+impl std::fmt::Debug for DatastoreFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatastoreFs").field("name", &self.name).field("version", &self.version).finish()
+    }
+}
+
+fn mtime(ns: i64) -> SystemTime {
+    if ns >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(ns as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+impl DatastoreFs {
+    pub fn new(name: &str, version: u64, manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Self {
+        DatastoreFs {
+            name: Arc::from(name),
+            version,
+            manifest,
+            fetcher,
+            opts,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub fn manifest(&self) -> &Arc<Manifest> {
+        &self.manifest
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.opts.ttl
+    }
+
+    fn entry(&self, ino: u64) -> Result<Entry<'_>, Errno> {
+        let idx = ino.checked_sub(1).and_then(|i| u32::try_from(i).ok()).ok_or(libc::ENOENT)?;
+        self.manifest.entry(idx).ok_or(libc::ENOENT)
+    }
+
+    fn attr_of(&self, e: Entry<'_>) -> Attr {
+        let kind = e.kind();
+        Attr {
+            ino: u64::from(e.index()) + 1,
+            kind,
+            size: e.size(),
+            perm: match kind {
+                Kind::Symlink => 0o777,
+                _ => (e.mode() & 0o7777) as u16,
+            },
+            nlink: match kind {
+                Kind::Dir => 2 + e.subdirs(),
+                _ => 1,
+            },
+            mtime: mtime(e.mtime_ns()),
+            uid: self.opts.uid,
+            gid: self.opts.gid,
+            blksize: self.fetcher.config().block_size.min(u32::MAX as u64) as u32,
+        }
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, Errno> {
+        Ok(self.attr_of(self.entry(ino)?))
+    }
+
+    /// Finds `name` in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, Errno> {
+        let dir = self.entry(parent)?;
+        if dir.kind() != Kind::Dir {
+            return Err(libc::ENOTDIR);
+        }
+        let bytes = name.as_bytes();
+        if bytes == b"." {
+            return Ok(self.attr_of(dir));
+        }
+        if bytes == b".." {
+            return Ok(self.attr_of(dir.parent()));
+        }
+        self.manifest.lookup(dir, bytes).map(|e| self.attr_of(e)).ok_or(libc::ENOENT)
+    }
+
+    /// Entries of directory `ino` after `offset` (see the module docs for offsets).
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<impl Iterator<Item = DirEntry<'_>> + '_, Errno> {
+        let dir = self.entry(ino)?;
+        if dir.kind() != Kind::Dir {
+            return Err(libc::ENOTDIR);
+        }
+        let dots = [(1u64, dir, "."), (2, dir.parent(), "..")]
+            .into_iter()
+            .filter(move |(off, _, _)| *off > offset)
+            .map(|(off, e, n)| DirEntry { next_offset: off, attr: self.attr_of(e), name: OsStr::new(n) });
+        let skip = offset.saturating_sub(2) as usize;
+        let children = dir.children().enumerate().skip(skip).map(move |(k, e)| DirEntry {
+            next_offset: 3 + k as u64,
+            attr: self.attr_of(e),
+            name: e.name_os(),
+        });
+        Ok(dots.chain(children))
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&self, ino: u64) -> Result<&[u8], Errno> {
+        self.entry(ino)?.symlink_target().ok_or(libc::EINVAL)
+    }
+
+    /// Opens file `ino` for reading; any write access is refused with EROFS.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0 {
+            return Err(libc::EROFS);
+        }
+        let e = self.entry(ino)?;
+        let blob = match e.kind() {
+            Kind::Dir => return Err(libc::EISDIR),
+            Kind::Symlink => return Err(libc::ELOOP),
+            Kind::File => e.blob().ok_or(libc::EIO)?,
+        };
+        let content = Arc::new(Content { datastore: self.name.clone(), blob, size: e.size() });
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let handle = Arc::new(Handle { content, readahead: Mutex::new(Readahead::new()) });
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, handle);
+        Ok(fh)
+    }
+
+    /// Forgets a file handle.
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
+    }
+
+    /// Reads up to `size` bytes at `offset` of an open file (short only at end of file).
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, Errno> {
+        let handle = self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh).cloned().ok_or(libc::EBADF)?;
+        let content = &handle.content;
+        let end = offset.saturating_add(u64::from(size)).min(content.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let bs = self.fetcher.config().block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
+        let futures = handle
+            .readahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .plan(&self.fetcher, content, first..last + 1);
+        let mut blocks = Vec::with_capacity(futures.len());
+        for f in futures {
+            match f.await {
+                Ok(b) => blocks.push(b),
+                Err(e) => {
+                    self.log_read_error(content, offset, &e);
+                    metrics::fuse_read(0, false);
+                    return Err(libc::EIO);
+                }
+            }
+        }
+        let start_in_first = (offset - first * bs) as usize;
+        let len = (end - offset) as usize;
+        let have: usize = blocks.iter().map(Bytes::len).sum();
+        if have < start_in_first + len {
+            // The fetcher hands out whole blocks only; this would be a bug, never wrong bytes.
+            tracing::error!(datastore = %self.name, offset, have, "short block set; returning EIO");
+            metrics::fuse_read(0, false);
+            return Err(libc::EIO);
+        }
+        let out = if blocks.len() == 1 {
+            blocks[0].slice(start_in_first..start_in_first + len)
+        } else {
+            let mut buf = BytesMut::with_capacity(len);
+            let mut skip = start_in_first;
+            for b in &blocks {
+                let take = (b.len() - skip).min(len - buf.len());
+                buf.extend_from_slice(&b[skip..skip + take]);
+                skip = 0;
+            }
+            buf.freeze()
+        };
+        metrics::fuse_read(out.len() as u64, true);
+        Ok(out)
+    }
+
+    fn log_read_error(&self, content: &Content, offset: u64, e: &ReadError) {
+        tracing::error!(
+            datastore = %self.name,
+            version = self.version,
+            content = %hex::encode(content.blob.id),
+            offset,
+            error = %e,
+            "read failed with EIO"
+        );
+    }
+
+    /// Filesystem totals for statfs.
+    pub fn statfs(&self) -> StatFs {
+        let t = self.manifest.totals();
+        StatFs { blocks: t.bytes.div_ceil(512), files: self.manifest.len() as u64, bsize: 512, namelen: 255 }
+    }
+}

@@ -1,0 +1,15 @@
+//! datastore-csi: versioned, read-only datasets mounted into Kubernetes pods.
+//!
+//! The crate is one library and one binary (`datastore`). Layers, bottom up:
+//! - [`store`]: versions in an object store (S3 or a local directory): manifest, layout,
+//!   uploads and imports.
+//! - [`cache`]: the node-wide, bounded, checksummed block cache.
+//! - [`fs`]: the read-only filesystem of a version (metadata from the manifest, data through
+//!   the fetcher and cache) and its thin FUSE adapter.
+//! - [`cli`]: the command line, wiring the layers together.
+
+pub mod cache;
+pub mod cli;
+pub mod fs;
+pub mod metrics;
+pub mod store;

@@ -1,0 +1,288 @@
+//! Creating a version from an S3 bucket/prefix.
+//!
+//! Keys below the prefix become paths. The rules for keys that are not plain paths:
+//! - a key ending in '/' is a directory marker (an empty directory when nothing is below it);
+//! - keys with an empty segment (`a//b`), a `.`/`..` segment, a leading '/', a NUL byte or a
+//!   segment over 255 bytes are skipped and reported;
+//! - a key that is both an object and a prefix of other keys (`a` and `a/b`): the directory
+//!   wins, the object `a` is skipped and reported.
+//!
+//! Modes: `copy` copies each object server-side into the store (content id = sha256 of the
+//! source identity `bucket/key@etag`, so an unchanged object is never copied twice); `reference`
+//! copies nothing and pins each object's ETag: a mount refuses bytes of an object that changed.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+
+use super::manifest::{Blob, ExternalObject, Location, Manifest, ManifestBuilder, ManifestError, Node};
+use super::object::{ObjectInfo, StoreError};
+use super::upload::{Progress, Report, Skipped};
+use super::{Error, Result, Store, StoreUrl, VersionInfo, layout, names};
+
+/// How an S3 source becomes a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportMode {
+    /// Server-side copy of every object into the store: the version keeps working when the
+    /// source changes or disappears.
+    #[default]
+    Copy,
+    /// No copy: the version reads the source objects in place, pinned to their ETags.
+    Reference,
+}
+
+impl ImportMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportMode::Copy => "copy",
+            ImportMode::Reference => "reference",
+        }
+    }
+}
+
+/// An `s3://bucket/prefix/` source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Source {
+    pub bucket: String,
+    /// Empty, or ends with '/'.
+    pub prefix: String,
+}
+
+impl S3Source {
+    pub fn parse(s: &str) -> Result<S3Source> {
+        match StoreUrl::parse(s)? {
+            StoreUrl::S3 { bucket, prefix } => {
+                let prefix = if prefix.is_empty() { prefix } else { format!("{prefix}/") };
+                Ok(S3Source { bucket, prefix })
+            }
+            StoreUrl::Local(_) => Err(Error::BadUrl(format!("{s:?} is not an s3:// URL"))),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+/// Options of an import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    pub mode: ImportMode,
+    /// Objects copied at once.
+    pub concurrency: usize,
+    /// Make no version when the source matches the latest version (scheduled re-imports).
+    pub skip_if_unchanged: bool,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions { mode: ImportMode::Copy, concurrency: 16, skip_if_unchanged: false }
+    }
+}
+
+/// The content id of a source object: stable while its bucket, key, ETag and size are.
+pub fn source_id(bucket: &str, o: &ObjectInfo) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [bucket, &o.key, o.etag.as_deref().unwrap_or(""), o.version_id.as_deref().unwrap_or("")] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.update(o.size.to_le_bytes());
+    h.finalize().into()
+}
+
+/// Creates a new version of `name` from an S3 prefix (see the module docs).
+pub async fn import_from_s3(
+    store: &Store,
+    name: &str,
+    source: &S3Source,
+    opts: &ImportOptions,
+    progress: &Progress,
+) -> Result<Report> {
+    names::validate_datastore_name(name)?;
+    let client = store.s3().await.clone();
+    let objects: Vec<ObjectInfo> = client.list(&source.bucket, &source.prefix).try_collect().await?;
+    // Implicit directories take the newest object's time: the same source gives the same tree.
+    let newest = objects.iter().map(|o| o.modified_ns).max().unwrap_or(0);
+    let mut builder = ManifestBuilder::new(newest);
+    builder.set_root(0o755, newest);
+    let mut skipped = Vec::new();
+    let mut to_copy: Vec<(ObjectInfo, [u8; 32])> = Vec::new();
+    for o in objects {
+        let Some(rel) = o.key.strip_prefix(&source.prefix) else { continue };
+        if rel.is_empty() {
+            continue; // the prefix itself, as a directory marker
+        }
+        let (comps, is_dir) = match names::split_relative_path(rel) {
+            Ok(p) => p,
+            Err(e) => {
+                skipped.push(Skipped { path: o.key.clone(), reason: e.to_string() });
+                continue;
+            }
+        };
+        let node = if is_dir {
+            Node::Dir { mode: 0o755, mtime_ns: o.modified_ns }
+        } else {
+            let id = source_id(&source.bucket, &o);
+            let location = match opts.mode {
+                ImportMode::Copy => Location::Store,
+                ImportMode::Reference => Location::External(ExternalObject {
+                    bucket: source.bucket.clone(),
+                    key: o.key.clone(),
+                    etag: o.etag.clone(),
+                    version_id: o.version_id.clone(),
+                }),
+            };
+            Node::File { mode: 0o644, mtime_ns: o.modified_ns, size: o.size, blob: Blob { id, location } }
+        };
+        match builder.insert(&comps, node) {
+            Ok(shadowed) => {
+                for s in shadowed {
+                    skipped.push(Skipped { path: s.path, reason: "also a prefix of other keys: the directory wins".into() });
+                }
+                if !is_dir {
+                    progress.files_total.fetch_add(1, Ordering::Relaxed);
+                    progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
+                    let id = source_id(&source.bucket, &o);
+                    to_copy.push((o, id));
+                }
+            }
+            Err(ManifestError::DirIsFile { path }) => {
+                skipped.push(Skipped { path, reason: "also a prefix of other keys: the directory wins".into() });
+            }
+            Err(e) => skipped.push(Skipped { path: o.key.clone(), reason: e.to_string() }),
+        }
+    }
+    for s in &skipped {
+        tracing::warn!(datastore = name, key = %s.path, reason = %s.reason, "skipped source key");
+    }
+    let manifest = tokio::task::spawn_blocking(move || builder.finish())
+        .await
+        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
+    // Objects dropped by the directory rule are not in the manifest: do not copy them.
+    let kept: HashSet<[u8; 32]> = {
+        let mut ids = HashSet::new();
+        manifest.walk(|_, e| {
+            if let Some(b) = e.blob() {
+                ids.insert(b.id);
+            }
+        });
+        ids
+    };
+    to_copy.retain(|(_, id)| kept.contains(id));
+
+    if opts.skip_if_unchanged {
+        if let Some(latest) = store.latest(name).await? {
+            let current = store.load_manifest(name, latest).await?;
+            if same_content(&current, &manifest) {
+                let info = store.version_info(name, latest).await?;
+                return Ok(Report { version: latest, info, skipped, unchanged: true });
+            }
+        }
+    }
+
+    if opts.mode == ImportMode::Copy {
+        let present = Arc::new(Mutex::new(store.object_ids(name).await?));
+        futures::stream::iter(to_copy.iter())
+            .map(|(o, id)| {
+                let present = present.clone();
+                let client = client.clone();
+                async move {
+                    let fresh = present.lock().map(|mut s| s.insert(*id)).unwrap_or(false);
+                    if fresh {
+                        copy_into_store(store, &client, name, &source.bucket, o, id).await?;
+                        progress.files_transferred.fetch_add(1, Ordering::Relaxed);
+                        progress.bytes_transferred.fetch_add(o.size, Ordering::Relaxed);
+                    }
+                    progress.files_done.fetch_add(1, Ordering::Relaxed);
+                    progress.bytes_done.fetch_add(o.size, Ordering::Relaxed);
+                    Ok::<(), Error>(())
+                }
+            })
+            .buffer_unordered(opts.concurrency.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+    } else {
+        progress.files_done.store(progress.files_total.load(Ordering::Relaxed), Ordering::Relaxed);
+        progress.bytes_done.store(progress.bytes_total.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    let totals = manifest.totals();
+    let info = VersionInfo {
+        datastore: name.to_owned(),
+        version: 0,
+        created: super::now_rfc3339(),
+        source: source.url(),
+        mode: opts.mode.as_str().into(),
+        files: totals.files,
+        dirs: totals.dirs,
+        symlinks: totals.symlinks,
+        bytes: totals.bytes,
+        transferred_files: progress.files_transferred.load(Ordering::Relaxed),
+        transferred_bytes: progress.bytes_transferred.load(Ordering::Relaxed),
+        manifest_bytes: 0,
+    };
+    let version = store.commit_version(name, info.clone(), &manifest).await?;
+    tracing::info!(datastore = name, version, source = %source.url(), mode = opts.mode.as_str(), "committed version");
+    Ok(Report { version, info: VersionInfo { version, ..info }, skipped, unchanged: false })
+}
+
+/// Copies one source object into the store: server-side when the store is in S3, streamed
+/// through this process when it is a local directory.
+async fn copy_into_store(
+    store: &Store,
+    client: &super::s3::S3Client,
+    name: &str,
+    bucket: &str,
+    o: &ObjectInfo,
+    id: &[u8; 32],
+) -> Result<()> {
+    let key = layout::object_key(name, id);
+    if let StoreUrl::S3 { bucket: dst_bucket, prefix } = store.url() {
+        let full = if prefix.is_empty() { key } else { format!("{prefix}/{key}") };
+        client.copy(bucket, &o.key, o.etag.as_deref(), o.size, dst_bucket, &full).await?;
+        return Ok(());
+    }
+    // Local store: stream into a temporary file, then upload it (atomic rename inside).
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| StoreError::io("creating a temporary file", e))?;
+    let mut body = client.get_range(bucket, &o.key, 0..o.size, o.etag.as_deref(), None).await?;
+    let mut out = tokio::fs::File::from_std(
+        tmp.reopen().map_err(|e| StoreError::io("opening a temporary file", e))?,
+    );
+    while let Some(chunk) = body.next().await {
+        tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?)
+            .await
+            .map_err(|e| StoreError::io("writing a temporary file", e))?;
+    }
+    tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(|e| StoreError::io("writing a temporary file", e))?;
+    store.objects().put_file(&key, tmp.path(), &|_| {}).await?;
+    Ok(())
+}
+
+/// Whether two manifests describe the same tree with the same contents.
+pub fn same_content(a: &Manifest, b: &Manifest) -> bool {
+    if a.len() != b.len() || a.totals() != b.totals() {
+        return false;
+    }
+    digest(a) == digest(b)
+}
+
+fn digest(m: &Manifest) -> [u8; 32] {
+    let mut h = Sha256::new();
+    m.walk(|path, e| {
+        h.update(path);
+        h.update([0]);
+        h.update(format!("{:?}:{}:{}:{}", e.kind(), e.mode(), e.size(), e.mtime_ns()).as_bytes());
+        if let Some(b) = e.blob() {
+            h.update(b.id);
+        }
+        if let Some(t) = e.symlink_target() {
+            h.update(t);
+        }
+    });
+    h.finalize().into()
+}

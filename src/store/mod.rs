@@ -1,0 +1,380 @@
+//! Datastores and their versions in an object store.
+//!
+//! A store is `s3://BUCKET[/PREFIX]` or a local directory (also `file:///…`); see [`StoreUrl`].
+//! This module is the one that knows what a version is: a `version.json`, a manifest written
+//! last (its presence is the commit), and content-addressed objects ([`layout`]). Uploads and
+//! imports live in [`upload`] and [`import`]; the mount reads through [`Store::read_blob`].
+
+pub mod import;
+pub mod layout;
+pub mod local;
+pub mod manifest;
+pub mod names;
+pub mod object;
+pub mod s3;
+pub mod upload;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::OnceCell;
+
+use manifest::{Blob, Location, Manifest, ManifestError};
+use names::NameError;
+use object::{ByteStream, ObjectStore, StoreError};
+use s3::{S3Client, S3Options, S3Store};
+
+/// Environment variable naming the default store.
+pub const STORE_ENV: &str = "DATASTORE_STORE";
+
+/// Errors of store-level operations.
+#[derive(Debug, Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("datastore {0:?} does not exist in this store")]
+    NoSuchDatastore(String),
+    #[error("datastore {name:?} has no version {version}")]
+    NoSuchVersion { name: String, version: u64 },
+    #[error("invalid store {0}")]
+    BadUrl(String),
+    #[error("version metadata of {what} is unreadable: {source}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Source(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Where a store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    S3 { bucket: String, prefix: String },
+    Local(PathBuf),
+}
+
+impl StoreUrl {
+    /// Parses `s3://bucket[/prefix]`, `file:///path` or a plain path.
+    pub fn parse(s: &str) -> Result<StoreUrl> {
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(Error::BadUrl(format!("{s:?}: the bucket is missing (s3://BUCKET[/PREFIX])")));
+            }
+            let prefix = prefix.trim_matches('/');
+            if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
+                return Err(Error::BadUrl(format!("{s:?}: the prefix has an unsafe segment")));
+            }
+            return Ok(StoreUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() });
+        }
+        if let Some(path) = s.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(Error::BadUrl(format!("{s:?}: file:// URLs need an absolute path")));
+            }
+            return Ok(StoreUrl::Local(PathBuf::from(path)));
+        }
+        if s.is_empty() {
+            return Err(Error::BadUrl("an empty store location".into()));
+        }
+        if let Some((scheme, _)) = s.split_once("://") {
+            return Err(Error::BadUrl(format!("{s:?}: unsupported scheme {scheme:?} (use s3:// or a local path)")));
+        }
+        Ok(StoreUrl::Local(PathBuf::from(s)))
+    }
+
+    /// `$DATASTORE_STORE`, else a directory under the user's data directory.
+    pub fn default_location() -> Result<StoreUrl> {
+        if let Ok(s) = std::env::var(STORE_ENV) {
+            if !s.trim().is_empty() {
+                return StoreUrl::parse(&s);
+            }
+        }
+        Ok(StoreUrl::Local(default_data_dir()?.join("store")))
+    }
+
+    /// The given location, or the default one.
+    pub fn resolve(given: Option<&str>) -> Result<StoreUrl> {
+        match given {
+            Some(s) => StoreUrl::parse(s),
+            None => StoreUrl::default_location(),
+        }
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => write!(f, "s3://{bucket}"),
+            StoreUrl::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+            StoreUrl::Local(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// The user's data directory for datastore (e.g. `~/.local/share/datastore`).
+pub fn default_data_dir() -> Result<PathBuf> {
+    directories::ProjectDirs::from("ai", "grid", "datastore")
+        .map(|d| d.data_dir().to_path_buf())
+        .ok_or_else(|| Error::BadUrl("no home directory to put the default store in; pass --store".into()))
+}
+
+/// The user's cache directory for datastore (e.g. `~/.cache/datastore`).
+pub fn default_cache_dir() -> Result<PathBuf> {
+    directories::ProjectDirs::from("ai", "grid", "datastore")
+        .map(|d| d.cache_dir().to_path_buf())
+        .ok_or_else(|| Error::BadUrl("no home directory to put the cache in; pass --cache-dir".into()))
+}
+
+/// What a version is; stored as `version.json` next to its manifest.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub datastore: String,
+    pub version: u64,
+    /// RFC 3339 creation time.
+    pub created: String,
+    /// Where the data came from (a local path or an s3:// URL).
+    pub source: String,
+    /// `upload`, `copy` or `reference`.
+    pub mode: String,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+    /// Files and bytes this version had to transfer (the rest was already in the store).
+    pub transferred_files: u64,
+    pub transferred_bytes: u64,
+    /// Size of the stored (compressed) manifest.
+    pub manifest_bytes: u64,
+}
+
+/// An open store: the object store plus an S3 client for objects outside it.
+#[derive(Debug, Clone)]
+pub struct Store {
+    url: StoreUrl,
+    objects: Arc<dyn ObjectStore>,
+    s3: Arc<OnceCell<S3Client>>,
+    s3_options: S3Options,
+}
+
+impl Store {
+    /// Opens the store at `url` (creating a local directory store if needed).
+    pub async fn open(url: &StoreUrl, s3_options: S3Options) -> Result<Store> {
+        let s3 = Arc::new(OnceCell::new());
+        let objects: Arc<dyn ObjectStore> = match url {
+            StoreUrl::S3 { bucket, prefix } => {
+                let client = S3Client::new(&s3_options).await;
+                let _ = s3.set(client.clone());
+                Arc::new(S3Store::new(client, bucket, prefix))
+            }
+            StoreUrl::Local(path) => Arc::new(local::LocalStore::open(path)?),
+        };
+        Ok(Store { url: url.clone(), objects, s3, s3_options })
+    }
+
+    /// Wraps an existing object store (tests hand in failing or counting ones).
+    pub fn with_objects(url: StoreUrl, objects: Arc<dyn ObjectStore>, s3_options: S3Options) -> Store {
+        Store { url, objects, s3: Arc::new(OnceCell::new()), s3_options }
+    }
+
+    pub fn url(&self) -> &StoreUrl {
+        &self.url
+    }
+
+    pub fn objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.objects
+    }
+
+    /// An S3 client for buckets other than the store's (sources, reference-mode objects).
+    pub async fn s3(&self) -> &S3Client {
+        self.s3.get_or_init(|| S3Client::new(&self.s3_options)).await
+    }
+
+    /// Names of the datastores in this store.
+    pub async fn list_datastores(&self) -> Result<Vec<String>> {
+        Ok(self.objects.list_dirs(layout::ROOT).await?)
+    }
+
+    /// Committed version numbers of `name`, ascending.
+    pub async fn versions(&self, name: &str) -> Result<Vec<u64>> {
+        names::validate_datastore_name(name)?;
+        let mut versions: Vec<u64> = self
+            .objects
+            .list(&layout::versions_prefix(name))
+            .try_filter_map(|o| futures::future::ok(layout::parse_manifest_key(name, &o.key)))
+            .try_collect()
+            .await?;
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    /// The newest committed version, `None` when there is none.
+    pub async fn latest(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.versions(name).await?.last().copied())
+    }
+
+    /// Resolves an optional version (newest when absent); errors when it does not exist.
+    pub async fn resolve_version(&self, name: &str, version: Option<u64>) -> Result<u64> {
+        let versions = self.versions(name).await?;
+        match version {
+            None => versions.last().copied().ok_or_else(|| Error::NoSuchDatastore(name.to_owned())),
+            Some(v) if versions.contains(&v) => Ok(v),
+            Some(v) => Err(Error::NoSuchVersion { name: name.to_owned(), version: v }),
+        }
+    }
+
+    /// The `version.json` of a committed version.
+    pub async fn version_info(&self, name: &str, version: u64) -> Result<VersionInfo> {
+        let bytes = self.objects.get(&layout::info_key(name, version)).await.map_err(|e| match e {
+            StoreError::NotFound { .. } => Error::NoSuchVersion { name: name.to_owned(), version },
+            e => e.into(),
+        })?;
+        serde_json::from_slice(&bytes)
+            .map_err(|source| Error::Json { what: format!("{name}@{version}"), source })
+    }
+
+    /// Reads and validates the manifest of a committed version.
+    pub async fn load_manifest(&self, name: &str, version: u64) -> Result<Manifest> {
+        names::validate_datastore_name(name)?;
+        let bytes = self.objects.get(&layout::manifest_key(name, version)).await.map_err(|e| match e {
+            StoreError::NotFound { .. } => Error::NoSuchVersion { name: name.to_owned(), version },
+            e => e.into(),
+        })?;
+        let m = tokio::task::spawn_blocking(move || Manifest::from_compressed(&bytes))
+            .await
+            .map_err(|e| Error::Source(format!("decoding manifest: {e}")))??;
+        Ok(m)
+    }
+
+    /// Commits a new version: writes `version.json`, then the manifest, only if that version
+    /// number is still free; on a race with another writer, takes the next number.
+    pub async fn commit_version(&self, name: &str, mut info: VersionInfo, manifest: &Manifest) -> Result<u64> {
+        let compressed = Bytes::from(manifest.to_compressed()?);
+        info.manifest_bytes = compressed.len() as u64;
+        let mut version = self.latest(name).await?.unwrap_or(0) + 1;
+        for _ in 0..16 {
+            info.version = version;
+            let json = serde_json::to_vec_pretty(&info)
+                .map_err(|source| Error::Json { what: format!("{name}@{version}"), source })?;
+            self.objects.put(&layout::info_key(name, version), Bytes::from(json), false).await?;
+            match self.objects.put(&layout::manifest_key(name, version), compressed.clone(), true).await {
+                Ok(()) => return Ok(version),
+                Err(StoreError::AlreadyExists { .. }) => version += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Source(format!("could not find a free version number for {name} after 16 tries")))
+    }
+
+    /// Ids of all objects of `name` present in the store.
+    pub async fn object_ids(&self, name: &str) -> Result<HashSet<[u8; 32]>> {
+        Ok(self
+            .objects
+            .list(&layout::objects_prefix(name))
+            .try_filter_map(|o| futures::future::ok(layout::parse_object_key(name, &o.key)))
+            .try_collect()
+            .await?)
+    }
+
+    /// Deletes one version and the objects no other version uses. Returns (objects, bytes)
+    /// removed. The manifest goes first, so the version disappears before its data does.
+    pub async fn delete_version(&self, name: &str, version: u64) -> Result<(u64, u64)> {
+        let target = self.load_manifest(name, version).await?;
+        let mut owned = store_blobs(&target);
+        for other in self.versions(name).await? {
+            if other != version && !owned.is_empty() {
+                let m = self.load_manifest(name, other).await?;
+                for (id, _) in store_blobs(&m) {
+                    owned.remove(&id);
+                }
+            }
+        }
+        self.objects.delete(&[layout::manifest_key(name, version)]).await?;
+        self.objects.delete(&[layout::info_key(name, version)]).await?;
+        let keys: Vec<String> = owned.keys().map(|id| layout::object_key(name, id)).collect();
+        let bytes = owned.values().sum();
+        self.objects.delete(&keys).await?;
+        Ok((keys.len() as u64, bytes))
+    }
+
+    /// Deletes a datastore: every version (manifests first), then every object under it.
+    pub async fn delete_datastore(&self, name: &str) -> Result<u64> {
+        let versions = self.versions(name).await?;
+        let manifests: Vec<String> = versions.iter().map(|v| layout::manifest_key(name, *v)).collect();
+        self.objects.delete(&manifests).await?;
+        let keys: Vec<String> = self
+            .objects
+            .list(&layout::datastore_prefix(name))
+            .map_ok(|o| o.key)
+            .try_collect()
+            .await?;
+        let n = keys.len() as u64;
+        self.objects.delete(&keys).await?;
+        Ok(n)
+    }
+
+    /// Streams `range` of a file's content from wherever it lives (one attempt; the caller
+    /// retries). Reference-mode objects are pinned to their ETag and version id.
+    pub async fn read_blob(&self, name: &str, blob: &Blob, range: Range<u64>) -> Result<ByteStream, StoreError> {
+        match &blob.location {
+            Location::Store => self.objects.get_range(&layout::object_key(name, &blob.id), range, None).await,
+            Location::External(ext) => {
+                self.s3()
+                    .await
+                    .get_range(&ext.bucket, &ext.key, range, ext.etag.as_deref(), ext.version_id.as_deref())
+                    .await
+            }
+        }
+    }
+}
+
+/// The store objects a manifest references, with their sizes.
+fn store_blobs(m: &Manifest) -> std::collections::HashMap<[u8; 32], u64> {
+    let mut out = std::collections::HashMap::new();
+    m.walk(|_, e| {
+        if let Some(Blob { id, location: Location::Store }) = e.blob() {
+            out.insert(id, e.size());
+        }
+    });
+    out
+}
+
+/// Current time as RFC 3339 (seconds).
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_urls() {
+        assert_eq!(
+            StoreUrl::parse("s3://b/p/q/").unwrap(),
+            StoreUrl::S3 { bucket: "b".into(), prefix: "p/q".into() }
+        );
+        assert_eq!(StoreUrl::parse("s3://b").unwrap(), StoreUrl::S3 { bucket: "b".into(), prefix: "".into() });
+        assert_eq!(StoreUrl::parse("file:///x/y").unwrap(), StoreUrl::Local("/x/y".into()));
+        assert_eq!(StoreUrl::parse("rel/dir").unwrap(), StoreUrl::Local("rel/dir".into()));
+        for bad in ["s3://", "s3:///p", "gs://b", "file://rel", "", "s3://b/../x"] {
+            assert!(StoreUrl::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(StoreUrl::parse("s3://b/p").unwrap().to_string(), "s3://b/p");
+    }
+}

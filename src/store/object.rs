@@ -1,0 +1,168 @@
+//! The `ObjectStore` seam: the handful of object operations a datastore needs.
+//!
+//! Two implementations: [`super::s3::S3Store`] (any S3-compatible service) and
+//! [`super::local::LocalStore`] (a directory, the embedded default). Keys are '/'-separated and
+//! always produced by [`super::layout`], never taken from users. Reads return a stream so that
+//! callers can hand out the first bytes before the last ones arrive; every error says whether a
+//! retry may help ([`StoreError::is_transient`]).
+
+use std::fmt::Debug;
+use std::ops::Range;
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use thiserror::Error;
+
+/// A stream of body chunks.
+pub type ByteStream = BoxStream<'static, Result<Bytes, StoreError>>;
+
+/// What a listing or HEAD says about one object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub etag: Option<String>,
+    pub version_id: Option<String>,
+    /// Last modification, nanoseconds since the Unix epoch.
+    pub modified_ns: i64,
+}
+
+/// An object-store failure, classified for retries and for the errno a reader sees.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("{what} changed since the version was made (expected {expected}, found {found})")]
+    Changed { what: String, expected: String, found: String },
+    #[error("{what} already exists")]
+    AlreadyExists { what: String },
+    #[error("access denied to {what}: {message}")]
+    Denied { what: String, message: String },
+    #[error("{what}: throttled by the store ({message})")]
+    Throttled { what: String, message: String },
+    #[error("{what}: store answered HTTP {status} ({message})")]
+    Server { what: String, status: u16, message: String },
+    #[error("{what}: store request failed: {message}")]
+    Request { what: String, message: String },
+    #[error("{what}: network error: {message}")]
+    Network { what: String, message: String },
+    #[error("{what}: timed out after {after:?}")]
+    Timeout { what: String, after: std::time::Duration },
+    #[error("{what}: short or wrong-sized body ({message})")]
+    Body { what: String, message: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store configuration: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Whether the same request may succeed if tried again (throttling, 5xx, network, stalls).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Throttled { .. }
+            | StoreError::Network { .. }
+            | StoreError::Timeout { .. }
+            | StoreError::Body { .. } => true,
+            StoreError::Server { status, .. } => *status >= 500 || *status == 429,
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted | std::io::ErrorKind::TimedOut
+            ),
+            StoreError::NotFound { .. }
+            | StoreError::Changed { .. }
+            | StoreError::AlreadyExists { .. }
+            | StoreError::Denied { .. }
+            | StoreError::Request { .. }
+            | StoreError::Config(_) => false,
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::NotFound { .. } => "not_found",
+            StoreError::Changed { .. } => "changed",
+            StoreError::AlreadyExists { .. } => "already_exists",
+            StoreError::Denied { .. } => "denied",
+            StoreError::Throttled { .. } => "throttled",
+            StoreError::Server { .. } => "server",
+            StoreError::Request { .. } => "request",
+            StoreError::Network { .. } => "network",
+            StoreError::Timeout { .. } => "timeout",
+            StoreError::Body { .. } => "body",
+            StoreError::Io { .. } => "io",
+            StoreError::Config(_) => "config",
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> StoreError {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return StoreError::NotFound { what: what.into() };
+        }
+        StoreError::Io { what: what.into(), source }
+    }
+}
+
+/// Progress callback for uploads: called with the number of bytes just sent.
+pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
+
+/// The object operations the store layer needs.
+#[async_trait]
+pub trait ObjectStore: Send + Sync + Debug + 'static {
+    /// The store's URL, for messages (never includes credentials).
+    fn url(&self) -> String;
+
+    /// Streams bytes `range` of `key`. The stream yields exactly `range.end - range.start` bytes
+    /// or ends with an error. `if_match` pins the object's ETag when the store has ETags.
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        if_match: Option<&str>,
+    ) -> Result<ByteStream, StoreError>;
+
+    /// Reads a whole (small) object.
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+
+    /// Writes a small object. With `if_absent`, fails with `AlreadyExists` instead of
+    /// replacing an existing object.
+    async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError>;
+
+    /// Uploads a local file (multipart when large) and returns the sha256 of the bytes sent, so
+    /// that the caller can detect a file that changed while it was being uploaded.
+    async fn put_file(
+        &self,
+        key: &str,
+        path: &Path,
+        progress: Progress<'_>,
+    ) -> Result<[u8; 32], StoreError>;
+
+    /// Metadata of one object, `None` when absent.
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError>;
+
+    /// Every object whose key starts with `prefix`, in no particular order, paginated lazily.
+    fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, StoreError>>;
+
+    /// The names of the "directories" right below `prefix` (which ends with '/').
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Deletes objects; absent keys are not an error.
+    async fn delete(&self, keys: &[String]) -> Result<(), StoreError>;
+}
+
+/// Reads a whole stream into memory (for small objects and tests).
+pub async fn collect(mut stream: ByteStream) -> Result<Bytes, StoreError> {
+    use futures::StreamExt;
+    let mut out = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out.freeze())
+}
