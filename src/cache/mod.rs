@@ -50,6 +50,8 @@ pub enum CacheError {
 
 struct State {
     lru: LruCache<BlockKey, u64>,
+    /// Reserved in `lru` but not yet on disk: a reconcile must not forget them.
+    pending: std::collections::HashSet<BlockKey>,
     used: u64,
     written_since_reconcile: u64,
     reconciling: bool,
@@ -83,6 +85,7 @@ impl BlockCache {
             block_size,
             state: Mutex::new(State {
                 lru: LruCache::unbounded(),
+                pending: Default::default(),
                 used: 0,
                 written_since_reconcile: 0,
                 reconciling: false,
@@ -189,15 +192,18 @@ impl BlockCache {
         }
     }
 
-    /// Queues a block for writing unless the write queue is full. Non-blocking.
-    pub fn put_async(self: &Arc<Self>, key: BlockKey, data: Bytes) {
+    /// Queues a block for writing unless the write queue is full, then calls `done` (also when
+    /// the block is not queued). Non-blocking.
+    pub fn put_async(self: &Arc<Self>, key: BlockKey, data: Bytes, done: impl FnOnce() + Send + 'static) {
         let Ok(permit) = self.pending_writes.clone().try_acquire_owned() else {
+            done();
             return;
         };
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             this.put_blocking(&key, &data);
             drop(permit);
+            done();
         });
     }
 
@@ -224,6 +230,7 @@ impl BlockCache {
                 }
             }
             st.lru.put(*key, size);
+            st.pending.insert(*key);
             st.used += size;
             st.written_since_reconcile += size;
             need_reconcile = st.written_since_reconcile > self.limit / 4 && !st.reconciling;
@@ -236,7 +243,9 @@ impl BlockCache {
             let _ = std::fs::remove_file(self.path(k));
         }
         metrics::cache_evicted(evicted.len() as u64);
-        if let Err(e) = self.write_file(key, data) {
+        let written = self.write_file(key, data);
+        self.lock().pending.remove(key);
+        if let Err(e) = written {
             tracing::warn!(error = %e, "writing a cache block failed");
             self.forget(key);
         }
@@ -306,8 +315,10 @@ impl BlockCache {
                     lru.put(*k, *s);
                 }
             }
-            for (k, _) in known {
+            for (k, s) in known {
                 if let Some(&s) = on_disk.get(&k) {
+                    lru.put(k, s);
+                } else if st.pending.contains(&k) {
                     lru.put(k, s);
                 }
             }

@@ -13,7 +13,7 @@ use crate::store::{Store, StoreUrl};
 
 /// Versioned, read-only datasets for Kubernetes pods.
 #[derive(Debug, Parser)]
-#[command(name = "datastore", version, about, propagate_version = true, max_term_width = 100)]
+#[command(name = "datastore", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text", env = "DATASTORE_LOG_FORMAT")]
@@ -62,7 +62,7 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     pub fn s3_options(&self, timeouts: ReadTimeouts) -> S3Options {
-        S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone(), timeouts }
+        S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone(), timeouts, credentials: None }
     }
 
     pub async fn open(&self) -> anyhow::Result<Store> {

@@ -114,7 +114,7 @@ pub struct Fetcher {
     store: Store,
     cache: Option<Arc<BlockCache>>,
     cfg: FetchConfig,
-    inflight: Mutex<HashMap<BlockKey, Slot>>,
+    inflight: Arc<Mutex<HashMap<BlockKey, Slot>>>,
     budget: Arc<Semaphore>,
     /// Readahead blocks that open handles may still claim (see `readahead`).
     window_budget: AtomicU64,
@@ -133,7 +133,7 @@ impl Fetcher {
             store,
             cache,
             budget: Arc::new(Semaphore::new(permits as usize)),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(HashMap::new())),
             window_budget: AtomicU64::new(cfg.max_readahead_blocks_total),
             cfg,
         })
@@ -214,14 +214,20 @@ impl Fetcher {
         tokio::spawn(async move { this.run(content, run).await });
     }
 
-    /// Completes a slot and removes it from the single-flight table.
+    /// Completes a slot. A fetched block stays in the single-flight table until it is in the
+    /// cache, so that a reader arriving in between joins it instead of fetching it again.
     fn complete(&self, content: &Content, block: u64, tx: Sender, result: Result<Bytes, ReadError>) {
-        if let (Some(cache), Ok(bytes)) = (&self.cache, &result) {
-            cache.put_async(BlockKey { id: content.blob.id, block }, bytes.clone());
-        }
+        let key = BlockKey { id: content.blob.id, block };
+        let to_cache = result.as_ref().ok().cloned();
         tx.send_replace(Some(result));
-        let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        inflight.remove(&BlockKey { id: content.blob.id, block });
+        let inflight = self.inflight.clone();
+        let remove = move || {
+            inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+        };
+        match (&self.cache, to_cache) {
+            (Some(cache), Some(bytes)) => cache.put_async(key, bytes, remove),
+            _ => remove(),
+        }
     }
 
     async fn run(self: Arc<Self>, content: Arc<Content>, run: Vec<(u64, Sender)>) {
@@ -279,8 +285,7 @@ impl Fetcher {
                 Err(_) => StoreError::Timeout { what: "read".into(), after: self.cfg.deadline },
             };
             let elapsed = started.elapsed();
-            let delay = backoff.next().unwrap_or(self.cfg.max_backoff);
-            if !err.is_transient() || elapsed + delay >= self.cfg.deadline {
+            if !err.is_transient() || elapsed >= self.cfg.deadline {
                 let err = Arc::new(err);
                 let failure = if err.is_transient() {
                     tracing::error!(error = %err, after = ?elapsed, "read failed: the store stayed unreachable; returning EIO");
@@ -294,6 +299,11 @@ impl Fetcher {
                 }
                 return;
             }
+            // Never sleep past the deadline: the last attempt starts before it.
+            let delay = backoff
+                .next()
+                .unwrap_or(self.cfg.max_backoff)
+                .min(self.cfg.deadline.saturating_sub(elapsed));
             tracing::debug!(error = %err, ?delay, "transient read error; retrying");
             metrics::s3_retry();
             tokio::time::sleep(delay).await;
@@ -309,7 +319,7 @@ impl Fetcher {
             return Ok(());
         };
         let range = first * self.cfg.block_size..((last + 1) * self.cfg.block_size).min(content.size);
-        let mut body = self.store.read_blob(&content.datastore, &content.blob, range).await?;
+        let mut body = self.store.read_blob(&content.datastore, &content.blob, content.size, range).await?;
         let mut buf = BytesMut::new();
         while let Some(&(b, _)) = blocks.last() {
             let want = self.block_len(content, b);

@@ -241,6 +241,10 @@ impl fuser::Filesystem for FuseAdapter {
         reply.ok();
     }
 
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.getattr(ino.0) {
             Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
@@ -363,20 +367,16 @@ impl Mounted {
 
     fn unmount_inner(&mut self) -> std::io::Result<()> {
         let Some(session) = self.session.take() else { return Ok(()) };
-        match nix::mount::umount(&self.mountpoint) {
-            // Unmounted: the session sees the device close and its threads end.
-            Ok(()) | Err(nix::errno::Errno::EINVAL) => session.umount_and_join(),
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
             // Busy (a process still has a file open): detach, so the path is free now and the
             // kernel drops the mount when the last user goes; the threads serve them till then.
-            Err(nix::errno::Errno::EBUSY) => {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH)?;
                 tracing::warn!(mountpoint = %self.mountpoint.display(), "mount was busy; detached it");
                 Ok(())
             }
-            Err(e) => {
-                self.session = Some(session);
-                Err(e.into())
-            }
+            Err(e) => Err(e),
         }
     }
 }

@@ -54,8 +54,9 @@ impl Readahead {
         if !sequential {
             self.cursor = blocks.end;
         }
-        // Forget blocks read past; request what is missing up to the window's end.
-        self.ahead = self.ahead.split_off(&blocks.start);
+        // Forget blocks read past (keeping two behind: the kernel's async reads of one stream
+        // arrive slightly out of order); request what is missing up to the window's end.
+        self.ahead = self.ahead.split_off(&blocks.start.saturating_sub(2));
         let end = (blocks.end + self.window).min(fetcher.block_count(content.size));
         let mut run_start = None;
         for b in blocks.start..=end {

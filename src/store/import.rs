@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{Blob, ExternalObject, Location, Manifest, ManifestBuilder, ManifestError, Node};
-use super::object::{ObjectInfo, StoreError};
+use super::object::{Expect, ObjectInfo, StoreError};
 use super::upload::{Progress, Report, Skipped};
 use super::{Error, Result, Store, StoreUrl, VersionInfo, layout, names};
 
@@ -84,7 +84,8 @@ impl Default for ImportOptions {
     }
 }
 
-/// The content id of a source object: stable while its bucket, key, ETag and size are.
+/// The content id of a source object: stable while its bucket, key, ETag, size and
+/// modification time are (any overwrite changes the last two even where ETags are missing).
 pub fn source_id(bucket: &str, o: &ObjectInfo) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [bucket, &o.key, o.etag.as_deref().unwrap_or(""), o.version_id.as_deref().unwrap_or("")] {
@@ -92,26 +93,27 @@ pub fn source_id(bucket: &str, o: &ObjectInfo) -> [u8; 32] {
         h.update([0]);
     }
     h.update(o.size.to_le_bytes());
+    h.update(o.modified_ns.to_le_bytes());
     h.finalize().into()
 }
 
-/// Creates a new version of `name` from an S3 prefix (see the module docs).
-pub async fn import_from_s3(
-    store: &Store,
-    name: &str,
-    source: &S3Source,
-    opts: &ImportOptions,
-    progress: &Progress,
-) -> Result<Report> {
-    names::validate_datastore_name(name)?;
-    let client = store.s3().await.clone();
-    let objects: Vec<ObjectInfo> = client.list(&source.bucket, &source.prefix).try_collect().await?;
+/// What an import will do: the tree, the objects to copy, the keys left out.
+pub struct Plan {
+    pub builder: ManifestBuilder,
+    /// (content id, source object) of every file in the tree.
+    pub to_copy: Vec<([u8; 32], ObjectInfo)>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// Maps a listing to a tree by the rules in the module docs. Pure: no I/O.
+pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Plan {
     // Implicit directories take the newest object's time: the same source gives the same tree.
     let newest = objects.iter().map(|o| o.modified_ns).max().unwrap_or(0);
     let mut builder = ManifestBuilder::new(newest);
     builder.set_root(0o755, newest);
     let mut skipped = Vec::new();
-    let mut to_copy: Vec<(ObjectInfo, [u8; 32])> = Vec::new();
+    let mut files: Vec<([u8; 32], ObjectInfo)> = Vec::new();
+    const DIR_WINS: &str = "also a prefix of other keys: the directory wins";
     for o in objects {
         let Some(rel) = o.key.strip_prefix(&source.prefix) else { continue };
         if rel.is_empty() {
@@ -124,11 +126,11 @@ pub async fn import_from_s3(
                 continue;
             }
         };
+        let id = source_id(&source.bucket, &o);
         let node = if is_dir {
             Node::Dir { mode: 0o755, mtime_ns: o.modified_ns }
         } else {
-            let id = source_id(&source.bucket, &o);
-            let location = match opts.mode {
+            let location = match mode {
                 ImportMode::Copy => Location::Store,
                 ImportMode::Reference => Location::External(ExternalObject {
                     bucket: source.bucket.clone(),
@@ -142,20 +144,54 @@ pub async fn import_from_s3(
         match builder.insert(&comps, node) {
             Ok(shadowed) => {
                 for s in shadowed {
-                    skipped.push(Skipped { path: s.path, reason: "also a prefix of other keys: the directory wins".into() });
+                    skipped.push(Skipped { path: format!("{}{}", source.prefix, s.path), reason: DIR_WINS.into() });
                 }
                 if !is_dir {
-                    progress.files_total.fetch_add(1, Ordering::Relaxed);
-                    progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
-                    let id = source_id(&source.bucket, &o);
-                    to_copy.push((o, id));
+                    files.push((id, o));
                 }
             }
-            Err(ManifestError::DirIsFile { path }) => {
-                skipped.push(Skipped { path, reason: "also a prefix of other keys: the directory wins".into() });
+            Err(ManifestError::DirIsFile { .. }) => {
+                skipped.push(Skipped { path: o.key.clone(), reason: DIR_WINS.into() });
             }
             Err(e) => skipped.push(Skipped { path: o.key.clone(), reason: e.to_string() }),
         }
+    }
+    // Files dropped by the directory rule after they were added are not in the tree.
+    let dropped: HashSet<String> = skipped.iter().map(|s| s.path.clone()).collect();
+    files.retain(|(_, o)| !dropped.contains(&o.key));
+    Plan { builder, to_copy: files, skipped }
+}
+
+/// Creates a new version of `name` from an S3 prefix (see the module docs).
+pub async fn import_from_s3(
+    store: &Store,
+    name: &str,
+    source: &S3Source,
+    opts: &ImportOptions,
+    progress: &Progress,
+) -> Result<Report> {
+    names::validate_datastore_name(name)?;
+    let client = store.s3().await.clone();
+    let mut objects: Vec<ObjectInfo> = client.list(&source.bucket, &source.prefix).try_collect().await?;
+    // Listings of real S3 carry ETags; some compatible servers omit them. Pins need them.
+    for o in objects.iter_mut().filter(|o| o.etag.is_none() && !o.key.ends_with('/')) {
+        if let Some(h) = client.head(&source.bucket, &o.key).await? {
+            o.etag = h.etag;
+            o.version_id = o.version_id.take().or(h.version_id);
+        }
+    }
+    if opts.mode == ImportMode::Reference {
+        if let Some(o) = objects.iter().find(|o| o.etag.is_none() && !o.key.ends_with('/')) {
+            return Err(Error::Source(format!(
+                "s3://{}/{} has no ETag, so reference mode cannot pin it; use --mode copy",
+                source.bucket, o.key
+            )));
+        }
+    }
+    let Plan { builder, to_copy, skipped } = plan(source, opts.mode, objects);
+    for (_, o) in &to_copy {
+        progress.files_total.fetch_add(1, Ordering::Relaxed);
+        progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
     }
     for s in &skipped {
         tracing::warn!(datastore = name, key = %s.path, reason = %s.reason, "skipped source key");
@@ -163,18 +199,6 @@ pub async fn import_from_s3(
     let manifest = tokio::task::spawn_blocking(move || builder.finish())
         .await
         .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
-    // Objects dropped by the directory rule are not in the manifest: do not copy them.
-    let kept: HashSet<[u8; 32]> = {
-        let mut ids = HashSet::new();
-        manifest.walk(|_, e| {
-            if let Some(b) = e.blob() {
-                ids.insert(b.id);
-            }
-        });
-        ids
-    };
-    to_copy.retain(|(_, id)| kept.contains(id));
-
     if opts.skip_if_unchanged {
         if let Some(latest) = store.latest(name).await? {
             let current = store.load_manifest(name, latest).await?;
@@ -187,11 +211,13 @@ pub async fn import_from_s3(
 
     if opts.mode == ImportMode::Copy {
         let present = Arc::new(Mutex::new(store.object_ids(name).await?));
-        futures::stream::iter(to_copy.iter())
-            .map(|(o, id)| {
+        let to_copy = &to_copy;
+        futures::stream::iter(0..to_copy.len())
+            .map(|i| {
                 let present = present.clone();
                 let client = client.clone();
                 async move {
+                    let (id, o) = &to_copy[i];
                     let fresh = present.lock().map(|mut s| s.insert(*id)).unwrap_or(false);
                     if fresh {
                         copy_into_store(store, &client, name, &source.bucket, o, id).await?;
@@ -249,7 +275,8 @@ async fn copy_into_store(
     }
     // Local store: stream into a temporary file, then upload it (atomic rename inside).
     let tmp = tempfile::NamedTempFile::new().map_err(|e| StoreError::io("creating a temporary file", e))?;
-    let mut body = client.get_range(bucket, &o.key, 0..o.size, o.etag.as_deref(), None).await?;
+    let expect = Expect { etag: o.etag.as_deref(), version_id: o.version_id.as_deref(), size: Some(o.size) };
+    let mut body = client.get_range(bucket, &o.key, 0..o.size, expect).await?;
     let mut out = tokio::fs::File::from_std(
         tmp.reopen().map_err(|e| StoreError::io("opening a temporary file", e))?,
     );
@@ -285,4 +312,60 @@ fn digest(m: &Manifest) -> [u8; 32] {
         }
     });
     h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(key: &str, size: u64) -> ObjectInfo {
+        ObjectInfo { key: key.into(), size, etag: Some(format!("\"{key}\"")), version_id: None, modified_ns: 7 }
+    }
+
+    #[test]
+    fn keys_become_paths_by_the_documented_rules() {
+        let src = S3Source::parse("s3://bkt/data/").unwrap();
+        let objects = vec![
+            obj("data/", 0),
+            obj("data/a.txt", 1),
+            obj("data/dir/", 0),
+            obj("data/empty-dir/", 0),
+            obj("data/dir/b.txt", 2),
+            obj("data/x", 3),
+            obj("data/x/y", 4),
+            obj("data/z/w", 5),
+            obj("data/z", 6),
+            obj("data/bad//key", 7),
+            obj("data/../escape", 8),
+            obj("data/./dot", 9),
+            obj("data//abs", 10),
+        ];
+        let Plan { builder, to_copy, skipped } = plan(&src, ImportMode::Reference, objects);
+        let m = builder.finish().unwrap();
+        let mut paths = Vec::new();
+        m.walk(|p, e| paths.push(format!("{}:{:?}", String::from_utf8_lossy(p), e.kind())));
+        assert_eq!(
+            paths,
+            [":Dir", "a.txt:File", "dir:Dir", "dir/b.txt:File", "empty-dir:Dir", "x:Dir", "x/y:File", "z:Dir", "z/w:File"]
+        );
+        let mut skipped_keys: Vec<_> = skipped.iter().map(|s| s.path.as_str()).collect();
+        skipped_keys.sort();
+        assert_eq!(skipped_keys, ["data/../escape", "data/./dot", "data//abs", "data/bad//key", "data/x", "data/z"]);
+        let copied: Vec<_> = to_copy.iter().map(|(_, o)| o.key.as_str()).collect();
+        assert_eq!(copied, ["data/a.txt", "data/dir/b.txt", "data/x/y", "data/z/w"]);
+        match m.resolve(b"dir/b.txt").and_then(|e| e.blob()).map(|b| b.location) {
+            Some(Location::External(e)) => assert_eq!((e.bucket.as_str(), e.key.as_str()), ("bkt", "data/dir/b.txt")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn source_ids_change_with_the_etag() {
+        let a = obj("k", 1);
+        let mut b = a.clone();
+        b.etag = Some("\"other\"".into());
+        assert_ne!(source_id("b", &a), source_id("b", &b));
+        assert_eq!(source_id("b", &a), source_id("b", &a.clone()));
+        assert_ne!(source_id("b", &a), source_id("c", &a));
+    }
 }

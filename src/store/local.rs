@@ -15,7 +15,7 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 
-use super::object::{ByteStream, ObjectInfo, ObjectStore, Progress, StoreError};
+use super::object::{ByteStream, Expect, ObjectInfo, ObjectStore, Progress, StoreError};
 
 /// Chunk size for streamed reads and copies.
 const CHUNK: usize = 1 << 20;
@@ -124,19 +124,18 @@ impl ObjectStore for LocalStore {
         format!("file://{}", self.root.display())
     }
 
-    async fn get_range(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        _if_match: Option<&str>,
-    ) -> Result<ByteStream, StoreError> {
+    async fn get_range(&self, key: &str, range: Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError> {
         let path = self.path(key)?;
         let what = key.to_owned();
+        let expected_size = expect.size;
         let file = blocking({
             let what = what.clone();
             move || {
                 let mut f = std::fs::File::open(&path).map_err(|e| StoreError::io(&what, e))?;
                 let len = f.metadata().map_err(|e| StoreError::io(&what, e))?.len();
+                if let Some(size) = expected_size.filter(|s| *s != len) {
+                    return Err(StoreError::Changed { what, expected: format!("{size} bytes"), found: format!("{len} bytes") });
+                }
                 if range.end > len {
                     return Err(StoreError::Body {
                         what,
@@ -391,9 +390,11 @@ mod tests {
             Err(StoreError::AlreadyExists { .. })
         ));
         assert_eq!(s.get("a/d").await.unwrap(), Bytes::from_static(b"x"));
-        let part = collect(s.get_range("a/b/c", 6..11, None).await.unwrap()).await.unwrap();
+        let part = collect(s.get_range("a/b/c", 6..11, Expect::default()).await.unwrap()).await.unwrap();
         assert_eq!(&part[..], b"world");
-        assert!(s.get_range("a/b/c", 6..12, None).await.is_err());
+        assert!(s.get_range("a/b/c", 6..12, Expect::default()).await.is_err());
+        let wrong_size = Expect { size: Some(12), ..Expect::default() };
+        assert!(matches!(s.get_range("a/b/c", 0..1, wrong_size).await, Err(StoreError::Changed { .. })));
         let mut keys: Vec<String> = s.list("a/").map_ok(|o| o.key).try_collect().await.unwrap();
         keys.sort();
         assert_eq!(keys, ["a/b/c", "a/d"]);

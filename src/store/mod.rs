@@ -28,7 +28,7 @@ use tokio::sync::OnceCell;
 
 use manifest::{Blob, Location, Manifest, ManifestError};
 use names::NameError;
-use object::{ByteStream, ObjectStore, StoreError};
+use object::{ByteStream, Expect, ObjectStore, StoreError};
 use s3::{S3Client, S3Options, S3Store};
 
 /// Environment variable naming the default store.
@@ -328,16 +328,18 @@ impl Store {
         Ok(n)
     }
 
-    /// Streams `range` of a file's content from wherever it lives (one attempt; the caller
-    /// retries). Reference-mode objects are pinned to their ETag and version id.
-    pub async fn read_blob(&self, name: &str, blob: &Blob, range: Range<u64>) -> Result<ByteStream, StoreError> {
+    /// Streams `range` of a file's content (of `size` bytes) from wherever it lives (one
+    /// attempt; the caller retries). Reference-mode objects are pinned to their ETag, version
+    /// id and size; store objects to their size.
+    pub async fn read_blob(&self, name: &str, blob: &Blob, size: u64, range: Range<u64>) -> Result<ByteStream, StoreError> {
         match &blob.location {
-            Location::Store => self.objects.get_range(&layout::object_key(name, &blob.id), range, None).await,
+            Location::Store => {
+                let expect = Expect { size: Some(size), ..Expect::default() };
+                self.objects.get_range(&layout::object_key(name, &blob.id), range, expect).await
+            }
             Location::External(ext) => {
-                self.s3()
-                    .await
-                    .get_range(&ext.bucket, &ext.key, range, ext.etag.as_deref(), ext.version_id.as_deref())
-                    .await
+                let expect = Expect { etag: ext.etag.as_deref(), version_id: ext.version_id.as_deref(), size: Some(size) };
+                self.s3().await.get_range(&ext.bucket, &ext.key, range, expect).await
             }
         }
     }

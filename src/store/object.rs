@@ -110,6 +110,17 @@ impl StoreError {
     }
 }
 
+/// What a read expects of the object, so that a changed object is refused, never mixed in.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expect<'a> {
+    /// The ETag it had (sent as If-Match and checked in the answer).
+    pub etag: Option<&'a str>,
+    /// The S3 version id to read.
+    pub version_id: Option<&'a str>,
+    /// The object's total size.
+    pub size: Option<u64>,
+}
+
 /// Progress callback for uploads: called with the number of bytes just sent.
 pub type Progress<'a> = &'a (dyn Fn(u64) + Send + Sync);
 
@@ -120,13 +131,8 @@ pub trait ObjectStore: Send + Sync + Debug + 'static {
     fn url(&self) -> String;
 
     /// Streams bytes `range` of `key`. The stream yields exactly `range.end - range.start` bytes
-    /// or ends with an error. `if_match` pins the object's ETag when the store has ETags.
-    async fn get_range(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        if_match: Option<&str>,
-    ) -> Result<ByteStream, StoreError>;
+    /// or ends with an error; an object that is not what `expect` says fails with `Changed`.
+    async fn get_range(&self, key: &str, range: Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError>;
 
     /// Reads a whole (small) object.
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;

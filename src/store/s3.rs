@@ -26,7 +26,7 @@ use futures::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
-use super::object::{ByteStream, ObjectInfo, ObjectStore, Progress, StoreError};
+use super::object::{ByteStream, Expect, ObjectInfo, ObjectStore, Progress, StoreError};
 use crate::metrics;
 
 /// Objects up to this size are uploaded with one PutObject.
@@ -71,6 +71,25 @@ pub struct S3Options {
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub timeouts: ReadTimeouts,
+    /// Fixed credentials (e.g. from a Kubernetes Secret); `None` uses the AWS chain.
+    pub credentials: Option<StaticCredentials>,
+}
+
+/// An access key pair. `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StaticCredentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for StaticCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticCredentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .finish()
+    }
 }
 
 impl S3Client {
@@ -82,6 +101,15 @@ impl S3Client {
         }
         if let Some(r) = &opts.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
+        }
+        if let Some(c) = &opts.credentials {
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                c.access_key_id.clone(),
+                c.secret_access_key.clone(),
+                c.session_token.clone(),
+                None,
+                "datastore-static",
+            ));
         }
         let shared = loader.load().await;
         let endpoint = shared.endpoint_url().map(str::to_owned);
@@ -124,9 +152,9 @@ impl S3Client {
         bucket: &str,
         key: &str,
         range: Range<u64>,
-        if_match: Option<&str>,
-        version_id: Option<&str>,
+        expect: Expect<'_>,
     ) -> Result<ByteStream, StoreError> {
+        let if_match = expect.etag;
         let what = format!("s3://{bucket}/{key}");
         let want = range.end.saturating_sub(range.start);
         if want == 0 {
@@ -140,7 +168,7 @@ impl S3Client {
             .key(key)
             .range(format!("bytes={}-{}", range.start, range.end - 1))
             .set_if_match(if_match.map(str::to_owned))
-            .set_version_id(version_id.map(str::to_owned));
+            .set_version_id(expect.version_id.map(str::to_owned));
         let resp = match tokio::time::timeout(self.timeouts.first_byte, req.send()).await {
             Err(_) => Err(StoreError::Timeout { what: what.clone(), after: self.timeouts.first_byte }),
             Ok(Err(e)) => Err(map_err(&what, e)),
@@ -162,6 +190,13 @@ impl S3Client {
                     expected: expected.to_owned(),
                     found: found.to_owned(),
                 });
+            }
+        }
+        if let Some(size) = expect.size {
+            // "bytes FIRST-LAST/TOTAL": the object must still have the size it had.
+            let total = out.content_range().and_then(|r| r.rsplit_once('/')).map(|(_, t)| t.to_owned());
+            if let Some(total) = total.filter(|t| t != "*" && *t != size.to_string()) {
+                return Err(StoreError::Changed { what, expected: format!("{size} bytes"), found: format!("{total} bytes") });
             }
         }
         if out.content_length() != Some(want as i64) {
@@ -568,13 +603,8 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
     }
 
-    async fn get_range(
-        &self,
-        key: &str,
-        range: Range<u64>,
-        if_match: Option<&str>,
-    ) -> Result<ByteStream, StoreError> {
-        self.client.get_range(&self.bucket, &self.full_key(key), range, if_match, None).await
+    async fn get_range(&self, key: &str, range: Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError> {
+        self.client.get_range(&self.bucket, &self.full_key(key), range, expect).await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {

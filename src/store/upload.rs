@@ -238,11 +238,13 @@ pub async fn create_from_dir(
     let present = Arc::new(Mutex::new(store.object_ids(name).await?));
     let previous = Arc::new(previous);
 
-    let results: Vec<(usize, [u8; 32])> = futures::stream::iter(files.iter().enumerate())
-        .map(|(i, f)| {
+    let files = &files;
+    let results: Vec<(usize, [u8; 32])> = futures::stream::iter(0..files.len())
+        .map(|i| {
             let present = present.clone();
             let previous = previous.clone();
             async move {
+                let f = &files[i];
                 let id = upload_one(store, name, f, &previous, &present, progress).await?;
                 progress.file_done(f.size);
                 Ok::<_, Error>((i, id))

@@ -27,6 +27,11 @@ use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The access key the server accepts (requests must be signed with it, as with real S3).
+pub const ACCESS_KEY: &str = "datastore-test";
+/// The matching secret key.
+pub const SECRET_KEY: &str = "datastore-test-secret";
+
 /// Request counts of one bucket, by operation.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -174,7 +179,9 @@ fn spawn(root: &Path, addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
     let fs = Fast::new(root)?;
-    let service = s3s::service::S3ServiceBuilder::new(fs).build();
+    let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new().name(format!("s3-test-server-{}", addr.port())).spawn(move || {
         let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
