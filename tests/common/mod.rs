@@ -42,13 +42,32 @@ pub fn init_logging() {
     });
 }
 
+/// A directory that lives as long as this test process (for data shared by its tests).
+/// Lives under cargo's target tmp dir; directories of test processes that are gone are
+/// removed on first use, so repeated runs do not pile up data.
+pub fn process_dir(prefix: &str) -> PathBuf {
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("datastore-tests");
+    static CLEANED: OnceLock<()> = OnceLock::new();
+    CLEANED.get_or_init(|| {
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    });
+    let dir = base.join(format!("{prefix}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("process dir");
+    dir
+}
+
 /// The S3 server shared by the tests of this binary.
 pub fn server() -> &'static TestServer {
     static SERVER: OnceLock<TestServer> = OnceLock::new();
-    SERVER.get_or_init(|| {
-        let root = tempfile::Builder::new().prefix("s3root").tempdir().expect("tempdir").keep();
-        TestServer::start(&root).expect("start S3 test server")
-    })
+    SERVER.get_or_init(|| TestServer::start(&process_dir("s3root")).expect("start S3 test server"))
 }
 
 /// A fresh, unique bucket name.

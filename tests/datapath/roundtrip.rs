@@ -16,8 +16,7 @@ use crate::common::*;
 fn fixture() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let root = tempfile::Builder::new().prefix("fixture").tempdir().expect("tempdir").keep();
-        let src = root.join("src");
+        let src = process_dir("fixture").join("src");
         std::fs::create_dir_all(&src).expect("mkdir");
         // Empty files, at the top and nested.
         write_file(&src.join("empty"), b"", 0o644);
