@@ -6,10 +6,14 @@
 //! - [`cache`]: the node-wide, bounded, checksummed block cache.
 //! - [`fs`]: the read-only filesystem of a version (metadata from the manifest, data through
 //!   the fetcher and cache) and its thin FUSE adapter.
+//! - [`mount`]: the `Mounter` seam (FUSE, bind, Lustre mounts; mountinfo) and the fd holder.
+//! - [`csi`]: the CSI driver (Identity, Controller, Node) on a Unix socket.
 //! - [`cli`]: the command line, wiring the layers together.
 
 pub mod cache;
 pub mod cli;
+pub mod csi;
 pub mod fs;
 pub mod metrics;
+pub mod mount;
 pub mod store;

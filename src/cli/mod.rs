@@ -1,5 +1,6 @@
 //! The `datastore` command line. Parsing and wiring only: every command calls into the library.
 
+mod csi;
 mod mount;
 mod progress;
 mod store_cmds;
@@ -43,6 +44,10 @@ pub enum Command {
     Delete(store_cmds::DeleteArgs),
     /// Mount a datastore version read-only; runs until SIGINT or SIGTERM.
     Mount(mount::MountArgs),
+    /// Run the CSI driver (controller, node or both) on a Unix socket.
+    Csi(Box<csi::CsiArgs>),
+    /// Keep FUSE connections alive while the node plugin restarts (run beside it).
+    FdHolder(csi::FdHolderArgs),
 }
 
 /// Where the store is and how to reach S3.
@@ -128,5 +133,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Versions(a) => store_cmds::versions(a).await,
         Command::Delete(a) => store_cmds::delete(a).await,
         Command::Mount(a) => mount::run(a).await,
+        Command::Csi(a) => csi::run(*a).await,
+        Command::FdHolder(a) => tokio::task::spawn_blocking(move || csi::fd_holder(a)).await?,
     }
 }

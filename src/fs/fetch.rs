@@ -325,6 +325,13 @@ impl Fetcher {
             let want = self.block_len(content, b);
             while buf.len() < want {
                 match body.next().await {
+                    // A chunk that is exactly the block needs no copy.
+                    Some(Ok(chunk)) if buf.is_empty() && chunk.len() == want => {
+                        if let Some((b, tx)) = blocks.pop() {
+                            self.complete(content, b, tx, Ok(chunk));
+                        }
+                        break;
+                    }
                     Some(chunk) => buf.extend_from_slice(&chunk?),
                     None => {
                         return Err(StoreError::Body {
@@ -334,9 +341,11 @@ impl Fetcher {
                     }
                 }
             }
-            let block = buf.split_to(want).freeze();
-            if let Some((b, tx)) = blocks.pop() {
-                self.complete(content, b, tx, Ok(block));
+            if buf.len() >= want {
+                let block = buf.split_to(want).freeze();
+                if let Some((b, tx)) = blocks.pop() {
+                    self.complete(content, b, tx, Ok(block));
+                }
             }
         }
         Ok(())

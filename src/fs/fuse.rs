@@ -394,5 +394,9 @@ pub fn mount(fs: Arc<DatastoreFs>, mountpoint: &Path, cfg: &MountConfig, rt: tok
     let adapter = FuseAdapter::new(fs, rt);
     let session = fuser::Session::new(adapter, mountpoint, &fuser_config(cfg))?;
     let session = session.spawn()?;
+    let canonical = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
+    if let Err(e) = crate::mount::tune_readahead(&canonical, crate::mount::READAHEAD_KB) {
+        tracing::debug!(error = %e, "could not raise the kernel readahead of the mount");
+    }
     Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf() })
 }

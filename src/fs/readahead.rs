@@ -58,18 +58,24 @@ impl Readahead {
         // arrive slightly out of order); request what is missing up to the window's end.
         self.ahead = self.ahead.split_off(&blocks.start.saturating_sub(2));
         let end = (blocks.end + self.window).min(fetcher.block_count(content.size));
-        let mut run_start = None;
-        for b in blocks.start..=end {
-            let missing = b < end && !self.ahead.contains_key(&b);
-            match (missing, run_start) {
-                (true, None) => run_start = Some(b),
-                (false, Some(s)) => {
-                    for (blk, p) in fetcher.request(content, s..b) {
-                        self.ahead.insert(blk, p);
+        // Top the window up in batches (bigger GETs), unless a block needed now is missing.
+        let needed_missing = blocks.clone().any(|b| !self.ahead.contains_key(&b));
+        let ahead_missing = (blocks.end..end).filter(|b| !self.ahead.contains_key(b)).count() as u64;
+        let batch = (fetcher.config().max_run_blocks / 2).clamp(1, self.window.max(1));
+        if needed_missing || ahead_missing >= batch || end == fetcher.block_count(content.size) {
+            let mut run_start = None;
+            for b in blocks.start..=end {
+                let missing = b < end && !self.ahead.contains_key(&b);
+                match (missing, run_start) {
+                    (true, None) => run_start = Some(b),
+                    (false, Some(s)) => {
+                        for (blk, p) in fetcher.request(content, s..b) {
+                            self.ahead.insert(blk, p);
+                        }
+                        run_start = None;
                     }
-                    run_start = None;
+                    _ => {}
                 }
-                _ => {}
             }
         }
         blocks

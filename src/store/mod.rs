@@ -248,13 +248,18 @@ impl Store {
             .map_err(|source| Error::Json { what: format!("{name}@{version}"), source })
     }
 
-    /// Reads and validates the manifest of a committed version.
-    pub async fn load_manifest(&self, name: &str, version: u64) -> Result<Manifest> {
+    /// The stored (compressed) manifest of a committed version.
+    pub async fn manifest_bytes(&self, name: &str, version: u64) -> Result<Bytes> {
         names::validate_datastore_name(name)?;
-        let bytes = self.objects.get(&layout::manifest_key(name, version)).await.map_err(|e| match e {
+        self.objects.get(&layout::manifest_key(name, version)).await.map_err(|e| match e {
             StoreError::NotFound { .. } => Error::NoSuchVersion { name: name.to_owned(), version },
             e => e.into(),
-        })?;
+        })
+    }
+
+    /// Reads and validates the manifest of a committed version.
+    pub async fn load_manifest(&self, name: &str, version: u64) -> Result<Manifest> {
+        let bytes = self.manifest_bytes(name, version).await?;
         let m = tokio::task::spawn_blocking(move || Manifest::from_compressed(&bytes))
             .await
             .map_err(|e| Error::Source(format!("decoding manifest: {e}")))??;

@@ -1,0 +1,149 @@
+//! `datastore csi` (the CSI driver) and `datastore fd-holder` (keeps FUSE connections alive
+//! across node plugin restarts).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{ArgAction, Args};
+
+use super::mount::{CacheArgs, wait_for_signal};
+use super::{StoreArgs, parse_duration};
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::IdentityService;
+use crate::csi::node::NodeService;
+use crate::csi::volumes::{NodeConfig, NodeVolumes};
+use crate::csi::{DRIVER_NAME, Mode, Stores, serve, socket_path};
+use crate::fs::fetch::FetchConfig;
+use crate::mount::LinuxMounter;
+use crate::mount::holder::HolderClient;
+use crate::store::StoreUrl;
+use crate::store::s3::ReadTimeouts;
+
+#[derive(Debug, Args)]
+pub struct CsiArgs {
+    /// The CSI socket, e.g. unix:///csi/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT", default_value = "unix:///csi/csi.sock")]
+    pub endpoint: String,
+    /// Which services to serve.
+    #[arg(long, value_enum, default_value = "all")]
+    pub mode: Mode,
+    /// This node's id (default: the host name). Required in node mode.
+    #[arg(long, env = "NODE_ID")]
+    pub node_id: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Where the node plugin records what it staged and published.
+    #[arg(long, default_value = "/var/lib/datastore-csi")]
+    pub state_dir: PathBuf,
+    /// Staging and target paths must be inside this directory.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    pub kubelet_dir: PathBuf,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// The driver name (must match the CSIDriver object and StorageClass provisioner).
+    #[arg(long, default_value = DRIVER_NAME)]
+    pub driver_name: String,
+    /// Advertise this zone as the node's topology (topology.datastore.csi.grid.ai/zone).
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Most volumes on this node (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub max_volumes: i64,
+    /// How long a read keeps retrying an unreachable store before it fails with EIO.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub read_timeout: Duration,
+    /// FUSE worker threads per volume.
+    #[arg(long, default_value_t = 4)]
+    pub fuse_threads: usize,
+    /// The fd holder's socket (default: <state-dir>/fd-holder.sock).
+    #[arg(long)]
+    pub fd_holder_socket: Option<PathBuf>,
+    /// Start the fd holder if none answers (off when it runs as its own container).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    pub spawn_fd_holder: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FdHolderArgs {
+    /// The socket to serve.
+    #[arg(long)]
+    pub socket: PathBuf,
+}
+
+pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
+    let socket = socket_path(&a.endpoint)?;
+    if let Some(addr) = a.metrics_addr {
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr).await {
+                tracing::error!(error = %e, %addr, "metrics server stopped");
+            }
+        });
+    }
+    let timeouts = ReadTimeouts::default();
+    let default_url = StoreUrl::resolve(a.store.store.as_deref())?;
+    let stores = Arc::new(Stores::new(default_url.clone(), a.store.s3_options(timeouts)));
+    let topology = a.zone.is_some();
+    let identity = IdentityService::new(a.driver_name.clone(), a.mode, stores.clone(), topology);
+    let controller = a.mode.controller().then(|| ControllerService::new(stores.clone(), None));
+    let node = if a.mode.node() {
+        let node_id = match &a.node_id {
+            Some(n) => n.clone(),
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        };
+        let fetch = FetchConfig { deadline: a.read_timeout, ..FetchConfig::default() };
+        let cache = a.cache.open(fetch.block_size).await?;
+        let holder = HolderClient::new(&a.fd_holder_socket.clone().unwrap_or_else(|| a.state_dir.join("fd-holder.sock")));
+        let holder = if a.spawn_fd_holder {
+            let exe = std::env::current_exe()?;
+            let h = holder.clone();
+            match tokio::task::spawn_blocking(move || h.ensure_running(&exe)).await? {
+                Ok(()) => Some(holder),
+                Err(e) => {
+                    tracing::error!(error = %e, "no fd holder: mounts will not survive a restart of this plugin");
+                    None
+                }
+            }
+        } else {
+            Some(holder)
+        };
+        let cfg = NodeConfig {
+            node_id,
+            kubelet_dir: a.kubelet_dir.clone(),
+            state_dir: a.state_dir.clone(),
+            fuse_threads: a.fuse_threads.max(1),
+            max_volumes: a.max_volumes,
+            zone: a.zone.clone(),
+            fetch,
+        };
+        let volumes = Arc::new(NodeVolumes::new(
+            cfg,
+            stores.clone(),
+            cache,
+            Arc::new(LinuxMounter::default()),
+            holder,
+            tokio::runtime::Handle::current(),
+        ));
+        volumes.recover().await;
+        Some(NodeService { volumes, default_store: default_url.to_string() })
+    } else {
+        None
+    };
+    let shutdown = async {
+        if let Err(e) = wait_for_signal().await {
+            tracing::error!(error = %e, "signal handling failed");
+        }
+        // Mounts stay: the fd holder keeps their connections for the next plugin process.
+        tracing::info!("shutting down: draining requests; mounts stay in place");
+    };
+    serve(&socket, identity, controller, node, shutdown).await
+}
+
+pub fn fd_holder(a: FdHolderArgs) -> anyhow::Result<()> {
+    crate::mount::holder::serve(&a.socket)?;
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The CSI Controller service: volumes are pinned views of a datastore version.
+//!
+//! A standard volume owns no storage: CreateVolume resolves the datastore and version (pinning
+//! `latest` to a number) and returns everything a node needs in the volume context. To be
+//! idempotent across retries, restarts and replicas, each volume is recorded in the driver's
+//! store (`csi/volumes/<volume-id>.json`); the volume id is derived from the CO's volume name,
+//! so the same name always maps to the same record.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use sha2::{Digest, Sha256};
+use tonic::{Request, Response, Status};
+
+use super::error::{CsiError, CsiResult};
+use super::params::{CreateParams, PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION, VersionSel, VolumeContext, VolumeType, capability_problem, check_capability};
+use super::{KeyedLocks, Stores, observe, pb};
+use crate::store::object::StoreError;
+
+const RECORDS: &str = "csi/volumes/";
+
+/// Reads a PVC's annotations (the Kubernetes API in a cluster; absent elsewhere).
+#[tonic::async_trait]
+pub trait ClaimLookup: Send + Sync {
+    async fn annotations(&self, namespace: &str, name: &str) -> Result<BTreeMap<String, String>, String>;
+}
+
+/// What the controller remembers about a volume.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub volume_id: String,
+    /// The defining parameters (Kubernetes metadata excluded).
+    pub params: BTreeMap<String, String>,
+    pub context: BTreeMap<String, String>,
+    pub capacity_bytes: i64,
+    pub created: String,
+}
+
+impl VolumeRecord {
+    fn volume(&self) -> pb::Volume {
+        pb::Volume {
+            capacity_bytes: self.capacity_bytes,
+            volume_id: self.volume_id.clone(),
+            volume_context: self.context.clone().into_iter().collect(),
+            content_source: None,
+            accessible_topology: Vec::new(),
+        }
+    }
+}
+
+/// The volume id for a CO volume name.
+pub fn volume_id_for(name: &str) -> String {
+    format!("ds-{}", &hex::encode(Sha256::digest(name.as_bytes()))[..40])
+}
+
+fn record_key(volume_id: &str) -> String {
+    format!("{RECORDS}{volume_id}.json")
+}
+
+fn valid_volume_id(id: &str) -> bool {
+    id.len() == 43 && id.starts_with("ds-") && id[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+pub struct ControllerService {
+    pub stores: Arc<Stores>,
+    pub claims: Option<Arc<dyn ClaimLookup>>,
+    locks: KeyedLocks,
+}
+
+impl ControllerService {
+    pub fn new(stores: Arc<Stores>, claims: Option<Arc<dyn ClaimLookup>>) -> Self {
+        ControllerService { stores, claims, locks: KeyedLocks::default() }
+    }
+
+    async fn load(&self, volume_id: &str) -> CsiResult<Option<VolumeRecord>> {
+        if !valid_volume_id(volume_id) {
+            return Ok(None);
+        }
+        let store = self.stores.default_store().await?;
+        match store.objects().get(&record_key(volume_id)).await {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| CsiError::Internal(format!("volume record {volume_id}: {e}"))),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn save(&self, rec: &VolumeRecord) -> CsiResult<()> {
+        let store = self.stores.default_store().await?;
+        let json = serde_json::to_vec_pretty(rec).map_err(|e| CsiError::Internal(e.to_string()))?;
+        store.objects().put(&record_key(&rec.volume_id), Bytes::from(json), false).await?;
+        Ok(())
+    }
+
+    /// Which datastore (and store) a CreateVolume means.
+    async fn target(&self, p: &CreateParams) -> CsiResult<(String, VersionSel, String)> {
+        if let Some(ds) = &p.datastore {
+            let store = match &p.store {
+                Some(s) => s.clone(),
+                None => self.stores.default_url().to_string(),
+            };
+            return Ok((ds.clone(), p.version, store));
+        }
+        let (Some(ns), Some(pvc)) = (&p.pvc_namespace, &p.pvc_name) else {
+            return Err(CsiError::Invalid(
+                "no datastore named: set the StorageClass parameter datastore, or run the external-provisioner with --extra-create-metadata so that the PVC names it".into(),
+            ));
+        };
+        let annotations = match &self.claims {
+            Some(c) => c.annotations(ns, pvc).await.map_err(|e| CsiError::Unavailable(format!("reading PVC {ns}/{pvc}: {e}")))?,
+            None => BTreeMap::new(),
+        };
+        let ds = annotations.get(PVC_DATASTORE_ANNOTATION).cloned().unwrap_or_else(|| pvc.clone());
+        crate::store::names::validate_datastore_name(&ds)
+            .map_err(|e| CsiError::Invalid(format!("datastore named by PVC {ns}/{pvc}: {e}")))?;
+        let version = match annotations.get(PVC_VERSION_ANNOTATION) {
+            Some(v) if p.version == VersionSel::Latest => VersionSel::parse(PVC_VERSION_ANNOTATION, v)?,
+            _ => p.version,
+        };
+        let store = match &p.store {
+            Some(s) => s.clone(),
+            None => self.stores.namespace_url(ns).to_string(),
+        };
+        Ok((ds, version, store))
+    }
+
+    async fn create(&self, req: pb::CreateVolumeRequest) -> CsiResult<pb::CreateVolumeResponse> {
+        if req.name.is_empty() {
+            return Err(CsiError::Missing("name"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(CsiError::Missing("volume_capabilities"));
+        }
+        for cap in &req.volume_capabilities {
+            check_capability(Some(cap), "volume_capabilities")?;
+        }
+        if req.volume_content_source.is_some() {
+            return Err(CsiError::Invalid("volume_content_source is not supported: a volume shows a datastore version".into()));
+        }
+        let params = CreateParams::parse(&req.parameters)?;
+        let identity = CreateParams::identity(&req.parameters);
+        let volume_id = volume_id_for(&req.name);
+        let _guard = self.locks.lock(&volume_id).await;
+        if let Some(rec) = self.load(&volume_id).await? {
+            if rec.params == identity && rec.name == req.name {
+                return Ok(pb::CreateVolumeResponse { volume: Some(rec.volume()) });
+            }
+            return Err(CsiError::AlreadyExists(format!(
+                "volume {} exists with other parameters ({:?})",
+                req.name, rec.params
+            )));
+        }
+        if params.volume_type == VolumeType::HighPerformance {
+            return Err(CsiError::FailedPrecondition(
+                "type high-performance needs FSx for Lustre provisioning, which is not enabled on this controller".into(),
+            ));
+        }
+        let (datastore, version, store_url) = self.target(&params).await?;
+        let store = self.stores.get(&store_url).await?;
+        let version = store.resolve_version(&datastore, version.number()).await?;
+        let context = VolumeContext {
+            datastore: datastore.clone(),
+            version: Some(version),
+            store: store_url,
+            volume_type: params.volume_type,
+            lustre: None,
+            ephemeral: false,
+        };
+        let capacity = req.capacity_range.as_ref().map(|c| c.required_bytes.max(0)).unwrap_or(0);
+        let rec = VolumeRecord {
+            name: req.name.clone(),
+            volume_id,
+            params: identity,
+            context: context.to_map().into_iter().collect(),
+            capacity_bytes: capacity,
+            created: crate::store::now_rfc3339(),
+        };
+        self.save(&rec).await?;
+        tracing::info!(volume = %rec.volume_id, name = %req.name, datastore, version, "volume created");
+        Ok(pb::CreateVolumeResponse { volume: Some(rec.volume()) })
+    }
+
+    async fn delete(&self, req: pb::DeleteVolumeRequest) -> CsiResult<pb::DeleteVolumeResponse> {
+        if req.volume_id.is_empty() {
+            return Err(CsiError::Missing("volume_id"));
+        }
+        let _guard = self.locks.lock(&req.volume_id).await;
+        if valid_volume_id(&req.volume_id) {
+            let store = self.stores.default_store().await?;
+            store.objects().delete(&[record_key(&req.volume_id)]).await?;
+        }
+        Ok(pb::DeleteVolumeResponse {})
+    }
+
+    async fn validate(&self, req: pb::ValidateVolumeCapabilitiesRequest) -> CsiResult<pb::ValidateVolumeCapabilitiesResponse> {
+        if req.volume_id.is_empty() {
+            return Err(CsiError::Missing("volume_id"));
+        }
+        if req.volume_capabilities.is_empty() {
+            return Err(CsiError::Missing("volume_capabilities"));
+        }
+        let rec = self.load(&req.volume_id).await?.ok_or_else(|| CsiError::NotFound(format!("volume {} does not exist", req.volume_id)))?;
+        for cap in &req.volume_capabilities {
+            let mode = cap
+                .access_mode
+                .as_ref()
+                .ok_or(CsiError::Missing("volume_capabilities.access_mode"))?
+                .mode();
+            if let Some(problem) = capability_problem(cap, mode) {
+                return Ok(pb::ValidateVolumeCapabilitiesResponse { confirmed: None, message: problem });
+            }
+        }
+        Ok(pb::ValidateVolumeCapabilitiesResponse {
+            confirmed: Some(pb::validate_volume_capabilities_response::Confirmed {
+                volume_context: rec.context.into_iter().collect(),
+                volume_capabilities: req.volume_capabilities,
+                parameters: req.parameters,
+                mutable_parameters: HashMap::new(),
+            }),
+            message: String::new(),
+        })
+    }
+
+    async fn list(&self, req: pb::ListVolumesRequest) -> CsiResult<pb::ListVolumesResponse> {
+        if req.max_entries < 0 {
+            return Err(CsiError::Invalid("max_entries must not be negative".into()));
+        }
+        if !req.starting_token.is_empty() && !valid_volume_id(&req.starting_token) {
+            return Err(CsiError::Aborted(format!("starting_token {:?} is not one this plugin gave", req.starting_token)));
+        }
+        let store = self.stores.default_store().await?;
+        let mut ids: Vec<String> = store
+            .objects()
+            .list(RECORDS)
+            .try_filter_map(|o| {
+                let id = o.key.strip_prefix(RECORDS).and_then(|k| k.strip_suffix(".json")).map(str::to_owned);
+                futures::future::ok(id.filter(|i| valid_volume_id(i)))
+            })
+            .try_collect()
+            .await?;
+        ids.sort();
+        ids.retain(|i| req.starting_token.is_empty() || *i > req.starting_token);
+        let limit = if req.max_entries == 0 { usize::MAX } else { req.max_entries as usize };
+        let next_token = if ids.len() > limit { ids[limit - 1].clone() } else { String::new() };
+        let mut entries = Vec::new();
+        for id in ids.iter().take(limit) {
+            if let Some(rec) = self.load(id).await? {
+                entries.push(pb::list_volumes_response::Entry { volume: Some(rec.volume()), status: None });
+            }
+        }
+        Ok(pb::ListVolumesResponse { entries, next_token })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::controller_server::Controller for ControllerService {
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let name = req.name.clone();
+        observe("CreateVolume", &name, async { Ok(self.create(req).await?) }).await
+    }
+
+    async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let req = req.into_inner();
+        let id = req.volume_id.clone();
+        observe("DeleteVolume", &id, async { Ok(self.delete(req).await?) }).await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _req: Request<pb::ControllerPublishVolumeRequest>,
+    ) -> Result<Response<pb::ControllerPublishVolumeResponse>, Status> {
+        Err(CsiError::Unimplemented("ControllerPublishVolume: volumes need no attaching").into())
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _req: Request<pb::ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<pb::ControllerUnpublishVolumeResponse>, Status> {
+        Err(CsiError::Unimplemented("ControllerUnpublishVolume: volumes need no attaching").into())
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        req: Request<pb::ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
+        let req = req.into_inner();
+        let id = req.volume_id.clone();
+        observe("ValidateVolumeCapabilities", &id, async { Ok(self.validate(req).await?) }).await
+    }
+
+    async fn list_volumes(&self, req: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        observe("ListVolumes", "", async { Ok(self.list(req.into_inner()).await?) }).await
+    }
+
+    async fn get_capacity(&self, _req: Request<pb::GetCapacityRequest>) -> Result<Response<pb::GetCapacityResponse>, Status> {
+        Err(CsiError::Unimplemented("GetCapacity: a datastore volume takes no capacity").into())
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _req: Request<pb::ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<pb::ControllerGetCapabilitiesResponse>, Status> {
+        use pb::controller_service_capability::rpc::Type;
+        observe("ControllerGetCapabilities", "", async {
+            let capabilities = [Type::CreateDeleteVolume, Type::ListVolumes]
+                .into_iter()
+                .map(|t| pb::ControllerServiceCapability {
+                    r#type: Some(pb::controller_service_capability::Type::Rpc(pb::controller_service_capability::Rpc { r#type: t as i32 })),
+                })
+                .collect();
+            Ok(pb::ControllerGetCapabilitiesResponse { capabilities })
+        })
+        .await
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        _req: Request<pb::ControllerExpandVolumeRequest>,
+    ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
+        Err(CsiError::Unimplemented("ControllerExpandVolume: datastore volumes have no size to expand").into())
+    }
+
+    async fn controller_get_volume(
+        &self,
+        _req: Request<pb::ControllerGetVolumeRequest>,
+    ) -> Result<Response<pb::ControllerGetVolumeResponse>, Status> {
+        Err(CsiError::Unimplemented("ControllerGetVolume").into())
+    }
+}

@@ -1,0 +1,326 @@
+//! Typed CSI inputs: StorageClass parameters, volume context, capabilities and paths.
+//!
+//! Every map the CO hands us is parsed here, once, into a struct whose fields document the
+//! keys. Unknown keys are refused (INVALID_ARGUMENT) except `csi.storage.k8s.io/*`, which the
+//! external-provisioner and kubelet add on their own.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+
+use super::error::{CsiError, CsiResult};
+use super::pb;
+use crate::store::names::validate_datastore_name;
+
+/// Prefix of keys that Kubernetes components add to parameters and contexts.
+pub const K8S_PREFIX: &str = "csi.storage.k8s.io/";
+/// PVC annotation naming the datastore a claim mounts (set by the operator).
+pub const PVC_DATASTORE_ANNOTATION: &str = "datastores.grid.ai/datastore";
+/// PVC annotation naming the version a claim mounts (set by the operator).
+pub const PVC_VERSION_ANNOTATION: &str = "datastores.grid.ai/version";
+
+/// Which backend serves a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeType {
+    /// FUSE mount of the version, data read from the store through the node cache.
+    #[default]
+    Standard,
+    /// An FSx for Lustre file system importing the version (see the FSx issue).
+    HighPerformance,
+}
+
+impl VolumeType {
+    pub fn parse(s: &str) -> CsiResult<VolumeType> {
+        match s {
+            "" | "standard" => Ok(VolumeType::Standard),
+            "high-performance" => Ok(VolumeType::HighPerformance),
+            other => Err(CsiError::Invalid(format!("parameter type: {other:?} is not standard or high-performance"))),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeType::Standard => "standard",
+            VolumeType::HighPerformance => "high-performance",
+        }
+    }
+}
+
+/// A version selector: a number, or the latest version at creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionSel {
+    Latest,
+    Number(u64),
+}
+
+impl VersionSel {
+    pub fn parse(key: &str, s: &str) -> CsiResult<VersionSel> {
+        match s {
+            "" | "latest" => Ok(VersionSel::Latest),
+            n => n
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .map(VersionSel::Number)
+                .ok_or_else(|| CsiError::Invalid(format!("{key}: {s:?} is not a version number or \"latest\""))),
+        }
+    }
+    pub fn number(self) -> Option<u64> {
+        match self {
+            VersionSel::Latest => None,
+            VersionSel::Number(n) => Some(n),
+        }
+    }
+}
+
+/// StorageClass parameters of CreateVolume.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CreateParams {
+    /// `datastore`: the datastore to mount. When absent, the PVC names it (annotation
+    /// `datastores.grid.ai/datastore`, else the PVC's own name).
+    pub datastore: Option<String>,
+    /// `version`: a version number or `latest` (default), resolved and pinned at creation.
+    pub version: VersionSel,
+    /// `store`: the store holding the datastore (default: the driver's store; for datastores
+    /// named by a PVC, the namespace's store `<store>/namespaces/<namespace>`).
+    pub store: Option<String>,
+    /// `type`: `standard` (default) or `high-performance`.
+    pub volume_type: VolumeType,
+    /// High-performance options (keys of the FSx issue), kept verbatim for that backend.
+    pub fsx: BTreeMap<String, String>,
+    /// `csi.storage.k8s.io/pvc/name`, from the external-provisioner's --extra-create-metadata.
+    pub pvc_name: Option<String>,
+    /// `csi.storage.k8s.io/pvc/namespace`, likewise.
+    pub pvc_namespace: Option<String>,
+}
+
+impl Default for VersionSel {
+    fn default() -> Self {
+        VersionSel::Latest
+    }
+}
+
+/// Keys of high-performance (FSx) options, accepted here and validated by that backend.
+pub const FSX_KEYS: &[&str] = &[
+    "deploymentType",
+    "perUnitStorageThroughput",
+    "storageCapacity",
+    "subnetId",
+    "securityGroupIds",
+    "dataCompressionType",
+    "kmsKeyId",
+    "extraTags",
+];
+
+impl CreateParams {
+    pub fn parse(map: &HashMap<String, String>) -> CsiResult<CreateParams> {
+        let mut p = CreateParams::default();
+        for (k, v) in map {
+            match k.as_str() {
+                "datastore" => {
+                    validate_datastore_name(v).map_err(|e| CsiError::Invalid(format!("parameter datastore: {e}")))?;
+                    p.datastore = Some(v.clone());
+                }
+                "version" => p.version = VersionSel::parse("parameter version", v)?,
+                "store" => p.store = Some(v.clone()),
+                "type" => p.volume_type = VolumeType::parse(v)?,
+                "csi.storage.k8s.io/pvc/name" => p.pvc_name = Some(v.clone()),
+                "csi.storage.k8s.io/pvc/namespace" => p.pvc_namespace = Some(v.clone()),
+                k if k.starts_with(K8S_PREFIX) => {}
+                k if FSX_KEYS.contains(&k) => {
+                    p.fsx.insert(k.to_owned(), v.clone());
+                }
+                other => return Err(CsiError::Invalid(format!("unknown parameter {other:?}"))),
+            }
+        }
+        if !p.fsx.is_empty() && p.volume_type != VolumeType::HighPerformance {
+            let keys: Vec<&String> = p.fsx.keys().collect();
+            return Err(CsiError::Invalid(format!("parameters {keys:?} apply to type high-performance only")));
+        }
+        Ok(p)
+    }
+
+    /// The parameters that define the volume (Kubernetes metadata excluded), for idempotency.
+    pub fn identity(map: &HashMap<String, String>) -> BTreeMap<String, String> {
+        map.iter().filter(|(k, _)| !k.starts_with(K8S_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// Everything a node needs to mount a volume, carried in the volume context.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VolumeContext {
+    /// `datastore`
+    pub datastore: String,
+    /// `version`: pinned at creation (inline volumes may say `latest`, resolved at mount).
+    pub version: Option<u64>,
+    /// `store`: where the datastore lives.
+    pub store: String,
+    /// `type`
+    pub volume_type: VolumeType,
+    /// `fsx.dnsName` and `fsx.mountName`: the Lustre file system of a high-performance volume.
+    pub lustre: Option<(String, String)>,
+    /// `csi.storage.k8s.io/ephemeral=true`: an inline volume of a pod spec.
+    pub ephemeral: bool,
+}
+
+impl VolumeContext {
+    pub fn to_map(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert("datastore".into(), self.datastore.clone());
+        m.insert("version".into(), self.version.map(|v| v.to_string()).unwrap_or_else(|| "latest".into()));
+        m.insert("store".into(), self.store.clone());
+        m.insert("type".into(), self.volume_type.as_str().into());
+        if let Some((dns, mount)) = &self.lustre {
+            m.insert("fsx.dnsName".into(), dns.clone());
+            m.insert("fsx.mountName".into(), mount.clone());
+        }
+        m
+    }
+
+    /// Parses a volume context; `default_store` fills in a missing `store` (inline volumes).
+    pub fn parse(map: &HashMap<String, String>, default_store: &str) -> CsiResult<VolumeContext> {
+        let mut datastore = None;
+        let mut version = None;
+        let mut store = None;
+        let mut volume_type = VolumeType::Standard;
+        let mut dns = None;
+        let mut mount = None;
+        let mut ephemeral = false;
+        for (k, v) in map {
+            match k.as_str() {
+                "datastore" => datastore = Some(v.clone()),
+                "version" => version = VersionSel::parse("volume attribute version", v)?.number(),
+                "store" => store = Some(v.clone()),
+                "type" => volume_type = VolumeType::parse(v)?,
+                "fsx.dnsName" => dns = Some(v.clone()),
+                "fsx.mountName" => mount = Some(v.clone()),
+                "csi.storage.k8s.io/ephemeral" => ephemeral = v == "true",
+                k if k.starts_with(K8S_PREFIX) => {}
+                other => return Err(CsiError::Invalid(format!("unknown volume attribute {other:?}"))),
+            }
+        }
+        let datastore = datastore.ok_or(CsiError::Missing("volume attribute datastore"))?;
+        validate_datastore_name(&datastore).map_err(|e| CsiError::Invalid(format!("volume attribute datastore: {e}")))?;
+        if version.is_none() && !ephemeral {
+            return Err(CsiError::Invalid("volume attribute version must be a number for a persistent volume".into()));
+        }
+        let lustre = match (dns, mount) {
+            (Some(d), Some(m)) => Some((d, m)),
+            (None, None) => None,
+            _ => return Err(CsiError::Invalid("fsx.dnsName and fsx.mountName go together".into())),
+        };
+        if volume_type == VolumeType::HighPerformance && lustre.is_none() {
+            return Err(CsiError::Invalid("a high-performance volume needs fsx.dnsName and fsx.mountName".into()));
+        }
+        Ok(VolumeContext {
+            datastore,
+            version,
+            store: store.unwrap_or_else(|| default_store.to_owned()),
+            volume_type,
+            lustre,
+            ephemeral,
+        })
+    }
+}
+
+/// Checks a capability: mount access (not block) with a read-only access mode.
+pub fn check_capability(cap: Option<&pb::VolumeCapability>, field: &'static str) -> CsiResult<()> {
+    let cap = cap.ok_or(CsiError::Missing(field))?;
+    let mode = cap.access_mode.as_ref().ok_or(CsiError::Missing("volume_capability.access_mode"))?.mode();
+    capability_problem(cap, mode).map_or(Ok(()), |m| Err(CsiError::Invalid(m)))
+}
+
+/// Why a capability is not supported, or `None` when it is.
+pub fn capability_problem(cap: &pb::VolumeCapability, mode: pb::volume_capability::access_mode::Mode) -> Option<String> {
+    use pb::volume_capability::AccessType;
+    use pb::volume_capability::access_mode::Mode;
+    match &cap.access_type {
+        Some(AccessType::Block(_)) => return Some("block volumes are not supported: datastores are file systems".into()),
+        Some(AccessType::Mount(_)) => {}
+        None => return Some("volume_capability.access_type is required".into()),
+    }
+    match mode {
+        Mode::MultiNodeReaderOnly | Mode::SingleNodeReaderOnly => None,
+        other => Some(format!(
+            "access mode {} is not supported: datastores are read-only; use MULTI_NODE_READER_ONLY (ReadOnlyMany) or SINGLE_NODE_READER_ONLY",
+            other.as_str_name()
+        )),
+    }
+}
+
+/// Checks that `path` is absolute, has no `..`, and lies inside `root` (the kubelet directory).
+pub fn check_path(path: &str, field: &'static str, root: &Path) -> CsiResult<PathBuf> {
+    if path.is_empty() {
+        return Err(CsiError::Missing(field));
+    }
+    let p = PathBuf::from(path);
+    if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(CsiError::Invalid(format!("{field} {path:?} must be an absolute path without '..'")));
+    }
+    if !p.starts_with(root) || p == root {
+        return Err(CsiError::Invalid(format!("{field} {path:?} is outside the kubelet directory {}", root.display())));
+    }
+    Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn create_params() {
+        let p = CreateParams::parse(&map(&[
+            ("datastore", "imagenet"),
+            ("version", "3"),
+            ("csi.storage.k8s.io/pvc/name", "claim"),
+            ("csi.storage.k8s.io/pvc/namespace", "team"),
+            ("csi.storage.k8s.io/pv/name", "pv-1"),
+        ]))
+        .unwrap();
+        assert_eq!(p.datastore.as_deref(), Some("imagenet"));
+        assert_eq!(p.version, VersionSel::Number(3));
+        assert_eq!(p.pvc_namespace.as_deref(), Some("team"));
+        assert!(CreateParams::parse(&map(&[("bogus", "x")])).is_err());
+        assert!(CreateParams::parse(&map(&[("version", "0")])).is_err());
+        assert!(CreateParams::parse(&map(&[("version", "two")])).is_err());
+        assert!(CreateParams::parse(&map(&[("datastore", "Bad_Name")])).is_err());
+        assert!(CreateParams::parse(&map(&[("type", "fast")])).is_err());
+        assert!(CreateParams::parse(&map(&[("subnetId", "s-1")])).is_err());
+        assert!(CreateParams::parse(&map(&[("type", "high-performance"), ("subnetId", "s-1")])).is_ok());
+        assert_eq!(CreateParams::parse(&map(&[])).unwrap().version, VersionSel::Latest);
+    }
+
+    #[test]
+    fn volume_context_roundtrip() {
+        let c = VolumeContext {
+            datastore: "ds".into(),
+            version: Some(4),
+            store: "s3://b/p".into(),
+            volume_type: VolumeType::Standard,
+            lustre: None,
+            ephemeral: false,
+        };
+        let mut m = c.to_map();
+        m.insert("csi.storage.k8s.io/pod.name".into(), "p".into());
+        assert_eq!(VolumeContext::parse(&m, "x").unwrap(), c);
+        assert!(VolumeContext::parse(&map(&[("datastore", "ds")]), "x").is_err(), "persistent volumes pin a version");
+        let inline = VolumeContext::parse(&map(&[("datastore", "ds"), ("csi.storage.k8s.io/ephemeral", "true")]), "/s").unwrap();
+        assert_eq!((inline.version, inline.store.as_str(), inline.ephemeral), (None, "/s", true));
+        assert!(VolumeContext::parse(&map(&[("datastore", "ds"), ("version", "1"), ("x", "y")]), "x").is_err());
+    }
+
+    #[test]
+    fn paths() {
+        let root = Path::new("/var/lib/kubelet");
+        assert!(check_path("/var/lib/kubelet/pods/x/volumes/v/mount", "target_path", root).is_ok());
+        assert!(matches!(check_path("", "target_path", root), Err(CsiError::Missing(_))));
+        assert!(check_path("relative/x", "target_path", root).is_err());
+        assert!(check_path("/etc/passwd", "target_path", root).is_err());
+        assert!(check_path("/var/lib/kubelet/../../etc", "target_path", root).is_err());
+        assert!(check_path("/var/lib/kubelet", "target_path", root).is_err());
+        assert!(check_path("/var/lib/kubelet2/x", "target_path", root).is_err());
+    }
+}
