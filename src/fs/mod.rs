@@ -89,7 +89,9 @@ pub struct DatastoreFs {
     manifest: Arc<Manifest>,
     fetcher: Arc<Fetcher>,
     opts: FsOptions,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Open files by (inode, file handle). Keyed by both because handles outlive this process:
+    /// after a restart, the kernel keeps using handles an earlier process gave out.
+    handles: Mutex<HashMap<(u64, u64), Arc<Handle>>>,
     next_fh: AtomicU64,
 }
 
@@ -116,7 +118,8 @@ impl DatastoreFs {
             fetcher,
             opts,
             handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            // Start far from an earlier process's handles (they stay in use after a restart).
+            next_fh: AtomicU64::new(rand::random::<u64>() >> 2),
         }
     }
 
@@ -212,6 +215,13 @@ impl DatastoreFs {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0 {
             return Err(libc::EROFS);
         }
+        let handle = self.new_handle(ino)?;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert((ino, fh), handle);
+        Ok(fh)
+    }
+
+    fn new_handle(&self, ino: u64) -> Result<Arc<Handle>, Errno> {
         let e = self.entry(ino)?;
         let blob = match e.kind() {
             Kind::Dir => return Err(libc::EISDIR),
@@ -219,20 +229,29 @@ impl DatastoreFs {
             Kind::File => e.blob().ok_or(libc::EIO)?,
         };
         let content = Arc::new(Content { datastore: self.name.clone(), blob, size: e.size() });
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        let handle = Arc::new(Handle { content, readahead: Mutex::new(Readahead::new()) });
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert(fh, handle);
-        Ok(fh)
+        Ok(Arc::new(Handle { content, readahead: Mutex::new(Readahead::new()) }))
+    }
+
+    /// The handle `(ino, fh)`; one opened by an earlier process (before a restart) is adopted.
+    fn handle(&self, ino: u64, fh: u64) -> Result<Arc<Handle>, Errno> {
+        let mut handles = self.handles.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = handles.get(&(ino, fh)) {
+            return Ok(h.clone());
+        }
+        let h = self.new_handle(ino)?;
+        tracing::debug!(ino, fh, "adopting a file handle opened before a restart");
+        handles.insert((ino, fh), h.clone());
+        Ok(h)
     }
 
     /// Forgets a file handle.
-    pub fn release(&self, fh: u64) {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&fh);
+    pub fn release(&self, ino: u64, fh: u64) {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&(ino, fh));
     }
 
     /// Reads up to `size` bytes at `offset` of an open file (short only at end of file).
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, Errno> {
-        let handle = self.handles.lock().unwrap_or_else(|e| e.into_inner()).get(&fh).cloned().ok_or(libc::EBADF)?;
+    pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Bytes, Errno> {
+        let handle = self.handle(ino, fh)?;
         let content = &handle.content;
         let end = offset.saturating_add(u64::from(size)).min(content.size);
         if offset >= end {

@@ -97,8 +97,8 @@ fn concurrent_readers_of_one_cold_block_cause_one_get() {
                 barrier.wait().await;
                 // Different offsets inside block 1, not sequential from 0: no readahead.
                 let off = MIB + i * 4096;
-                let r = fs.read(fh, off, 4096).await.expect("read");
-                fs.release(fh);
+                let r = fs.read(ino, fh, off, 4096).await.expect("read");
+                fs.release(ino, fh);
                 (off, r)
             })
         })

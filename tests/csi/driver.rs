@@ -1,0 +1,221 @@
+//! Runs the real `datastore csi` binary and talks to it over its Unix socket, as kubelet and
+//! the external-provisioner do.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datastore::csi::pb;
+use datastore::csi::pb::controller_client::ControllerClient;
+use datastore::csi::pb::identity_client::IdentityClient;
+use datastore::csi::pb::node_client::NodeClient;
+use datastore::store::Store;
+use datastore::store::upload::{Progress, UploadOptions, create_from_dir};
+use tonic::transport::Channel;
+
+use crate::common::*;
+
+/// A running driver (controller and node in one process) with its directories.
+pub struct Driver {
+    pub dir: tempfile::TempDir,
+    pub store_url: String,
+    pub bucket: String,
+    pub store: Store,
+    child: Option<Child>,
+}
+
+impl Driver {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("csi.sock")
+    }
+    pub fn kubelet(&self) -> PathBuf {
+        self.dir.path().join("kubelet")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    pub fn holder_socket(&self) -> PathBuf {
+        self.dir.path().join("holder.sock")
+    }
+
+    /// Starts a driver on a new bucket of the shared S3 server.
+    pub fn start() -> Driver {
+        init_logging();
+        let (store, bucket) = s3_store();
+        let dir = tempfile::Builder::new().prefix("csi").tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("kubelet")).expect("kubelet dir");
+        let mut d = Driver { dir, store_url: format!("s3://{bucket}/pfx"), bucket, store, child: None };
+        d.spawn();
+        d
+    }
+
+    /// (Re)starts the plugin process and waits for its socket.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("driver.log"))
+            .expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_datastore"))
+            .arg("csi")
+            .args(["--endpoint", &format!("unix://{}", self.socket().display())])
+            .args(["--mode", "all", "--node-id", "node-a"])
+            .args(["--store", &self.store_url, "--s3-endpoint", &server().endpoint()])
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--kubelet-dir")
+            .arg(self.kubelet())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .arg("--fd-holder-socket")
+            .arg(self.holder_socket())
+            .args(["--read-timeout", "10s"])
+            .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .env("DATASTORE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn driver");
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
+                break;
+            }
+            if let Some(c) = self.child.as_mut() {
+                assert!(c.try_wait().expect("wait").is_none(), "driver exited; log:\n{}", self.log());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "driver socket did not appear; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// kill -9 of the plugin process.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("driver.log")).unwrap_or_default()
+    }
+
+    pub fn identity(&self) -> IdentityClient<Channel> {
+        IdentityClient::new(rt().block_on(channel(&self.socket())))
+    }
+    pub fn controller(&self) -> ControllerClient<Channel> {
+        ControllerClient::new(rt().block_on(channel(&self.socket())))
+    }
+    pub fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(rt().block_on(channel(&self.socket())))
+    }
+
+    /// Creates datastore `name` in the driver's store from `files` (path, bytes).
+    pub fn create_datastore(&self, name: &str, files: &[(&str, Vec<u8>)]) -> u64 {
+        let src = tempfile::tempdir().expect("tempdir");
+        for (p, data) in files {
+            write_file(&src.path().join(p), data, 0o644);
+        }
+        rt().block_on(create_from_dir(&self.store, name, src.path(), &UploadOptions::default(), &Progress::default()))
+            .expect("create datastore")
+            .version
+    }
+
+    /// A path under the kubelet directory.
+    pub fn kpath(&self, rel: &str) -> String {
+        self.kubelet().join(rel).display().to_string()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.kill9();
+        kill_matching(&self.holder_socket().display().to_string());
+        // Unmount whatever this driver left under its directory (failed tests).
+        let dir = self.dir.path().to_path_buf();
+        for m in datastore::mount::mounts().unwrap_or_default().into_iter().rev() {
+            if m.mount_point.starts_with(&dir) {
+                let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// A gRPC channel over a Unix socket.
+pub async fn channel(path: &Path) -> Channel {
+    let path = path.to_path_buf();
+    tonic::transport::Endpoint::try_from("http://[::1]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connect to the CSI socket")
+}
+
+/// Kills every process whose command line contains `needle`.
+pub fn kill_matching(needle: &str) {
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) && pid != std::process::id() as i32 {
+            // SAFETY: sending a signal to a process this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+pub fn ro_cap() -> pb::VolumeCapability {
+    cap(pb::volume_capability::access_mode::Mode::MultiNodeReaderOnly)
+}
+
+pub fn cap(mode: pb::volume_capability::access_mode::Mode) -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(pb::volume_capability::AccessType::Mount(pb::volume_capability::MountVolume::default())),
+        access_mode: Some(pb::volume_capability::AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// Asserts a gRPC result failed with `code`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: tonic::Code) {
+    match r {
+        Err(s) if s.code() == code => {}
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+/// Our FUSE mounts below `dir` (staging mounts and their binds).
+pub fn our_mounts(dir: &Path) -> Vec<datastore::mount::MountEntry> {
+    datastore::mount::mounts()
+        .expect("mountinfo")
+        .into_iter()
+        .filter(|m| m.fs_type == "fuse.datastore" && m.mount_point.starts_with(dir))
+        .collect()
+}
+
+/// Open file descriptors and threads of a process.
+pub fn fds_and_threads(pid: u32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
+    (fds, threads)
+}

@@ -1,0 +1,10 @@
+//! The CSI driver, run as its real binary and driven over its Unix socket by a gRPC client, as
+//! kubelet and the external-provisioner do; real FUSE and bind mounts, a real S3 server.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod conformance;
+mod driver;
+mod mounts;
+mod restart;
