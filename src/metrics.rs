@@ -50,7 +50,9 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let s3_requests = Family::<OpLabel, Counter>::default();
     let s3_errors = Family::<ErrorLabel, Counter>::default();
     let s3_latency = Family::<OpLabel, Histogram>::new_with_constructor(|| {
-        Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+        Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ])
     });
     let m = Metrics {
         s3_requests,
@@ -68,19 +70,63 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         fuse_read_errors: Counter::default(),
         registry: Registry::default(),
     };
-    registry.register("s3_requests", "Object store requests by operation", m.s3_requests.clone());
-    registry.register("s3_errors", "Failed object store requests by operation and kind", m.s3_errors.clone());
-    registry.register("s3_request_duration_seconds", "Object store request latency", m.s3_latency.clone());
-    registry.register("s3_read_bytes", "Bytes read from the object store", m.s3_bytes.clone());
-    registry.register("s3_read_retries", "Read attempts retried after a transient error", m.s3_retries.clone());
+    registry.register(
+        "s3_requests",
+        "Object store requests by operation",
+        m.s3_requests.clone(),
+    );
+    registry.register(
+        "s3_errors",
+        "Failed object store requests by operation and kind",
+        m.s3_errors.clone(),
+    );
+    registry.register(
+        "s3_request_duration_seconds",
+        "Object store request latency",
+        m.s3_latency.clone(),
+    );
+    registry.register(
+        "s3_read_bytes",
+        "Bytes read from the object store",
+        m.s3_bytes.clone(),
+    );
+    registry.register(
+        "s3_read_retries",
+        "Read attempts retried after a transient error",
+        m.s3_retries.clone(),
+    );
     registry.register("cache_hits", "Node cache block hits", m.cache_hits.clone());
-    registry.register("cache_misses", "Node cache block misses", m.cache_misses.clone());
-    registry.register("cache_evictions", "Blocks evicted from the node cache", m.cache_evictions.clone());
-    registry.register("cache_corrupt_blocks", "Cached blocks that failed their checksum", m.cache_corrupt.clone());
-    registry.register("cache_size_bytes", "Bytes held in the node cache", m.cache_bytes.clone());
+    registry.register(
+        "cache_misses",
+        "Node cache block misses",
+        m.cache_misses.clone(),
+    );
+    registry.register(
+        "cache_evictions",
+        "Blocks evicted from the node cache",
+        m.cache_evictions.clone(),
+    );
+    registry.register(
+        "cache_corrupt_blocks",
+        "Cached blocks that failed their checksum",
+        m.cache_corrupt.clone(),
+    );
+    registry.register(
+        "cache_size_bytes",
+        "Bytes held in the node cache",
+        m.cache_bytes.clone(),
+    );
     registry.register("fuse_reads", "read() requests served", m.fuse_reads.clone());
-    registry.register("fuse_read_bytes", "Bytes returned by read()", m.fuse_read_bytes.clone());
-    registry.register("fuse_read_errors", "read() requests answered with an error", m.fuse_read_errors.clone());
+    registry.register(
+        "fuse_read_bytes",
+        "Bytes returned by read()",
+        m.fuse_read_bytes.clone(),
+    );
+    registry.register(
+        "fuse_read_errors",
+        "read() requests answered with an error",
+        m.fuse_read_errors.clone(),
+    );
     Metrics { registry, ..m }
 });
 
@@ -88,9 +134,13 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
 pub fn s3_request(op: &'static str, took: Duration, err: Option<&StoreError>) {
     let m = &*METRICS;
     m.s3_requests.get_or_create(&OpLabel { op }).inc();
-    m.s3_latency.get_or_create(&OpLabel { op }).observe(took.as_secs_f64());
+    m.s3_latency
+        .get_or_create(&OpLabel { op })
+        .observe(took.as_secs_f64());
     if let Some(e) = err {
-        m.s3_errors.get_or_create(&ErrorLabel { op, kind: e.kind() }).inc();
+        m.s3_errors
+            .get_or_create(&ErrorLabel { op, kind: e.kind() })
+            .inc();
     }
 }
 
@@ -162,18 +212,24 @@ pub async fn serve(addr: SocketAddr) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                let resp = if req.uri().path() == "/metrics" {
-                    Response::builder()
-                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                        .body(Full::new(Bytes::from(render())))
-                } else {
-                    Response::builder().status(StatusCode::NOT_FOUND).body(Full::new(Bytes::new()))
-                };
-                resp
-            });
+            let service = hyper::service::service_fn(
+                |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let resp = if req.uri().path() == "/metrics" {
+                        Response::builder()
+                            .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                            .body(Full::new(Bytes::from(render())))
+                    } else {
+                        Response::builder()
+                            .status(StatusCode::NOT_FOUND)
+                            .body(Full::new(Bytes::new()))
+                    };
+                    resp
+                },
+            );
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await;
         });
     }
 }

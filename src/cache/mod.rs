@@ -69,7 +69,10 @@ pub struct BlockCache {
 
 impl std::fmt::Debug for BlockCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BlockCache").field("dir", &self.dir).field("limit", &self.limit).finish()
+        f.debug_struct("BlockCache")
+            .field("dir", &self.dir)
+            .field("limit", &self.limit)
+            .finish()
     }
 }
 
@@ -78,7 +81,10 @@ impl BlockCache {
     /// the blocks already there. Blocking: call it from a blocking context at startup.
     pub fn open(dir: &Path, limit: u64, block_size: u64) -> Result<BlockCache, CacheError> {
         let blocks = dir.join("blocks");
-        std::fs::create_dir_all(&blocks).map_err(|source| CacheError::Io { path: blocks.clone(), source })?;
+        std::fs::create_dir_all(&blocks).map_err(|source| CacheError::Io {
+            path: blocks.clone(),
+            source,
+        })?;
         let cache = BlockCache {
             dir: dir.to_path_buf(),
             limit,
@@ -134,7 +140,10 @@ impl BlockCache {
         }
         let mut id = [0u8; 32];
         hex::decode_to_slice(hex_id, &mut id).ok()?;
-        Some(BlockKey { id, block: block.parse().ok()? })
+        Some(BlockKey {
+            id,
+            block: block.parse().ok()?,
+        })
     }
 
     /// Reads a block, verifying it. `None` on a miss or when the block failed a check (it is
@@ -194,7 +203,12 @@ impl BlockCache {
 
     /// Queues a block for writing unless the write queue is full, then calls `done` (also when
     /// the block is not queued). Non-blocking.
-    pub fn put_async(self: &Arc<Self>, key: BlockKey, data: Bytes, done: impl FnOnce() + Send + 'static) {
+    pub fn put_async(
+        self: &Arc<Self>,
+        key: BlockKey,
+        data: Bytes,
+        done: impl FnOnce() + Send + 'static,
+    ) {
         let Ok(permit) = self.pending_writes.clone().try_acquire_owned() else {
             done();
             return;
@@ -260,7 +274,10 @@ impl BlockCache {
             std::fs::create_dir_all(parent)?;
         }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.dir.join("blocks").join(format!(".tmp-{}-{n}", std::process::id()));
+        let tmp = self
+            .dir
+            .join("blocks")
+            .join(format!(".tmp-{}-{n}", std::process::id()));
         let result = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&header(key, data))?;
@@ -284,7 +301,11 @@ impl BlockCache {
             if sp.is_file() {
                 // Temporary files older than a minute belong to a crashed writer.
                 if let Ok(m) = sp.metadata() {
-                    let stale = m.modified().ok().and_then(|t| t.elapsed().ok()).is_some_and(|a| a.as_secs() > 60);
+                    let stale = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .is_some_and(|a| a.as_secs() > 60);
                     if stale {
                         let _ = std::fs::remove_file(&sp);
                     }
@@ -293,7 +314,9 @@ impl BlockCache {
             }
             for f in std::fs::read_dir(&sp).into_iter().flatten().flatten() {
                 let name = f.file_name();
-                let Some(key) = name.to_str().and_then(|n| self.parse_name(n)) else { continue };
+                let Some(key) = name.to_str().and_then(|n| self.parse_name(n)) else {
+                    continue;
+                };
                 if let Ok(m) = f.metadata() {
                     found.push((key, m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)));
                 }
@@ -388,7 +411,10 @@ mod tests {
         // The two oldest were evicted; the rest are intact.
         assert!(c.get_blocking(&key(0, 0), 100).is_none());
         assert!(c.get_blocking(&key(1, 0), 100).is_none());
-        assert_eq!(&c.get_blocking(&key(4, 0), 100).unwrap()[..], &[4u8; 100][..]);
+        assert_eq!(
+            &c.get_blocking(&key(4, 0), 100).unwrap()[..],
+            &[4u8; 100][..]
+        );
         // Using block 2 makes 3 the eviction candidate.
         assert!(c.get_blocking(&key(2, 0), 100).is_some());
         c.put_blocking(&key(9, 0), &[9; 100]);

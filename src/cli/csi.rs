@@ -86,18 +86,31 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
     }
     let timeouts = ReadTimeouts::default();
     let default_url = StoreUrl::resolve(a.store.store.as_deref())?;
-    let stores = Arc::new(Stores::new(default_url.clone(), a.store.s3_options(timeouts)));
+    let stores = Arc::new(Stores::new(
+        default_url.clone(),
+        a.store.s3_options(timeouts),
+    ));
     let topology = a.zone.is_some();
     let identity = IdentityService::new(a.driver_name.clone(), a.mode, stores.clone(), topology);
-    let controller = a.mode.controller().then(|| ControllerService::new(stores.clone(), None));
+    let controller = a
+        .mode
+        .controller()
+        .then(|| ControllerService::new(stores.clone(), None));
     let node = if a.mode.node() {
         let node_id = match &a.node_id {
             Some(n) => n.clone(),
             None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
         };
-        let fetch = FetchConfig { deadline: a.read_timeout, ..FetchConfig::default() };
+        let fetch = FetchConfig {
+            deadline: a.read_timeout,
+            ..FetchConfig::default()
+        };
         let cache = a.cache.open(fetch.block_size).await?;
-        let holder = HolderClient::new(&a.fd_holder_socket.clone().unwrap_or_else(|| a.state_dir.join("fd-holder.sock")));
+        let holder = HolderClient::new(
+            &a.fd_holder_socket
+                .clone()
+                .unwrap_or_else(|| a.state_dir.join("fd-holder.sock")),
+        );
         let holder = if a.spawn_fd_holder {
             let exe = std::env::current_exe()?;
             let h = holder.clone();
@@ -129,7 +142,10 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
             tokio::runtime::Handle::current(),
         ));
         volumes.recover().await;
-        Some(NodeService { volumes, default_store: default_url.to_string() })
+        Some(NodeService {
+            volumes,
+            default_store: default_url.to_string(),
+        })
     } else {
         None
     };

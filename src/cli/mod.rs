@@ -17,7 +17,13 @@ use crate::store::{Store, StoreUrl};
 #[command(name = "datastore", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "DATASTORE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "DATASTORE_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     /// Log filter (tracing's EnvFilter syntax), e.g. "info" or "datastore=debug".
     #[arg(long, global = true, default_value = "info", env = "DATASTORE_LOG")]
@@ -67,7 +73,12 @@ pub struct StoreArgs {
 
 impl StoreArgs {
     pub fn s3_options(&self, timeouts: ReadTimeouts) -> S3Options {
-        S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone(), timeouts, credentials: None }
+        S3Options {
+            endpoint: self.s3_endpoint.clone(),
+            region: self.s3_region.clone(),
+            timeouts,
+            credentials: None,
+        }
     }
 
     pub async fn open(&self) -> anyhow::Result<Store> {
@@ -96,7 +107,9 @@ fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -107,7 +120,10 @@ fn init_logging(format: LogFormat, filter: &str) {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -68,7 +68,8 @@ impl CacheArgs {
             None => crate::store::default_cache_dir()?,
         };
         let size = self.cache_size;
-        let cache = tokio::task::spawn_blocking(move || BlockCache::open(&dir, size, block_size)).await??;
+        let cache =
+            tokio::task::spawn_blocking(move || BlockCache::open(&dir, size, block_size)).await??;
         Ok(Some(Arc::new(cache)))
     }
 }
@@ -79,7 +80,9 @@ pub fn parse_target(s: &str) -> anyhow::Result<(&str, Option<u64>)> {
         None => Ok((s, None)),
         Some((name, "latest")) => Ok((name, None)),
         Some((name, v)) => {
-            let v = v.parse().with_context(|| format!("{v:?} is not a version number (NAME@VERSION)"))?;
+            let v = v
+                .parse()
+                .with_context(|| format!("{v:?} is not a version number (NAME@VERSION)"))?;
             Ok((name, Some(v)))
         }
     }
@@ -101,13 +104,22 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
     let store = a.store.open_with(ReadTimeouts::default()).await?;
     let version = store.resolve_version(name, version).await?;
     let manifest = Arc::new(store.load_manifest(name, version).await?);
-    let cfg = FetchConfig { deadline: a.read_timeout, ..FetchConfig::default() };
+    let cfg = FetchConfig {
+        deadline: a.read_timeout,
+        ..FetchConfig::default()
+    };
     let cache = a.cache.open(cfg.block_size).await?;
     let fetcher = Fetcher::new(store, cache, cfg);
     let mut opts = FsOptions::default();
     opts.uid = a.uid.unwrap_or(opts.uid);
     opts.gid = a.gid.unwrap_or(opts.gid);
-    let fs = Arc::new(DatastoreFs::new(name, version, manifest.clone(), fetcher, opts));
+    let fs = Arc::new(DatastoreFs::new(
+        name,
+        version,
+        manifest.clone(),
+        fetcher,
+        opts,
+    ));
     let mount_cfg = MountConfig {
         fs_name: format!("datastore:{name}@{version}"),
         allow_other: !a.owner_only,

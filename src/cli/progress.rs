@@ -42,7 +42,10 @@ impl ProgressReporter {
                     Some(bar) => {
                         bar.set_length(s.bytes_total);
                         bar.set_position(s.bytes_done);
-                        bar.set_message(format!("{label}: {}/{} files", s.files_done, s.files_total));
+                        bar.set_message(format!(
+                            "{label}: {}/{} files",
+                            s.files_done, s.files_total
+                        ));
                     }
                     None if last_log.elapsed() >= Duration::from_secs(5) => {
                         last_log = Instant::now();

@@ -84,7 +84,10 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
             if !dir.is_dir() {
                 bail!("source {src:?} is not a directory (nor an s3:// URL)");
             }
-            let opts = UploadOptions { concurrency: usize::from(a.concurrency), symlinks: a.symlinks };
+            let opts = UploadOptions {
+                concurrency: usize::from(a.concurrency),
+                symlinks: a.symlinks,
+            };
             Ok(create_from_dir(&store, &a.name, &dir, &opts, &progress).await?)
         }
     }
@@ -96,7 +99,10 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
     }
     let i = &report.info;
     if report.unchanged {
-        eprintln!("{}: source unchanged; latest version is still {}", a.name, report.version);
+        eprintln!(
+            "{}: source unchanged; latest version is still {}",
+            a.name, report.version
+        );
     } else {
         eprintln!(
             "{}@{}: {} files, {} dirs, {} ({} bytes); transferred {} files, {} ({} bytes); {} skipped",
@@ -119,9 +125,14 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
 pub async fn list(a: ListArgs) -> anyhow::Result<()> {
     let store = a.store.open().await?;
     let names = store.list_datastores().await?;
-    println!("{:<40} {:>8} {:>12} {:>12}  CREATED", "NAME", "VERSION", "FILES", "SIZE");
+    println!(
+        "{:<40} {:>8} {:>12} {:>12}  CREATED",
+        "NAME", "VERSION", "FILES", "SIZE"
+    );
     for name in names {
-        let Some(v) = store.latest(&name).await? else { continue };
+        let Some(v) = store.latest(&name).await? else {
+            continue;
+        };
         let info = store.version_info(&name, v).await?;
         println!(
             "{:<40} {:>8} {:>12} {:>12}  {}",
@@ -142,7 +153,10 @@ pub async fn versions(a: VersionsArgs) -> anyhow::Result<()> {
     if versions.is_empty() {
         bail!("datastore {:?} does not exist in {}", a.name, store.url());
     }
-    println!("{:>8} {:>12} {:>12} {:>12}  {:<10} {:<22} SOURCE", "VERSION", "FILES", "SIZE", "TRANSFERRED", "MODE", "CREATED");
+    println!(
+        "{:>8} {:>12} {:>12} {:>12}  {:<10} {:<22} SOURCE",
+        "VERSION", "FILES", "SIZE", "TRANSFERRED", "MODE", "CREATED"
+    );
     for v in versions {
         let i = store.version_info(&a.name, v).await?;
         println!(
@@ -166,10 +180,16 @@ pub async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
         Some(v) => {
             store.resolve_version(&a.name, Some(v)).await?;
             let (objects, bytes) = store.delete_version(&a.name, v).await?;
-            eprintln!("deleted {}@{v}: {objects} objects, {} freed", a.name, bytesize::ByteSize(bytes));
+            eprintln!(
+                "deleted {}@{v}: {objects} objects, {} freed",
+                a.name,
+                bytesize::ByteSize(bytes)
+            );
         }
         None => {
-            if store.versions(&a.name).await?.is_empty() && store.object_ids(&a.name).await?.is_empty() {
+            if store.versions(&a.name).await?.is_empty()
+                && store.object_ids(&a.name).await?.is_empty()
+            {
                 bail!("datastore {:?} does not exist in {}", a.name, store.url());
             }
             let n = store.delete_datastore(&a.name).await?;

@@ -15,7 +15,10 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use super::error::{CsiError, CsiResult};
-use super::params::{CreateParams, PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION, VersionSel, VolumeContext, VolumeType, capability_problem, check_capability};
+use super::params::{
+    CreateParams, PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION, VersionSel, VolumeContext,
+    VolumeType, capability_problem, check_capability,
+};
 use super::{KeyedLocks, Stores, observe, pb};
 use crate::store::object::StoreError;
 
@@ -24,7 +27,11 @@ const RECORDS: &str = "csi/volumes/";
 /// Reads a PVC's annotations (the Kubernetes API in a cluster; absent elsewhere).
 #[tonic::async_trait]
 pub trait ClaimLookup: Send + Sync {
-    async fn annotations(&self, namespace: &str, name: &str) -> Result<BTreeMap<String, String>, String>;
+    async fn annotations(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<BTreeMap<String, String>, String>;
 }
 
 /// What the controller remembers about a volume.
@@ -72,7 +79,11 @@ pub struct ControllerService {
 
 impl ControllerService {
     pub fn new(stores: Arc<Stores>, claims: Option<Arc<dyn ClaimLookup>>) -> Self {
-        ControllerService { stores, claims, locks: KeyedLocks::default() }
+        ControllerService {
+            stores,
+            claims,
+            locks: KeyedLocks::default(),
+        }
     }
 
     async fn load(&self, volume_id: &str) -> CsiResult<Option<VolumeRecord>> {
@@ -92,7 +103,10 @@ impl ControllerService {
     async fn save(&self, rec: &VolumeRecord) -> CsiResult<()> {
         let store = self.stores.default_store().await?;
         let json = serde_json::to_vec_pretty(rec).map_err(|e| CsiError::Internal(e.to_string()))?;
-        store.objects().put(&record_key(&rec.volume_id), Bytes::from(json), false).await?;
+        store
+            .objects()
+            .put(&record_key(&rec.volume_id), Bytes::from(json), false)
+            .await?;
         Ok(())
     }
 
@@ -111,14 +125,22 @@ impl ControllerService {
             ));
         };
         let annotations = match &self.claims {
-            Some(c) => c.annotations(ns, pvc).await.map_err(|e| CsiError::Unavailable(format!("reading PVC {ns}/{pvc}: {e}")))?,
+            Some(c) => c
+                .annotations(ns, pvc)
+                .await
+                .map_err(|e| CsiError::Unavailable(format!("reading PVC {ns}/{pvc}: {e}")))?,
             None => BTreeMap::new(),
         };
-        let ds = annotations.get(PVC_DATASTORE_ANNOTATION).cloned().unwrap_or_else(|| pvc.clone());
+        let ds = annotations
+            .get(PVC_DATASTORE_ANNOTATION)
+            .cloned()
+            .unwrap_or_else(|| pvc.clone());
         crate::store::names::validate_datastore_name(&ds)
             .map_err(|e| CsiError::Invalid(format!("datastore named by PVC {ns}/{pvc}: {e}")))?;
         let version = match annotations.get(PVC_VERSION_ANNOTATION) {
-            Some(v) if p.version == VersionSel::Latest => VersionSel::parse(PVC_VERSION_ANNOTATION, v)?,
+            Some(v) if p.version == VersionSel::Latest => {
+                VersionSel::parse(PVC_VERSION_ANNOTATION, v)?
+            }
             _ => p.version,
         };
         let store = match &p.store {
@@ -139,7 +161,9 @@ impl ControllerService {
             check_capability(Some(cap), "volume_capabilities")?;
         }
         if req.volume_content_source.is_some() {
-            return Err(CsiError::Invalid("volume_content_source is not supported: a volume shows a datastore version".into()));
+            return Err(CsiError::Invalid(
+                "volume_content_source is not supported: a volume shows a datastore version".into(),
+            ));
         }
         let params = CreateParams::parse(&req.parameters)?;
         let identity = CreateParams::identity(&req.parameters);
@@ -147,7 +171,9 @@ impl ControllerService {
         let _guard = self.locks.lock(&volume_id).await;
         if let Some(rec) = self.load(&volume_id).await? {
             if rec.params == identity && rec.name == req.name {
-                return Ok(pb::CreateVolumeResponse { volume: Some(rec.volume()) });
+                return Ok(pb::CreateVolumeResponse {
+                    volume: Some(rec.volume()),
+                });
             }
             return Err(CsiError::AlreadyExists(format!(
                 "volume {} exists with other parameters ({:?})",
@@ -170,7 +196,11 @@ impl ControllerService {
             lustre: None,
             ephemeral: false,
         };
-        let capacity = req.capacity_range.as_ref().map(|c| c.required_bytes.max(0)).unwrap_or(0);
+        let capacity = req
+            .capacity_range
+            .as_ref()
+            .map(|c| c.required_bytes.max(0))
+            .unwrap_or(0);
         let rec = VolumeRecord {
             name: req.name.clone(),
             volume_id,
@@ -181,7 +211,9 @@ impl ControllerService {
         };
         self.save(&rec).await?;
         tracing::info!(volume = %rec.volume_id, name = %req.name, datastore, version, "volume created");
-        Ok(pb::CreateVolumeResponse { volume: Some(rec.volume()) })
+        Ok(pb::CreateVolumeResponse {
+            volume: Some(rec.volume()),
+        })
     }
 
     async fn delete(&self, req: pb::DeleteVolumeRequest) -> CsiResult<pb::DeleteVolumeResponse> {
@@ -191,19 +223,27 @@ impl ControllerService {
         let _guard = self.locks.lock(&req.volume_id).await;
         if valid_volume_id(&req.volume_id) {
             let store = self.stores.default_store().await?;
-            store.objects().delete(&[record_key(&req.volume_id)]).await?;
+            store
+                .objects()
+                .delete(&[record_key(&req.volume_id)])
+                .await?;
         }
         Ok(pb::DeleteVolumeResponse {})
     }
 
-    async fn validate(&self, req: pb::ValidateVolumeCapabilitiesRequest) -> CsiResult<pb::ValidateVolumeCapabilitiesResponse> {
+    async fn validate(
+        &self,
+        req: pb::ValidateVolumeCapabilitiesRequest,
+    ) -> CsiResult<pb::ValidateVolumeCapabilitiesResponse> {
         if req.volume_id.is_empty() {
             return Err(CsiError::Missing("volume_id"));
         }
         if req.volume_capabilities.is_empty() {
             return Err(CsiError::Missing("volume_capabilities"));
         }
-        let rec = self.load(&req.volume_id).await?.ok_or_else(|| CsiError::NotFound(format!("volume {} does not exist", req.volume_id)))?;
+        let rec = self.load(&req.volume_id).await?.ok_or_else(|| {
+            CsiError::NotFound(format!("volume {} does not exist", req.volume_id))
+        })?;
         for cap in &req.volume_capabilities {
             let mode = cap
                 .access_mode
@@ -211,7 +251,10 @@ impl ControllerService {
                 .ok_or(CsiError::Missing("volume_capabilities.access_mode"))?
                 .mode();
             if let Some(problem) = capability_problem(cap, mode) {
-                return Ok(pb::ValidateVolumeCapabilitiesResponse { confirmed: None, message: problem });
+                return Ok(pb::ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: problem,
+                });
             }
         }
         Ok(pb::ValidateVolumeCapabilitiesResponse {
@@ -230,41 +273,68 @@ impl ControllerService {
             return Err(CsiError::Invalid("max_entries must not be negative".into()));
         }
         if !req.starting_token.is_empty() && !valid_volume_id(&req.starting_token) {
-            return Err(CsiError::Aborted(format!("starting_token {:?} is not one this plugin gave", req.starting_token)));
+            return Err(CsiError::Aborted(format!(
+                "starting_token {:?} is not one this plugin gave",
+                req.starting_token
+            )));
         }
         let store = self.stores.default_store().await?;
         let mut ids: Vec<String> = store
             .objects()
             .list(RECORDS)
             .try_filter_map(|o| {
-                let id = o.key.strip_prefix(RECORDS).and_then(|k| k.strip_suffix(".json")).map(str::to_owned);
+                let id = o
+                    .key
+                    .strip_prefix(RECORDS)
+                    .and_then(|k| k.strip_suffix(".json"))
+                    .map(str::to_owned);
                 futures::future::ok(id.filter(|i| valid_volume_id(i)))
             })
             .try_collect()
             .await?;
         ids.sort();
         ids.retain(|i| req.starting_token.is_empty() || *i > req.starting_token);
-        let limit = if req.max_entries == 0 { usize::MAX } else { req.max_entries as usize };
-        let next_token = if ids.len() > limit { ids[limit - 1].clone() } else { String::new() };
+        let limit = if req.max_entries == 0 {
+            usize::MAX
+        } else {
+            req.max_entries as usize
+        };
+        let next_token = if ids.len() > limit {
+            ids[limit - 1].clone()
+        } else {
+            String::new()
+        };
         let mut entries = Vec::new();
         for id in ids.iter().take(limit) {
             if let Some(rec) = self.load(id).await? {
-                entries.push(pb::list_volumes_response::Entry { volume: Some(rec.volume()), status: None });
+                entries.push(pb::list_volumes_response::Entry {
+                    volume: Some(rec.volume()),
+                    status: None,
+                });
             }
         }
-        Ok(pb::ListVolumesResponse { entries, next_token })
+        Ok(pb::ListVolumesResponse {
+            entries,
+            next_token,
+        })
     }
 }
 
 #[tonic::async_trait]
 impl pb::controller_server::Controller for ControllerService {
-    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::CreateVolumeResponse>, Status> {
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::CreateVolumeResponse>, Status> {
         let req = req.into_inner();
         let name = req.name.clone();
         observe("CreateVolume", &name, async { Ok(self.create(req).await?) }).await
     }
 
-    async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
         let req = req.into_inner();
         let id = req.volume_id.clone();
         observe("DeleteVolume", &id, async { Ok(self.delete(req).await?) }).await
@@ -290,14 +360,26 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::ValidateVolumeCapabilitiesResponse>, Status> {
         let req = req.into_inner();
         let id = req.volume_id.clone();
-        observe("ValidateVolumeCapabilities", &id, async { Ok(self.validate(req).await?) }).await
+        observe("ValidateVolumeCapabilities", &id, async {
+            Ok(self.validate(req).await?)
+        })
+        .await
     }
 
-    async fn list_volumes(&self, req: Request<pb::ListVolumesRequest>) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        observe("ListVolumes", "", async { Ok(self.list(req.into_inner()).await?) }).await
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        observe("ListVolumes", "", async {
+            Ok(self.list(req.into_inner()).await?)
+        })
+        .await
     }
 
-    async fn get_capacity(&self, _req: Request<pb::GetCapacityRequest>) -> Result<Response<pb::GetCapacityResponse>, Status> {
+    async fn get_capacity(
+        &self,
+        _req: Request<pb::GetCapacityRequest>,
+    ) -> Result<Response<pb::GetCapacityResponse>, Status> {
         Err(CsiError::Unimplemented("GetCapacity: a datastore volume takes no capacity").into())
     }
 
@@ -310,7 +392,9 @@ impl pb::controller_server::Controller for ControllerService {
             let capabilities = [Type::CreateDeleteVolume, Type::ListVolumes]
                 .into_iter()
                 .map(|t| pb::ControllerServiceCapability {
-                    r#type: Some(pb::controller_service_capability::Type::Rpc(pb::controller_service_capability::Rpc { r#type: t as i32 })),
+                    r#type: Some(pb::controller_service_capability::Type::Rpc(
+                        pb::controller_service_capability::Rpc { r#type: t as i32 },
+                    )),
                 })
                 .collect();
             Ok(pb::ControllerGetCapabilitiesResponse { capabilities })
@@ -322,7 +406,10 @@ impl pb::controller_server::Controller for ControllerService {
         &self,
         _req: Request<pb::ControllerExpandVolumeRequest>,
     ) -> Result<Response<pb::ControllerExpandVolumeResponse>, Status> {
-        Err(CsiError::Unimplemented("ControllerExpandVolume: datastore volumes have no size to expand").into())
+        Err(CsiError::Unimplemented(
+            "ControllerExpandVolume: datastore volumes have no size to expand",
+        )
+        .into())
     }
 
     async fn controller_get_volume(

@@ -62,7 +62,9 @@ impl From<StoreError> for CsiError {
             | StoreError::Network { .. }
             | StoreError::Timeout { .. }
             | StoreError::Body { .. } => CsiError::Unavailable(msg),
-            StoreError::Changed { .. } | StoreError::Request { .. } | StoreError::Io { .. } => CsiError::Internal(msg),
+            StoreError::Changed { .. } | StoreError::Request { .. } | StoreError::Io { .. } => {
+                CsiError::Internal(msg)
+            }
             StoreError::Config(_) => CsiError::Invalid(msg),
         }
     }

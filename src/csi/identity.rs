@@ -23,7 +23,13 @@ pub struct IdentityService {
 
 impl IdentityService {
     pub fn new(driver_name: String, mode: Mode, stores: Arc<Stores>, topology: bool) -> Self {
-        IdentityService { driver_name, mode, stores, topology, last_probe: Mutex::new(None) }
+        IdentityService {
+            driver_name,
+            mode,
+            stores,
+            topology,
+            last_probe: Mutex::new(None),
+        }
     }
 
     /// Ready when the default store answers and, on a node, FUSE is usable.
@@ -34,14 +40,21 @@ impl IdentityService {
                 return ok;
             }
         }
-        let store_ok = match tokio::time::timeout(Duration::from_secs(5), self.stores.default_store()).await {
-            Ok(Ok(store)) => {
-                let listed = tokio::time::timeout(Duration::from_secs(5), store.list_datastores()).await;
-                matches!(listed, Ok(Ok(_)))
-            }
-            _ => false,
-        };
-        let fuse_ok = !self.mode.node() || std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse").is_ok();
+        let store_ok =
+            match tokio::time::timeout(Duration::from_secs(5), self.stores.default_store()).await {
+                Ok(Ok(store)) => {
+                    let listed =
+                        tokio::time::timeout(Duration::from_secs(5), store.list_datastores()).await;
+                    matches!(listed, Ok(Ok(_)))
+                }
+                _ => false,
+            };
+        let fuse_ok = !self.mode.node()
+            || std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/fuse")
+                .is_ok();
         if !(store_ok && fuse_ok) {
             tracing::warn!(store_ok, fuse_ok, "probe: not ready");
         }
@@ -82,7 +95,9 @@ impl pb::identity_server::Identity for IdentityService {
             let capabilities = types
                 .into_iter()
                 .map(|t| pb::PluginCapability {
-                    r#type: Some(pb::plugin_capability::Type::Service(pb::plugin_capability::Service { r#type: t as i32 })),
+                    r#type: Some(pb::plugin_capability::Type::Service(
+                        pb::plugin_capability::Service { r#type: t as i32 },
+                    )),
                 })
                 .collect();
             Ok(pb::GetPluginCapabilitiesResponse { capabilities })
@@ -90,7 +105,10 @@ impl pb::identity_server::Identity for IdentityService {
         .await
     }
 
-    async fn probe(&self, _req: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeResponse>, Status> {
+    async fn probe(
+        &self,
+        _req: Request<pb::ProbeRequest>,
+    ) -> Result<Response<pb::ProbeResponse>, Status> {
         let ready = self.ready().await;
         tracing::trace!(ready, "Probe");
         Ok(Response::new(pb::ProbeResponse { ready: Some(ready) }))

@@ -87,7 +87,11 @@ impl KeyedLocks {
             map.entry(key.to_owned()).or_default().clone()
         };
         let guard = m.lock_owned().await;
-        KeyGuard { locks: self, key: key.to_owned(), guard: Some(guard) }
+        KeyGuard {
+            locks: self,
+            key: key.to_owned(),
+            guard: Some(guard),
+        }
     }
 }
 
@@ -113,7 +117,11 @@ pub struct Stores {
 
 impl Stores {
     pub fn new(default: StoreUrl, s3: S3Options) -> Stores {
-        Stores { default, s3, open: tokio::sync::Mutex::new(HashMap::new()) }
+        Stores {
+            default,
+            s3,
+            open: tokio::sync::Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn default_url(&self) -> &StoreUrl {
@@ -131,7 +139,8 @@ impl Stores {
         if let Some(s) = open.get(url) {
             return Ok(s.clone());
         }
-        let parsed = StoreUrl::parse(url).map_err(|e| CsiError::Invalid(format!("store {url:?}: {e}")))?;
+        let parsed =
+            StoreUrl::parse(url).map_err(|e| CsiError::Invalid(format!("store {url:?}: {e}")))?;
         let store = Store::open(&parsed, self.s3.clone()).await?;
         open.insert(url.to_owned(), store.clone());
         Ok(store)
@@ -145,19 +154,28 @@ impl Stores {
 /// The store of a namespace's datastores under a cluster store.
 pub fn namespace_store(base: &StoreUrl, namespace: &str) -> StoreUrl {
     match base {
-        StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => {
-            StoreUrl::S3 { bucket: bucket.clone(), prefix: format!("namespaces/{namespace}") }
-        }
-        StoreUrl::S3 { bucket, prefix } => StoreUrl::S3 { bucket: bucket.clone(), prefix: format!("{prefix}/namespaces/{namespace}") },
+        StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => StoreUrl::S3 {
+            bucket: bucket.clone(),
+            prefix: format!("namespaces/{namespace}"),
+        },
+        StoreUrl::S3 { bucket, prefix } => StoreUrl::S3 {
+            bucket: bucket.clone(),
+            prefix: format!("{prefix}/namespaces/{namespace}"),
+        },
         StoreUrl::Local(p) => StoreUrl::Local(p.join("namespaces").join(namespace)),
     }
 }
 
 /// Parses `unix:///path`, `unix:/path` or a plain path.
 pub fn socket_path(endpoint: &str) -> CsiResult<PathBuf> {
-    let p = endpoint.strip_prefix("unix://").or_else(|| endpoint.strip_prefix("unix:")).unwrap_or(endpoint);
+    let p = endpoint
+        .strip_prefix("unix://")
+        .or_else(|| endpoint.strip_prefix("unix:"))
+        .unwrap_or(endpoint);
     if p.is_empty() || !Path::new(p).is_absolute() {
-        return Err(CsiError::Invalid(format!("endpoint {endpoint:?} must be unix:///absolute/path")));
+        return Err(CsiError::Invalid(format!(
+            "endpoint {endpoint:?} must be unix:///absolute/path"
+        )));
     }
     Ok(PathBuf::from(p))
 }
@@ -201,14 +219,29 @@ mod tests {
 
     #[test]
     fn endpoints_and_namespaces() {
-        assert_eq!(socket_path("unix:///csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
-        assert_eq!(socket_path("unix:/csi/csi.sock").unwrap(), PathBuf::from("/csi/csi.sock"));
+        assert_eq!(
+            socket_path("unix:///csi/csi.sock").unwrap(),
+            PathBuf::from("/csi/csi.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/csi/csi.sock").unwrap(),
+            PathBuf::from("/csi/csi.sock")
+        );
         assert!(socket_path("unix://relative").is_err());
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
         let s3 = StoreUrl::parse("s3://b/p").unwrap();
-        assert_eq!(namespace_store(&s3, "team").to_string(), "s3://b/p/namespaces/team");
-        assert_eq!(namespace_store(&StoreUrl::parse("s3://b").unwrap(), "t").to_string(), "s3://b/namespaces/t");
-        assert_eq!(namespace_store(&StoreUrl::Local("/s".into()), "t").to_string(), "/s/namespaces/t");
+        assert_eq!(
+            namespace_store(&s3, "team").to_string(),
+            "s3://b/p/namespaces/team"
+        );
+        assert_eq!(
+            namespace_store(&StoreUrl::parse("s3://b").unwrap(), "t").to_string(),
+            "s3://b/namespaces/t"
+        );
+        assert_eq!(
+            namespace_store(&StoreUrl::Local("/s".into()), "t").to_string(),
+            "/s/namespaces/t"
+        );
     }
 
     #[tokio::test]

@@ -16,7 +16,11 @@ pub struct NodeService {
 }
 
 fn required(v: &str, field: &'static str) -> CsiResult<()> {
-    if v.is_empty() { Err(CsiError::Missing(field)) } else { Ok(()) }
+    if v.is_empty() {
+        Err(CsiError::Missing(field))
+    } else {
+        Ok(())
+    }
 }
 
 impl NodeService {
@@ -26,24 +30,40 @@ impl NodeService {
 
     async fn stage(&self, r: pb::NodeStageVolumeRequest) -> CsiResult<pb::NodeStageVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
-        let staging = check_path(&r.staging_target_path, "staging_target_path", self.kubelet())?;
+        let staging = check_path(
+            &r.staging_target_path,
+            "staging_target_path",
+            self.kubelet(),
+        )?;
         check_capability(r.volume_capability.as_ref(), "volume_capability")?;
         let ctx = VolumeContext::parse(&r.volume_context, &self.default_store)?;
         if ctx.ephemeral {
-            return Err(CsiError::Invalid("inline (ephemeral) volumes are not staged".into()));
+            return Err(CsiError::Invalid(
+                "inline (ephemeral) volumes are not staged".into(),
+            ));
         }
         self.volumes.stage(&r.volume_id, &staging, ctx).await?;
         Ok(pb::NodeStageVolumeResponse {})
     }
 
-    async fn unstage(&self, r: pb::NodeUnstageVolumeRequest) -> CsiResult<pb::NodeUnstageVolumeResponse> {
+    async fn unstage(
+        &self,
+        r: pb::NodeUnstageVolumeRequest,
+    ) -> CsiResult<pb::NodeUnstageVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
-        let staging = check_path(&r.staging_target_path, "staging_target_path", self.kubelet())?;
+        let staging = check_path(
+            &r.staging_target_path,
+            "staging_target_path",
+            self.kubelet(),
+        )?;
         self.volumes.unstage(&r.volume_id, &staging).await?;
         Ok(pb::NodeUnstageVolumeResponse {})
     }
 
-    async fn publish(&self, r: pb::NodePublishVolumeRequest) -> CsiResult<pb::NodePublishVolumeResponse> {
+    async fn publish(
+        &self,
+        r: pb::NodePublishVolumeRequest,
+    ) -> CsiResult<pb::NodePublishVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
         let target = check_path(&r.target_path, "target_path", self.kubelet())?;
         check_capability(r.volume_capability.as_ref(), "volume_capability")?;
@@ -51,20 +71,32 @@ impl NodeService {
         let staging = if ctx.ephemeral {
             None
         } else {
-            Some(check_path(&r.staging_target_path, "staging_target_path", self.kubelet())?)
+            Some(check_path(
+                &r.staging_target_path,
+                "staging_target_path",
+                self.kubelet(),
+            )?)
         };
-        self.volumes.publish(&r.volume_id, staging.as_deref(), &target, ctx).await?;
+        self.volumes
+            .publish(&r.volume_id, staging.as_deref(), &target, ctx)
+            .await?;
         Ok(pb::NodePublishVolumeResponse {})
     }
 
-    async fn unpublish(&self, r: pb::NodeUnpublishVolumeRequest) -> CsiResult<pb::NodeUnpublishVolumeResponse> {
+    async fn unpublish(
+        &self,
+        r: pb::NodeUnpublishVolumeRequest,
+    ) -> CsiResult<pb::NodeUnpublishVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
         let target = check_path(&r.target_path, "target_path", self.kubelet())?;
         self.volumes.unpublish(&r.volume_id, &target).await?;
         Ok(pb::NodeUnpublishVolumeResponse {})
     }
 
-    async fn stats(&self, r: pb::NodeGetVolumeStatsRequest) -> CsiResult<pb::NodeGetVolumeStatsResponse> {
+    async fn stats(
+        &self,
+        r: pb::NodeGetVolumeStatsRequest,
+    ) -> CsiResult<pb::NodeGetVolumeStatsResponse> {
         required(&r.volume_id, "volume_id")?;
         required(&r.volume_path, "volume_path")?;
         let path = std::path::PathBuf::from(&r.volume_path);
@@ -76,7 +108,10 @@ impl NodeService {
             unit: unit as i32,
         };
         Ok(pb::NodeGetVolumeStatsResponse {
-            usage: vec![usage(s.bytes, pb::volume_usage::Unit::Bytes), usage(s.inodes, pb::volume_usage::Unit::Inodes)],
+            usage: vec![
+                usage(s.bytes, pb::volume_usage::Unit::Bytes),
+                usage(s.inodes, pb::volume_usage::Unit::Inodes),
+            ],
             volume_condition: Some(pb::VolumeCondition {
                 abnormal: s.abnormal.is_some(),
                 message: s.abnormal.unwrap_or_else(|| "healthy".into()),
@@ -87,7 +122,10 @@ impl NodeService {
 
 #[tonic::async_trait]
 impl pb::node_server::Node for NodeService {
-    async fn node_stage_volume(&self, req: Request<pb::NodeStageVolumeRequest>) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
+    async fn node_stage_volume(
+        &self,
+        req: Request<pb::NodeStageVolumeRequest>,
+    ) -> Result<Response<pb::NodeStageVolumeResponse>, Status> {
         let r = req.into_inner();
         let id = r.volume_id.clone();
         observe("NodeStageVolume", &id, self.stage(r)).await
@@ -133,7 +171,10 @@ impl pb::node_server::Node for NodeService {
         &self,
         _req: Request<pb::NodeExpandVolumeRequest>,
     ) -> Result<Response<pb::NodeExpandVolumeResponse>, Status> {
-        Err(CsiError::Unimplemented("NodeExpandVolume: datastore volumes have no size to expand").into())
+        Err(
+            CsiError::Unimplemented("NodeExpandVolume: datastore volumes have no size to expand")
+                .into(),
+        )
     }
 
     async fn node_get_capabilities(
@@ -142,18 +183,27 @@ impl pb::node_server::Node for NodeService {
     ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
         use pb::node_service_capability::rpc::Type;
         observe("NodeGetCapabilities", "", async {
-            let capabilities = [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition]
-                .into_iter()
-                .map(|t| pb::NodeServiceCapability {
-                    r#type: Some(pb::node_service_capability::Type::Rpc(pb::node_service_capability::Rpc { r#type: t as i32 })),
-                })
-                .collect();
+            let capabilities = [
+                Type::StageUnstageVolume,
+                Type::GetVolumeStats,
+                Type::VolumeCondition,
+            ]
+            .into_iter()
+            .map(|t| pb::NodeServiceCapability {
+                r#type: Some(pb::node_service_capability::Type::Rpc(
+                    pb::node_service_capability::Rpc { r#type: t as i32 },
+                )),
+            })
+            .collect();
             Ok(pb::NodeGetCapabilitiesResponse { capabilities })
         })
         .await
     }
 
-    async fn node_get_info(&self, _req: Request<pb::NodeGetInfoRequest>) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
+    async fn node_get_info(
+        &self,
+        _req: Request<pb::NodeGetInfoRequest>,
+    ) -> Result<Response<pb::NodeGetInfoResponse>, Status> {
         observe("NodeGetInfo", "", async {
             let cfg = &self.volumes.cfg;
             let accessible_topology = cfg.zone.as_ref().map(|z| pb::Topology {

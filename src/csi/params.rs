@@ -34,7 +34,9 @@ impl VolumeType {
         match s {
             "" | "standard" => Ok(VolumeType::Standard),
             "high-performance" => Ok(VolumeType::HighPerformance),
-            other => Err(CsiError::Invalid(format!("parameter type: {other:?} is not standard or high-performance"))),
+            other => Err(CsiError::Invalid(format!(
+                "parameter type: {other:?} is not standard or high-performance"
+            ))),
         }
     }
     pub fn as_str(self) -> &'static str {
@@ -61,7 +63,11 @@ impl VersionSel {
                 .ok()
                 .filter(|n| *n > 0)
                 .map(VersionSel::Number)
-                .ok_or_else(|| CsiError::Invalid(format!("{key}: {s:?} is not a version number or \"latest\""))),
+                .ok_or_else(|| {
+                    CsiError::Invalid(format!(
+                        "{key}: {s:?} is not a version number or \"latest\""
+                    ))
+                }),
         }
     }
     pub fn number(self) -> Option<u64> {
@@ -117,7 +123,8 @@ impl CreateParams {
         for (k, v) in map {
             match k.as_str() {
                 "datastore" => {
-                    validate_datastore_name(v).map_err(|e| CsiError::Invalid(format!("parameter datastore: {e}")))?;
+                    validate_datastore_name(v)
+                        .map_err(|e| CsiError::Invalid(format!("parameter datastore: {e}")))?;
                     p.datastore = Some(v.clone());
                 }
                 "version" => p.version = VersionSel::parse("parameter version", v)?,
@@ -134,14 +141,19 @@ impl CreateParams {
         }
         if !p.fsx.is_empty() && p.volume_type != VolumeType::HighPerformance {
             let keys: Vec<&String> = p.fsx.keys().collect();
-            return Err(CsiError::Invalid(format!("parameters {keys:?} apply to type high-performance only")));
+            return Err(CsiError::Invalid(format!(
+                "parameters {keys:?} apply to type high-performance only"
+            )));
         }
         Ok(p)
     }
 
     /// The parameters that define the volume (Kubernetes metadata excluded), for idempotency.
     pub fn identity(map: &HashMap<String, String>) -> BTreeMap<String, String> {
-        map.iter().filter(|(k, _)| !k.starts_with(K8S_PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
+        map.iter()
+            .filter(|(k, _)| !k.starts_with(K8S_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 }
 
@@ -166,7 +178,12 @@ impl VolumeContext {
     pub fn to_map(&self) -> HashMap<String, String> {
         let mut m = HashMap::new();
         m.insert("datastore".into(), self.datastore.clone());
-        m.insert("version".into(), self.version.map(|v| v.to_string()).unwrap_or_else(|| "latest".into()));
+        m.insert(
+            "version".into(),
+            self.version
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "latest".into()),
+        );
         m.insert("store".into(), self.store.clone());
         m.insert("type".into(), self.volume_type.as_str().into());
         if let Some((dns, mount)) = &self.lustre {
@@ -195,21 +212,34 @@ impl VolumeContext {
                 "fsx.mountName" => mount = Some(v.clone()),
                 "csi.storage.k8s.io/ephemeral" => ephemeral = v == "true",
                 k if k.starts_with(K8S_PREFIX) => {}
-                other => return Err(CsiError::Invalid(format!("unknown volume attribute {other:?}"))),
+                other => {
+                    return Err(CsiError::Invalid(format!(
+                        "unknown volume attribute {other:?}"
+                    )));
+                }
             }
         }
         let datastore = datastore.ok_or(CsiError::Missing("volume attribute datastore"))?;
-        validate_datastore_name(&datastore).map_err(|e| CsiError::Invalid(format!("volume attribute datastore: {e}")))?;
+        validate_datastore_name(&datastore)
+            .map_err(|e| CsiError::Invalid(format!("volume attribute datastore: {e}")))?;
         if version.is_none() && !ephemeral {
-            return Err(CsiError::Invalid("volume attribute version must be a number for a persistent volume".into()));
+            return Err(CsiError::Invalid(
+                "volume attribute version must be a number for a persistent volume".into(),
+            ));
         }
         let lustre = match (dns, mount) {
             (Some(d), Some(m)) => Some((d, m)),
             (None, None) => None,
-            _ => return Err(CsiError::Invalid("fsx.dnsName and fsx.mountName go together".into())),
+            _ => {
+                return Err(CsiError::Invalid(
+                    "fsx.dnsName and fsx.mountName go together".into(),
+                ));
+            }
         };
         if volume_type == VolumeType::HighPerformance && lustre.is_none() {
-            return Err(CsiError::Invalid("a high-performance volume needs fsx.dnsName and fsx.mountName".into()));
+            return Err(CsiError::Invalid(
+                "a high-performance volume needs fsx.dnsName and fsx.mountName".into(),
+            ));
         }
         Ok(VolumeContext {
             datastore,
@@ -225,16 +255,25 @@ impl VolumeContext {
 /// Checks a capability: mount access (not block) with a read-only access mode.
 pub fn check_capability(cap: Option<&pb::VolumeCapability>, field: &'static str) -> CsiResult<()> {
     let cap = cap.ok_or(CsiError::Missing(field))?;
-    let mode = cap.access_mode.as_ref().ok_or(CsiError::Missing("volume_capability.access_mode"))?.mode();
+    let mode = cap
+        .access_mode
+        .as_ref()
+        .ok_or(CsiError::Missing("volume_capability.access_mode"))?
+        .mode();
     capability_problem(cap, mode).map_or(Ok(()), |m| Err(CsiError::Invalid(m)))
 }
 
 /// Why a capability is not supported, or `None` when it is.
-pub fn capability_problem(cap: &pb::VolumeCapability, mode: pb::volume_capability::access_mode::Mode) -> Option<String> {
+pub fn capability_problem(
+    cap: &pb::VolumeCapability,
+    mode: pb::volume_capability::access_mode::Mode,
+) -> Option<String> {
     use pb::volume_capability::AccessType;
     use pb::volume_capability::access_mode::Mode;
     match &cap.access_type {
-        Some(AccessType::Block(_)) => return Some("block volumes are not supported: datastores are file systems".into()),
+        Some(AccessType::Block(_)) => {
+            return Some("block volumes are not supported: datastores are file systems".into());
+        }
         Some(AccessType::Mount(_)) => {}
         None => return Some("volume_capability.access_type is required".into()),
     }
@@ -254,10 +293,15 @@ pub fn check_path(path: &str, field: &'static str, root: &Path) -> CsiResult<Pat
     }
     let p = PathBuf::from(path);
     if !p.is_absolute() || p.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(CsiError::Invalid(format!("{field} {path:?} must be an absolute path without '..'")));
+        return Err(CsiError::Invalid(format!(
+            "{field} {path:?} must be an absolute path without '..'"
+        )));
     }
     if !p.starts_with(root) || p == root {
-        return Err(CsiError::Invalid(format!("{field} {path:?} is outside the kubelet directory {}", root.display())));
+        return Err(CsiError::Invalid(format!(
+            "{field} {path:?} is outside the kubelet directory {}",
+            root.display()
+        )));
     }
     Ok(p)
 }
@@ -267,7 +311,9 @@ mod tests {
     use super::*;
 
     fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -289,8 +335,13 @@ mod tests {
         assert!(CreateParams::parse(&map(&[("datastore", "Bad_Name")])).is_err());
         assert!(CreateParams::parse(&map(&[("type", "fast")])).is_err());
         assert!(CreateParams::parse(&map(&[("subnetId", "s-1")])).is_err());
-        assert!(CreateParams::parse(&map(&[("type", "high-performance"), ("subnetId", "s-1")])).is_ok());
-        assert_eq!(CreateParams::parse(&map(&[])).unwrap().version, VersionSel::Latest);
+        assert!(
+            CreateParams::parse(&map(&[("type", "high-performance"), ("subnetId", "s-1")])).is_ok()
+        );
+        assert_eq!(
+            CreateParams::parse(&map(&[])).unwrap().version,
+            VersionSel::Latest
+        );
     }
 
     #[test]
@@ -306,17 +357,46 @@ mod tests {
         let mut m = c.to_map();
         m.insert("csi.storage.k8s.io/pod.name".into(), "p".into());
         assert_eq!(VolumeContext::parse(&m, "x").unwrap(), c);
-        assert!(VolumeContext::parse(&map(&[("datastore", "ds")]), "x").is_err(), "persistent volumes pin a version");
-        let inline = VolumeContext::parse(&map(&[("datastore", "ds"), ("csi.storage.k8s.io/ephemeral", "true")]), "/s").unwrap();
-        assert_eq!((inline.version, inline.store.as_str(), inline.ephemeral), (None, "/s", true));
-        assert!(VolumeContext::parse(&map(&[("datastore", "ds"), ("version", "1"), ("x", "y")]), "x").is_err());
+        assert!(
+            VolumeContext::parse(&map(&[("datastore", "ds")]), "x").is_err(),
+            "persistent volumes pin a version"
+        );
+        let inline = VolumeContext::parse(
+            &map(&[
+                ("datastore", "ds"),
+                ("csi.storage.k8s.io/ephemeral", "true"),
+            ]),
+            "/s",
+        )
+        .unwrap();
+        assert_eq!(
+            (inline.version, inline.store.as_str(), inline.ephemeral),
+            (None, "/s", true)
+        );
+        assert!(
+            VolumeContext::parse(
+                &map(&[("datastore", "ds"), ("version", "1"), ("x", "y")]),
+                "x"
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn paths() {
         let root = Path::new("/var/lib/kubelet");
-        assert!(check_path("/var/lib/kubelet/pods/x/volumes/v/mount", "target_path", root).is_ok());
-        assert!(matches!(check_path("", "target_path", root), Err(CsiError::Missing(_))));
+        assert!(
+            check_path(
+                "/var/lib/kubelet/pods/x/volumes/v/mount",
+                "target_path",
+                root
+            )
+            .is_ok()
+        );
+        assert!(matches!(
+            check_path("", "target_path", root),
+            Err(CsiError::Missing(_))
+        ));
         assert!(check_path("relative/x", "target_path", root).is_err());
         assert!(check_path("/etc/passwd", "target_path", root).is_err());
         assert!(check_path("/var/lib/kubelet/../../etc", "target_path", root).is_err());

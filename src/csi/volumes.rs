@@ -93,8 +93,13 @@ fn file_id(volume_id: &str) -> String {
     hex::encode(&Sha256::digest(volume_id.as_bytes())[..16])
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> CsiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| CsiError::Internal(format!("task failed: {e}")))?.map_err(CsiError::from)
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> CsiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CsiError::Internal(format!("task failed: {e}")))?
+        .map_err(CsiError::from)
 }
 
 impl NodeVolumes {
@@ -129,17 +134,26 @@ impl NodeVolumes {
     }
 
     fn state_path(&self, volume_id: &str) -> PathBuf {
-        self.cfg.state_dir.join("volumes").join(format!("{}.json", file_id(volume_id)))
+        self.cfg
+            .state_dir
+            .join("volumes")
+            .join(format!("{}.json", file_id(volume_id)))
     }
 
     fn manifest_path(&self, ctx: &VolumeContext, version: u64) -> PathBuf {
         let store = file_id(&ctx.store);
-        self.cfg.state_dir.join("manifests").join(format!("{}-{}@{version}", store, ctx.datastore))
+        self.cfg
+            .state_dir
+            .join("manifests")
+            .join(format!("{}-{}@{version}", store, ctx.datastore))
     }
 
     fn persist(&self, st: &VolumeState) -> CsiResult<()> {
         let path = self.state_path(&st.volume_id);
-        write_atomic(&path, &serde_json::to_vec_pretty(st).map_err(|e| CsiError::Internal(e.to_string()))?)?;
+        write_atomic(
+            &path,
+            &serde_json::to_vec_pretty(st).map_err(|e| CsiError::Internal(e.to_string()))?,
+        )?;
         Ok(())
     }
 
@@ -159,20 +173,32 @@ impl NodeVolumes {
     }
 
     /// The manifest of a version: from the local copy, else from the store (then kept).
-    async fn manifest(&self, fetcher: &Fetcher, ctx: &VolumeContext, version: u64) -> CsiResult<Arc<Manifest>> {
+    async fn manifest(
+        &self,
+        fetcher: &Fetcher,
+        ctx: &VolumeContext,
+        version: u64,
+    ) -> CsiResult<Arc<Manifest>> {
         let path = self.manifest_path(ctx, version);
         if let Ok(bytes) = std::fs::read(&path) {
             match tokio::task::spawn_blocking(move || Manifest::from_compressed(&bytes)).await {
                 Ok(Ok(m)) => return Ok(Arc::new(m)),
-                _ => tracing::warn!(path = %path.display(), "local manifest copy unreadable; fetching it again"),
+                _ => {
+                    tracing::warn!(path = %path.display(), "local manifest copy unreadable; fetching it again")
+                }
             }
         }
-        let bytes = fetcher.store().manifest_bytes(&ctx.datastore, version).await?;
+        let bytes = fetcher
+            .store()
+            .manifest_bytes(&ctx.datastore, version)
+            .await?;
         let raw = bytes.clone();
         let m = tokio::task::spawn_blocking(move || Manifest::from_compressed(&raw))
             .await
             .map_err(|e| CsiError::Internal(e.to_string()))?
-            .map_err(|e| CsiError::Internal(format!("manifest of {}@{version}: {e}", ctx.datastore)))?;
+            .map_err(|e| {
+                CsiError::Internal(format!("manifest of {}@{version}: {e}", ctx.datastore))
+            })?;
         if let Err(e) = write_atomic(&path, &bytes) {
             tracing::warn!(error = %e, "could not keep a local copy of the manifest");
         }
@@ -182,15 +208,27 @@ impl NodeVolumes {
     /// Builds the filesystem of a volume and serves `fd` with it.
     async fn serve(&self, state: &VolumeState, fd: OwnedFd, fresh: bool) -> CsiResult<Live> {
         let fetcher = self.fetcher(&state.context.store).await?;
-        let manifest = self.manifest(&fetcher, &state.context, state.version).await?;
-        let fs = Arc::new(DatastoreFs::new(&state.context.datastore, state.version, manifest, fetcher, FsOptions {
-            uid: 0,
-            gid: 0,
-            ..FsOptions::default()
-        }));
+        let manifest = self
+            .manifest(&fetcher, &state.context, state.version)
+            .await?;
+        let fs = Arc::new(DatastoreFs::new(
+            &state.context.datastore,
+            state.version,
+            manifest,
+            fetcher,
+            FsOptions {
+                uid: 0,
+                gid: 0,
+                ..FsOptions::default()
+            },
+        ));
         let dup = fd.try_clone()?;
         let adapter = FuseAdapter::new(fs.clone(), self.rt.clone());
-        let config = fuser_config(&MountConfig { fs_name: String::new(), allow_other: true, threads: self.cfg.fuse_threads });
+        let config = fuser_config(&MountConfig {
+            fs_name: String::new(),
+            allow_other: true,
+            threads: self.cfg.fuse_threads,
+        });
         let session = blocking(move || {
             let session = if fresh {
                 fuser::Session::from_fd(adapter, fd, fuser::SessionACL::All, config)?
@@ -205,23 +243,43 @@ impl NodeVolumes {
                 tracing::warn!(error = %e, "FUSE_NOTIFY_RESEND failed (kernel before 6.9?): reads in flight at the crash may hang");
             }
         }
-        Ok(Live { state: state.clone(), fs: Some(fs), session: Some(session), _fd: Some(dup) })
+        Ok(Live {
+            state: state.clone(),
+            fs: Some(fs),
+            session: Some(session),
+            _fd: Some(dup),
+        })
     }
 
     /// Mounts a fresh FUSE filesystem (or the Lustre file system) at the staging path.
     async fn mount_new(&self, state: &VolumeState) -> CsiResult<Live> {
         let staging = state.staging.clone();
         if state.context.volume_type == VolumeType::HighPerformance {
-            let (dns, mount) = state.context.lustre.clone().ok_or(CsiError::Missing("volume attribute fsx.dnsName"))?;
-            let src = LustreSource { dns_name: dns, mount_name: mount };
+            let (dns, mount) = state
+                .context
+                .lustre
+                .clone()
+                .ok_or(CsiError::Missing("volume attribute fsx.dnsName"))?;
+            let src = LustreSource {
+                dns_name: dns,
+                mount_name: mount,
+            };
             let m = self.mounter.clone();
             let target = staging.clone();
-            blocking(move || m.mount_lustre(&src, &target)).await.map_err(|e| lustre_error(e, &staging))?;
-            return Ok(Live { state: state.clone(), fs: None, session: None, _fd: None });
+            blocking(move || m.mount_lustre(&src, &target))
+                .await
+                .map_err(|e| lustre_error(e, &staging))?;
+            return Ok(Live {
+                state: state.clone(),
+                fs: None,
+                session: None,
+                _fd: None,
+            });
         }
         // Fail before mounting if the version cannot be read.
         let fetcher = self.fetcher(&state.context.store).await?;
-        self.manifest(&fetcher, &state.context, state.version).await?;
+        self.manifest(&fetcher, &state.context, state.version)
+            .await?;
         let source = format!("datastore:{}@{}", state.context.datastore, state.version);
         let m = self.mounter.clone();
         let target = staging.clone();
@@ -246,12 +304,22 @@ impl NodeVolumes {
     }
 
     /// NodeStageVolume.
-    pub async fn stage(&self, volume_id: &str, staging: &Path, ctx: VolumeContext) -> CsiResult<()> {
+    pub async fn stage(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        ctx: VolumeContext,
+    ) -> CsiResult<()> {
         let _guard = self.locks.lock(volume_id).await;
         self.stage_locked(volume_id, staging, ctx).await
     }
 
-    async fn stage_locked(&self, volume_id: &str, staging: &Path, ctx: VolumeContext) -> CsiResult<()> {
+    async fn stage_locked(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        ctx: VolumeContext,
+    ) -> CsiResult<()> {
         if let Some((st, healthy)) = self.existing(volume_id) {
             if st.staging != staging {
                 return Err(CsiError::FailedPrecondition(format!(
@@ -259,13 +327,21 @@ impl NodeVolumes {
                     st.staging.display()
                 )));
             }
-            if st.context.datastore != ctx.datastore || ctx.version.is_some_and(|v| v != st.version) || st.context.store != ctx.store {
-                return Err(CsiError::AlreadyExists(format!("volume {volume_id} is staged with another datastore or version")));
+            if st.context.datastore != ctx.datastore
+                || ctx.version.is_some_and(|v| v != st.version)
+                || st.context.store != ctx.store
+            {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {volume_id} is staged with another datastore or version"
+                )));
             }
             if healthy {
                 return Ok(());
             }
-            tracing::warn!(volume = volume_id, "staged volume is broken; mounting it again");
+            tracing::warn!(
+                volume = volume_id,
+                "staged volume is broken; mounting it again"
+            );
             self.teardown(volume_id).await;
         }
         std::fs::create_dir_all(staging)?;
@@ -276,9 +352,21 @@ impl NodeVolumes {
         }
         let version = match ctx.version {
             Some(v) => v,
-            None => self.stores.get(&ctx.store).await?.resolve_version(&ctx.datastore, None).await?,
+            None => {
+                self.stores
+                    .get(&ctx.store)
+                    .await?
+                    .resolve_version(&ctx.datastore, None)
+                    .await?
+            }
         };
-        let state = VolumeState { volume_id: volume_id.to_owned(), staging: staging.to_path_buf(), context: ctx, version, targets: BTreeSet::new() };
+        let state = VolumeState {
+            volume_id: volume_id.to_owned(),
+            staging: staging.to_path_buf(),
+            context: ctx,
+            version,
+            targets: BTreeSet::new(),
+        };
         let live = self.mount_new(&state).await?;
         self.persist(&state)?;
         self.live().insert(volume_id.to_owned(), live);
@@ -301,7 +389,9 @@ impl NodeVolumes {
 
     /// Unmounts a volume's staging path, ends its session and forgets it.
     async fn teardown(&self, volume_id: &str) {
-        let Some(live) = self.live().remove(volume_id) else { return };
+        let Some(live) = self.live().remove(volume_id) else {
+            return;
+        };
         let (m, p) = (self.mounter.clone(), live.state.staging.clone());
         if let Err(e) = blocking(move || m.unmount(&p)).await {
             tracing::warn!(volume = volume_id, error = %e, "unmounting the staging path failed");
@@ -313,7 +403,8 @@ impl NodeVolumes {
                 let _ = session.join();
                 let _ = tx.send(());
             });
-            let _ = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(5))).await;
+            let _ =
+                tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(5))).await;
         }
         if let Some(h) = &self.holder {
             let (h, id) = (h.clone(), volume_id.to_owned());
@@ -339,7 +430,9 @@ impl NodeVolumes {
             }
             _ => {
                 // Not ours (any more): still make sure nothing of ours is left there.
-                if let MountState::Mounted(e) | MountState::Broken(e) = self.state_of(staging).await? {
+                if let MountState::Mounted(e) | MountState::Broken(e) =
+                    self.state_of(staging).await?
+                {
                     if e.fs_type == "fuse.datastore" {
                         let (m, p) = (self.mounter.clone(), staging.to_path_buf());
                         blocking(move || m.unmount(&p)).await?;
@@ -351,11 +444,20 @@ impl NodeVolumes {
     }
 
     fn ephemeral_staging(&self, volume_id: &str) -> PathBuf {
-        self.cfg.state_dir.join("ephemeral").join(file_id(volume_id))
+        self.cfg
+            .state_dir
+            .join("ephemeral")
+            .join(file_id(volume_id))
     }
 
     /// NodePublishVolume: a read-only bind mount of the staged volume at `target`.
-    pub async fn publish(&self, volume_id: &str, staging: Option<&Path>, target: &Path, ctx: VolumeContext) -> CsiResult<()> {
+    pub async fn publish(
+        &self,
+        volume_id: &str,
+        staging: Option<&Path>,
+        target: &Path,
+        ctx: VolumeContext,
+    ) -> CsiResult<()> {
         let _guard = self.locks.lock(volume_id).await;
         let staging = if ctx.ephemeral {
             let s = self.ephemeral_staging(volume_id);
@@ -376,11 +478,19 @@ impl NodeVolumes {
         };
         std::fs::create_dir_all(target)?;
         let all = blocking(mounts).await?;
-        let device_of = |p: &Path| all.iter().rev().find(|m| m.mount_point == p).map(|m| m.device.clone());
+        let device_of = |p: &Path| {
+            all.iter()
+                .rev()
+                .find(|m| m.mount_point == p)
+                .map(|m| m.device.clone())
+        };
         match (device_of(target), device_of(&staging)) {
             (Some(t), Some(s)) if t == s => {}
             (Some(_), _) => {
-                return Err(CsiError::AlreadyExists(format!("{} has another mount", target.display())));
+                return Err(CsiError::AlreadyExists(format!(
+                    "{} has another mount",
+                    target.display()
+                )));
             }
             (None, _) => {
                 let (m, s, t) = (self.mounter.clone(), staging.clone(), target.to_path_buf());
@@ -389,7 +499,9 @@ impl NodeVolumes {
         }
         let st = {
             let mut live = self.live();
-            let l = live.get_mut(volume_id).ok_or_else(|| CsiError::Internal("volume vanished while publishing".into()))?;
+            let l = live
+                .get_mut(volume_id)
+                .ok_or_else(|| CsiError::Internal("volume vanished while publishing".into()))?;
             l.state.targets.insert(target.to_path_buf());
             l.state.clone()
         };
@@ -408,7 +520,12 @@ impl NodeVolumes {
         match std::fs::remove_dir(target) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(CsiError::Internal(format!("removing {}: {e}", target.display()))),
+            Err(e) => {
+                return Err(CsiError::Internal(format!(
+                    "removing {}: {e}",
+                    target.display()
+                )));
+            }
         }
         let remaining = {
             let mut live = self.live();
@@ -434,12 +551,17 @@ impl NodeVolumes {
     pub async fn stats(&self, volume_id: &str, path: &Path) -> CsiResult<VolumeStats> {
         let (st, running, fs) = {
             let live = self.live();
-            let l = live.get(volume_id).ok_or_else(|| CsiError::NotFound(format!("volume {volume_id} is not staged on this node")))?;
+            let l = live.get(volume_id).ok_or_else(|| {
+                CsiError::NotFound(format!("volume {volume_id} is not staged on this node"))
+            })?;
             let running = l.session.as_ref().is_none_or(|s| !s.guard.is_finished());
             (l.state.clone(), running, l.fs.clone())
         };
         if path != st.staging && !st.targets.contains(path) {
-            return Err(CsiError::NotFound(format!("{} is not a path of volume {volume_id}", path.display())));
+            return Err(CsiError::NotFound(format!(
+                "{} is not a path of volume {volume_id}",
+                path.display()
+            )));
         }
         let (bytes, inodes) = match &fs {
             Some(fs) => (fs.manifest().totals().bytes, fs.manifest().len() as u64),
@@ -450,21 +572,36 @@ impl NodeVolumes {
         } else {
             match self.state_of(path).await? {
                 MountState::Mounted(_) => None,
-                MountState::Broken(_) => Some(format!("{} is broken: transport endpoint is not connected", path.display())),
+                MountState::Broken(_) => Some(format!(
+                    "{} is broken: transport endpoint is not connected",
+                    path.display()
+                )),
                 MountState::NotMounted => Some(format!("{} is not mounted", path.display())),
             }
         };
-        Ok(VolumeStats { bytes, inodes, abnormal })
+        Ok(VolumeStats {
+            bytes,
+            inodes,
+            abnormal,
+        })
     }
 
     /// Serves the volumes recorded in the state directory again (see the module docs).
     /// Returns how many were resumed on their old connection and how many were remounted.
     pub async fn recover(&self) -> (usize, usize) {
         let dir = self.cfg.state_dir.join("volumes");
-        let files: Vec<PathBuf> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
         let (mut resumed, mut remounted) = (0, 0);
         for f in files {
-            let st: VolumeState = match std::fs::read(&f).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            let st: VolumeState = match std::fs::read(&f)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
                 Some(st) => st,
                 None => {
                     tracing::warn!(file = %f.display(), "unreadable volume state; ignoring it");
@@ -475,7 +612,9 @@ impl NodeVolumes {
             match self.recover_one(&st).await {
                 Ok(true) => resumed += 1,
                 Ok(false) => remounted += 1,
-                Err(e) => tracing::error!(volume = %st.volume_id, error = %e, "could not recover volume; kubelet will retry it"),
+                Err(e) => {
+                    tracing::error!(volume = %st.volume_id, error = %e, "could not recover volume; kubelet will retry it")
+                }
             }
         }
         if resumed + remounted > 0 {
@@ -487,7 +626,11 @@ impl NodeVolumes {
     /// Recovers one volume: true when its old connection is served again.
     async fn recover_one(&self, st: &VolumeState) -> CsiResult<bool> {
         let all = blocking(mounts).await?;
-        let staged = all.iter().rev().find(|m| m.mount_point == st.staging).cloned();
+        let staged = all
+            .iter()
+            .rev()
+            .find(|m| m.mount_point == st.staging)
+            .cloned();
         let held = match (&self.holder, &staged) {
             (Some(h), Some(e)) if e.fs_type == "fuse.datastore" => {
                 let (h, id) = (h.clone(), st.volume_id.clone());
@@ -507,7 +650,15 @@ impl NodeVolumes {
         if st.context.volume_type == VolumeType::HighPerformance {
             if staged.is_some() {
                 // Lustre mounts do not depend on this process.
-                self.live().insert(st.volume_id.clone(), Live { state: st.clone(), fs: None, session: None, _fd: None });
+                self.live().insert(
+                    st.volume_id.clone(),
+                    Live {
+                        state: st.clone(),
+                        fs: None,
+                        session: None,
+                        _fd: None,
+                    },
+                );
                 self.rebind_missing(st, &all).await?;
                 return Ok(true);
             }
@@ -528,7 +679,11 @@ impl NodeVolumes {
         Ok(false)
     }
 
-    async fn rebind_missing(&self, st: &VolumeState, all: &[crate::mount::MountEntry]) -> CsiResult<()> {
+    async fn rebind_missing(
+        &self,
+        st: &VolumeState,
+        all: &[crate::mount::MountEntry],
+    ) -> CsiResult<()> {
         for t in &st.targets {
             if !all.iter().any(|m| &m.mount_point == t) {
                 std::fs::create_dir_all(t)?;
@@ -542,7 +697,10 @@ impl NodeVolumes {
 
 fn lustre_error(e: CsiError, staging: &Path) -> CsiError {
     let msg = e.to_string();
-    if msg.contains("unknown filesystem type") || msg.contains("No such device") || msg.contains("mount.lustre") {
+    if msg.contains("unknown filesystem type")
+        || msg.contains("No such device")
+        || msg.contains("mount.lustre")
+    {
         return CsiError::FailedPrecondition(format!(
             "the Lustre client is not installed on this node (mounting {}: {msg}); install the lustre-client kernel module",
             staging.display()

@@ -38,7 +38,10 @@ pub enum ReadError {
     #[error("{0}")]
     Store(Arc<StoreError>),
     #[error("gave up after {after:?}: {last}")]
-    Deadline { after: Duration, last: Arc<StoreError> },
+    Deadline {
+        after: Duration,
+        last: Arc<StoreError>,
+    },
     #[error("the fetch was abandoned")]
     Abandoned,
 }
@@ -128,7 +131,8 @@ impl std::fmt::Debug for Fetcher {
 
 impl Fetcher {
     pub fn new(store: Store, cache: Option<Arc<BlockCache>>, cfg: FetchConfig) -> Arc<Fetcher> {
-        let permits = (cfg.max_inflight_bytes / cfg.block_size).clamp(cfg.max_run_blocks, u32::MAX as u64 >> 3);
+        let permits = (cfg.max_inflight_bytes / cfg.block_size)
+            .clamp(cfg.max_run_blocks, u32::MAX as u64 >> 3);
         Arc::new(Fetcher {
             store,
             cache,
@@ -142,10 +146,12 @@ impl Fetcher {
     /// Claims up to `n` readahead blocks from the process-wide budget; returns how many.
     pub fn claim_window(&self, n: u64) -> u64 {
         let mut granted = 0;
-        let _ = self.window_budget.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
-            granted = left.min(n);
-            Some(left - granted)
-        });
+        let _ = self
+            .window_budget
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                granted = left.min(n);
+                Some(left - granted)
+            });
         granted
     }
 
@@ -174,14 +180,21 @@ impl Fetcher {
 
     /// One handle per block of `blocks` (clamped to the content), joining fetches in flight
     /// and starting the others.
-    pub fn request(self: &Arc<Self>, content: &Arc<Content>, blocks: Range<u64>) -> Vec<(u64, Pending)> {
+    pub fn request(
+        self: &Arc<Self>,
+        content: &Arc<Content>,
+        blocks: Range<u64>,
+    ) -> Vec<(u64, Pending)> {
         let end = blocks.end.min(self.block_count(content.size));
         let mut out = Vec::new();
         let mut to_start: Vec<(u64, Sender)> = Vec::new();
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             for b in blocks.start..end {
-                let key = BlockKey { id: content.blob.id, block: b };
+                let key = BlockKey {
+                    id: content.blob.id,
+                    block: b,
+                };
                 let rx = match inflight.get(&key) {
                     Some(rx) => rx.clone(),
                     None => {
@@ -216,13 +229,25 @@ impl Fetcher {
 
     /// Completes a slot. A fetched block stays in the single-flight table until it is in the
     /// cache, so that a reader arriving in between joins it instead of fetching it again.
-    fn complete(&self, content: &Content, block: u64, tx: Sender, result: Result<Bytes, ReadError>) {
-        let key = BlockKey { id: content.blob.id, block };
+    fn complete(
+        &self,
+        content: &Content,
+        block: u64,
+        tx: Sender,
+        result: Result<Bytes, ReadError>,
+    ) {
+        let key = BlockKey {
+            id: content.blob.id,
+            block,
+        };
         let to_cache = result.as_ref().ok().cloned();
         tx.send_replace(Some(result));
         let inflight = self.inflight.clone();
         let remove = move || {
-            inflight.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&key);
         };
         match (&self.cache, to_cache) {
             (Some(cache), Some(bytes)) => cache.put_async(key, bytes, remove),
@@ -237,9 +262,15 @@ impl Fetcher {
             let cached = match &self.cache {
                 Some(cache) => {
                     let cache = cache.clone();
-                    let key = BlockKey { id: content.blob.id, block: b };
+                    let key = BlockKey {
+                        id: content.blob.id,
+                        block: b,
+                    };
                     let len = self.block_len(&content, b);
-                    tokio::task::spawn_blocking(move || cache.get_blocking(&key, len)).await.ok().flatten()
+                    tokio::task::spawn_blocking(move || cache.get_blocking(&key, len))
+                        .await
+                        .ok()
+                        .flatten()
                 }
                 None => None,
             };
@@ -247,7 +278,10 @@ impl Fetcher {
                 Some(bytes) => {
                     tx.send_replace(Some(Ok(bytes)));
                     let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                    inflight.remove(&BlockKey { id: content.blob.id, block: b });
+                    inflight.remove(&BlockKey {
+                        id: content.blob.id,
+                        block: b,
+                    });
                 }
                 None => {
                     if !missing.last().is_none_or(|(last, _)| *last + 1 == b) {
@@ -282,14 +316,20 @@ impl Fetcher {
             let err = match attempt {
                 Ok(Ok(())) => return,
                 Ok(Err(e)) => e,
-                Err(_) => StoreError::Timeout { what: "read".into(), after: self.cfg.deadline },
+                Err(_) => StoreError::Timeout {
+                    what: "read".into(),
+                    after: self.cfg.deadline,
+                },
             };
             let elapsed = started.elapsed();
             if !err.is_transient() || elapsed >= self.cfg.deadline {
                 let err = Arc::new(err);
                 let failure = if err.is_transient() {
                     tracing::error!(error = %err, after = ?elapsed, "read failed: the store stayed unreachable; returning EIO");
-                    ReadError::Deadline { after: elapsed, last: err }
+                    ReadError::Deadline {
+                        after: elapsed,
+                        last: err,
+                    }
                 } else {
                     tracing::error!(error = %err, "read failed; returning EIO");
                     ReadError::Store(err)
@@ -311,41 +351,62 @@ impl Fetcher {
     }
 }
 
+fn early_end(content: &Content) -> StoreError {
+    StoreError::Body { what: format!("{:?}", content.blob.location), message: "body ended early".into() }
+}
+
 impl Fetcher {
     /// One GET for the blocks left in `blocks` (reversed: the next block is last); completes
     /// each block as soon as its bytes are in.
-    async fn attempt(&self, content: &Content, blocks: &mut Vec<(u64, Sender)>) -> Result<(), StoreError> {
+    async fn attempt(
+        &self,
+        content: &Content,
+        blocks: &mut Vec<(u64, Sender)>,
+    ) -> Result<(), StoreError> {
         let (Some(&(first, _)), Some(&(last, _))) = (blocks.last(), blocks.first()) else {
             return Ok(());
         };
-        let range = first * self.cfg.block_size..((last + 1) * self.cfg.block_size).min(content.size);
-        let mut body = self.store.read_blob(&content.datastore, &content.blob, content.size, range).await?;
-        let mut buf = BytesMut::new();
+        let range =
+            first * self.cfg.block_size..((last + 1) * self.cfg.block_size).min(content.size);
+        let mut body = self
+            .store
+            .read_blob(&content.datastore, &content.blob, content.size, range)
+            .await?;
+        // Bytes received but not yet placed in a block (a chunk may straddle two blocks).
+        let mut carry = Bytes::new();
         while let Some(&(b, _)) = blocks.last() {
             let want = self.block_len(content, b);
-            while buf.len() < want {
-                match body.next().await {
-                    // A chunk that is exactly the block needs no copy.
-                    Some(Ok(chunk)) if buf.is_empty() && chunk.len() == want => {
-                        if let Some((b, tx)) = blocks.pop() {
-                            self.complete(content, b, tx, Ok(chunk));
-                        }
-                        break;
-                    }
-                    Some(chunk) => buf.extend_from_slice(&chunk?),
-                    None => {
-                        return Err(StoreError::Body {
-                            what: format!("{:?}", content.blob.location),
-                            message: "body ended early".into(),
-                        });
+            let block = if carry.len() >= want {
+                carry.split_to(want)
+            } else {
+                let mut first = std::mem::take(&mut carry);
+                // A chunk that is exactly the block needs no copy.
+                if first.is_empty() {
+                    match body.next().await {
+                        Some(chunk) => first = chunk?,
+                        None => return Err(early_end(content)),
                     }
                 }
-            }
-            if buf.len() >= want {
-                let block = buf.split_to(want).freeze();
-                if let Some((b, tx)) = blocks.pop() {
-                    self.complete(content, b, tx, Ok(block));
+                if first.len() >= want {
+                    carry = first.split_off(want);
+                    first
+                } else {
+                    let mut buf = BytesMut::with_capacity(want);
+                    buf.extend_from_slice(&first);
+                    while buf.len() < want {
+                        let mut chunk = match body.next().await {
+                            Some(chunk) => chunk?,
+                            None => return Err(early_end(content)),
+                        };
+                        let take = (want - buf.len()).min(chunk.len());
+                        buf.extend_from_slice(&chunk[..take]);
+                        carry = chunk.split_off(take);
+                    }
+                    buf.freeze()
                 }
+            };
+            if let Some((b, tx)) = blocks.pop() {
+                self.complete(content, b, tx, Ok(block));
             }
         }
         Ok(())

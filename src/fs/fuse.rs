@@ -15,8 +15,8 @@ use std::time::SystemTime;
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, SessionACL,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, SessionACL,
 };
 
 use super::{Attr, DatastoreFs};
@@ -38,7 +38,11 @@ pub struct MountConfig {
 
 impl Default for MountConfig {
     fn default() -> Self {
-        MountConfig { fs_name: "datastore".into(), allow_other: true, threads: 4 }
+        MountConfig {
+            fs_name: "datastore".into(),
+            allow_other: true,
+            threads: 4,
+        }
     }
 }
 
@@ -148,7 +152,16 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn mknod(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _d: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _d: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -241,7 +254,14 @@ impl fuser::Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         // Nothing to flush on a read-only filesystem. ENOSYS makes the kernel stop sending
         // FLUSH on this connection: every close() would otherwise wait for a round trip, and
         // would block while the node plugin restarts.
@@ -250,17 +270,32 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.fs.getattr(ino.0) {
-            Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(a) if a.kind == Kind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
-                    if reply.add(INodeNo(e.attr.ino), e.next_offset, file_type(e.attr.kind), e.name) {
+                    if reply.add(
+                        INodeNo(e.attr.ino),
+                        e.next_offset,
+                        file_type(e.attr.kind),
+                        e.name,
+                    ) {
                         break;
                     }
                 }
@@ -270,12 +305,26 @@ impl fuser::Filesystem for FuseAdapter {
         }
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let ttl = self.fs.ttl();
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
                 for e in entries {
-                    if reply.add(INodeNo(e.attr.ino), e.next_offset, e.name, &ttl, &file_attr(&e.attr), GEN) {
+                    if reply.add(
+                        INodeNo(e.attr.ino),
+                        e.next_offset,
+                        e.name,
+                        &ttl,
+                        &file_attr(&e.attr),
+                        GEN,
+                    ) {
                         break;
                     }
                 }
@@ -290,7 +339,16 @@ impl fuser::Filesystem for FuseAdapter {
         reply.statfs(s.blocks, 0, 0, s.files, 0, s.bsize, s.namelen, s.bsize);
     }
 
-    fn setxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -299,18 +357,40 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _r: &Request, _i: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
     }
 
     fn removexattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::EROFS);
     }
 
-    fn create(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
         reply.error(Errno::EROFS);
     }
 
-    fn fallocate(&self, _r: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _l: u64,
+        _m: i32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::EROFS);
     }
 
@@ -343,7 +423,11 @@ pub fn fuser_config(cfg: &MountConfig) -> Config {
         MountOption::DefaultPermissions,
     ];
     // SessionACL::All adds the kernel's allow_other option.
-    let acl = if cfg.allow_other { SessionACL::All } else { SessionACL::Owner };
+    let acl = if cfg.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     let mut config = Config::default();
     config.mount_options = options;
     config.acl = acl;
@@ -369,7 +453,9 @@ impl Mounted {
     }
 
     fn unmount_inner(&mut self) -> std::io::Result<()> {
-        let Some(session) = self.session.take() else { return Ok(()) };
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
         match session.umount_and_join() {
             Ok(()) => Ok(()),
             // Busy (a process still has a file open): detach, so the path is free now and the
@@ -393,13 +479,23 @@ impl Drop for Mounted {
 }
 
 /// Mounts `fs` at `mountpoint` and serves it from background threads.
-pub fn mount(fs: Arc<DatastoreFs>, mountpoint: &Path, cfg: &MountConfig, rt: tokio::runtime::Handle) -> std::io::Result<Mounted> {
+pub fn mount(
+    fs: Arc<DatastoreFs>,
+    mountpoint: &Path,
+    cfg: &MountConfig,
+    rt: tokio::runtime::Handle,
+) -> std::io::Result<Mounted> {
     let adapter = FuseAdapter::new(fs, rt);
     let session = fuser::Session::new(adapter, mountpoint, &fuser_config(cfg))?;
     let session = session.spawn()?;
-    let canonical = mountpoint.canonicalize().unwrap_or_else(|_| mountpoint.to_path_buf());
+    let canonical = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|_| mountpoint.to_path_buf());
     if let Err(e) = crate::mount::tune_readahead(&canonical, crate::mount::READAHEAD_KB) {
         tracing::debug!(error = %e, "could not raise the kernel readahead of the mount");
     }
-    Ok(Mounted { session: Some(session), mountpoint: mountpoint.to_path_buf() })
+    Ok(Mounted {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+    })
 }

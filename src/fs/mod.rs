@@ -73,7 +73,11 @@ impl Default for FsOptions {
     fn default() -> Self {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        FsOptions { uid, gid, ttl: Duration::from_secs(24 * 3600) }
+        FsOptions {
+            uid,
+            gid,
+            ttl: Duration::from_secs(24 * 3600),
+        }
     }
 }
 
@@ -97,7 +101,10 @@ pub struct DatastoreFs {
 
 impl std::fmt::Debug for DatastoreFs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatastoreFs").field("name", &self.name).field("version", &self.version).finish()
+        f.debug_struct("DatastoreFs")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .finish()
     }
 }
 
@@ -110,7 +117,13 @@ fn mtime(ns: i64) -> SystemTime {
 }
 
 impl DatastoreFs {
-    pub fn new(name: &str, version: u64, manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, opts: FsOptions) -> Self {
+    pub fn new(
+        name: &str,
+        version: u64,
+        manifest: Arc<Manifest>,
+        fetcher: Arc<Fetcher>,
+        opts: FsOptions,
+    ) -> Self {
         DatastoreFs {
             name: Arc::from(name),
             version,
@@ -140,7 +153,10 @@ impl DatastoreFs {
     }
 
     fn entry(&self, ino: u64) -> Result<Entry<'_>, Errno> {
-        let idx = ino.checked_sub(1).and_then(|i| u32::try_from(i).ok()).ok_or(libc::ENOENT)?;
+        let idx = ino
+            .checked_sub(1)
+            .and_then(|i| u32::try_from(i).ok())
+            .ok_or(libc::ENOENT)?;
         self.manifest.entry(idx).ok_or(libc::ENOENT)
     }
 
@@ -183,11 +199,18 @@ impl DatastoreFs {
         if bytes == b".." {
             return Ok(self.attr_of(dir.parent()));
         }
-        self.manifest.lookup(dir, bytes).map(|e| self.attr_of(e)).ok_or(libc::ENOENT)
+        self.manifest
+            .lookup(dir, bytes)
+            .map(|e| self.attr_of(e))
+            .ok_or(libc::ENOENT)
     }
 
     /// Entries of directory `ino` after `offset` (see the module docs for offsets).
-    pub fn readdir(&self, ino: u64, offset: u64) -> Result<impl Iterator<Item = DirEntry<'_>> + '_, Errno> {
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Result<impl Iterator<Item = DirEntry<'_>> + '_, Errno> {
         let dir = self.entry(ino)?;
         if dir.kind() != Kind::Dir {
             return Err(libc::ENOTDIR);
@@ -195,13 +218,21 @@ impl DatastoreFs {
         let dots = [(1u64, dir, "."), (2, dir.parent(), "..")]
             .into_iter()
             .filter(move |(off, _, _)| *off > offset)
-            .map(|(off, e, n)| DirEntry { next_offset: off, attr: self.attr_of(e), name: OsStr::new(n) });
+            .map(|(off, e, n)| DirEntry {
+                next_offset: off,
+                attr: self.attr_of(e),
+                name: OsStr::new(n),
+            });
         let skip = offset.saturating_sub(2) as usize;
-        let children = dir.children().enumerate().skip(skip).map(move |(k, e)| DirEntry {
-            next_offset: 3 + k as u64,
-            attr: self.attr_of(e),
-            name: e.name_os(),
-        });
+        let children = dir
+            .children()
+            .enumerate()
+            .skip(skip)
+            .map(move |(k, e)| DirEntry {
+                next_offset: 3 + k as u64,
+                attr: self.attr_of(e),
+                name: e.name_os(),
+            });
         Ok(dots.chain(children))
     }
 
@@ -212,12 +243,16 @@ impl DatastoreFs {
 
     /// Opens file `ino` for reading; any write access is refused with EROFS.
     pub fn open(&self, ino: u64, flags: i32) -> Result<u64, Errno> {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0 {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & (libc::O_TRUNC | libc::O_CREAT) != 0
+        {
             return Err(libc::EROFS);
         }
         let handle = self.new_handle(ino)?;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).insert((ino, fh), handle);
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((ino, fh), handle);
         Ok(fh)
     }
 
@@ -228,8 +263,15 @@ impl DatastoreFs {
             Kind::Symlink => return Err(libc::ELOOP),
             Kind::File => e.blob().ok_or(libc::EIO)?,
         };
-        let content = Arc::new(Content { datastore: self.name.clone(), blob, size: e.size() });
-        Ok(Arc::new(Handle { content, readahead: Mutex::new(Readahead::new()) }))
+        let content = Arc::new(Content {
+            datastore: self.name.clone(),
+            blob,
+            size: e.size(),
+        });
+        Ok(Arc::new(Handle {
+            content,
+            readahead: Mutex::new(Readahead::new()),
+        }))
     }
 
     /// The handle `(ino, fh)`; one opened by an earlier process (before a restart) is adopted.
@@ -246,7 +288,10 @@ impl DatastoreFs {
 
     /// Forgets a file handle.
     pub fn release(&self, ino: u64, fh: u64) {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner()).remove(&(ino, fh));
+        self.handles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(ino, fh));
     }
 
     /// Reads up to `size` bytes at `offset` of an open file (short only at end of file).
@@ -314,6 +359,11 @@ impl DatastoreFs {
     /// Filesystem totals for statfs.
     pub fn statfs(&self) -> StatFs {
         let t = self.manifest.totals();
-        StatFs { blocks: t.bytes.div_ceil(512), files: self.manifest.len() as u64, bsize: 512, namelen: 255 }
+        StatFs {
+            blocks: t.bytes.div_ceil(512),
+            files: self.manifest.len() as u64,
+            bsize: 512,
+            namelen: 255,
+        }
     }
 }

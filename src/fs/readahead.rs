@@ -1,10 +1,12 @@
 //! Per-handle sequential readahead.
 //!
-//! Each open file keeps handles on the blocks it asked for and has not read past yet. A read
-//! that starts near where the previous one ended is sequential: the window of blocks fetched
-//! ahead doubles (up to `max_readahead_blocks`, and only as far as the process-wide budget
-//! allows); any other read is a seek: the window and the blocks ahead are dropped. The kernel
-//! sends reads of one stream out of order (async reads), hence "near", not "at".
+//! Each open file keeps handles on the blocks it asked for around its read position. A read
+//! near the stream's front (the furthest block read so far) is sequential: the window of blocks
+//! fetched ahead doubles (up to `max_readahead_blocks`, and only as far as the process-wide
+//! budget allows); any other read is a seek: the window and the blocks ahead are dropped.
+//! "Near" means within a window either side: with async reads, the kernel's own readahead sends
+//! many reads of one stream at once, and they arrive out of order. For the same reason blocks a
+//! window behind the front are kept until the front moves on.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -24,7 +26,12 @@ pub(crate) struct Readahead {
 
 impl Readahead {
     pub(crate) fn new() -> Readahead {
-        Readahead { ahead: BTreeMap::new(), cursor: 0, window: 0, fetcher: None }
+        Readahead {
+            ahead: BTreeMap::new(),
+            cursor: 0,
+            window: 0,
+            fetcher: None,
+        }
     }
 
     fn resize(&mut self, fetcher: &Arc<Fetcher>, want: u64) {
@@ -37,30 +44,41 @@ impl Readahead {
     }
 
     /// Futures for `blocks`, after updating the window and starting the readahead.
-    pub(crate) fn plan(&mut self, fetcher: &Arc<Fetcher>, content: &Arc<Content>, blocks: Range<u64>) -> Vec<BlockFuture> {
+    pub(crate) fn plan(
+        &mut self,
+        fetcher: &Arc<Fetcher>,
+        content: &Arc<Content>,
+        blocks: Range<u64>,
+    ) -> Vec<BlockFuture> {
         if self.fetcher.is_none() {
             self.fetcher = Some(fetcher.clone());
         }
-        let sequential = blocks.start + 1 >= self.cursor && blocks.start <= self.cursor + self.window;
+        let slack = self.window + 2;
+        let sequential = (self.cursor == 0 && blocks.start == 0)
+            || (blocks.start + slack >= self.cursor && blocks.start <= self.cursor + slack);
         if sequential {
             let max = fetcher.config().max_readahead_blocks;
-            let want = if self.window == 0 { 1 } else { (self.window * 2).min(max) };
+            let want = if self.window == 0 {
+                1
+            } else {
+                (self.window * 2).min(max)
+            };
             self.resize(fetcher, want);
+            self.cursor = self.cursor.max(blocks.end);
         } else {
             self.resize(fetcher, 0);
             self.ahead.clear();
-        }
-        self.cursor = self.cursor.max(blocks.end);
-        if !sequential {
             self.cursor = blocks.end;
         }
-        // Forget blocks read past (keeping two behind: the kernel's async reads of one stream
-        // arrive slightly out of order); request what is missing up to the window's end.
-        self.ahead = self.ahead.split_off(&blocks.start.saturating_sub(2));
-        let end = (blocks.end + self.window).min(fetcher.block_count(content.size));
+        // Forget blocks well behind the front; request what is missing up to the window's end.
+        let keep_from = self.cursor.saturating_sub(self.window + 2).min(blocks.start);
+        self.ahead = self.ahead.split_off(&keep_from);
+        let end = (self.cursor + self.window).min(fetcher.block_count(content.size));
         // Top the window up in batches (bigger GETs), unless a block needed now is missing.
         let needed_missing = blocks.clone().any(|b| !self.ahead.contains_key(&b));
-        let ahead_missing = (blocks.end..end).filter(|b| !self.ahead.contains_key(b)).count() as u64;
+        let ahead_missing = (blocks.end.min(end)..end)
+            .filter(|b| !self.ahead.contains_key(b))
+            .count() as u64;
         let batch = (fetcher.config().max_run_blocks / 2).clamp(1, self.window.max(1));
         if needed_missing || ahead_missing >= batch || end == fetcher.block_count(content.size) {
             let mut run_start = None;

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::sys::socket::{
-    AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-    accept, bind, connect, listen, recvmsg, sendmsg, socket,
+    AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr, accept, bind, connect, listen, recvmsg, sendmsg, socket,
 };
 
 const MAX_MSG: usize = 64 * 1024;
@@ -50,7 +50,13 @@ fn recv(fd: BorrowedFd<'_>) -> std::io::Result<(String, Option<OwnedFd>)> {
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let (n, received) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC).map_err(io_err)?;
+        let msg = recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(io_err)?;
         let mut received = None;
         for c in msg.cmsgs().map_err(io_err)? {
             if let ControlMessageOwned::ScmRights(fds) = c {
@@ -69,7 +75,13 @@ fn recv(fd: BorrowedFd<'_>) -> std::io::Result<(String, Option<OwnedFd>)> {
 }
 
 fn seqpacket() -> std::io::Result<OwnedFd> {
-    socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).map_err(io_err)
+    socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io_err)
 }
 
 /// A client of the holder at a socket path.
@@ -80,14 +92,20 @@ pub struct HolderClient {
 
 impl HolderClient {
     pub fn new(path: &Path) -> HolderClient {
-        HolderClient { path: path.to_path_buf() }
+        HolderClient {
+            path: path.to_path_buf(),
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    fn call(&self, request: &str, pass: Option<BorrowedFd<'_>>) -> std::io::Result<(String, Option<OwnedFd>)> {
+    fn call(
+        &self,
+        request: &str,
+        pass: Option<BorrowedFd<'_>>,
+    ) -> std::io::Result<(String, Option<OwnedFd>)> {
         let sock = seqpacket()?;
         let addr = UnixAddr::new(&self.path).map_err(io_err)?;
         connect(sock.as_raw_fd(), &addr).map_err(io_err)?;
@@ -137,11 +155,15 @@ impl HolderClient {
         }
         let mut cmd = std::process::Command::new(exe);
         cmd.arg("fd-holder").arg("--socket").arg(&self.path);
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         // SAFETY: setsid is async-signal-safe and only affects the child.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from)
+                nix::unistd::setsid()
+                    .map(|_| ())
+                    .map_err(std::io::Error::from)
             });
         }
         let mut child = cmd.spawn()?;
@@ -154,7 +176,10 @@ impl HolderClient {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = child.kill();
-        Err(std::io::Error::other(format!("fd holder did not start on {}", self.path.display())))
+        Err(std::io::Error::other(format!(
+            "fd holder did not start on {}",
+            self.path.display()
+        )))
     }
 }
 
@@ -164,7 +189,10 @@ pub fn serve(path: &Path) -> std::io::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     if HolderClient::new(path).ping() {
-        return Err(std::io::Error::other(format!("another fd holder serves {}", path.display())));
+        return Err(std::io::Error::other(format!(
+            "another fd holder serves {}",
+            path.display()
+        )));
     }
     let _ = std::fs::remove_file(path);
     let sock = seqpacket()?;
@@ -213,7 +241,10 @@ fn handle(conn: &OwnedFd, held: &mut HashMap<String, OwnedFd>) -> std::io::Resul
         ("LIST", _) => {
             let mut ids: Vec<&String> = held.keys().collect();
             ids.sort();
-            let body = std::iter::once("OK").chain(ids.iter().map(|s| s.as_str())).collect::<Vec<_>>().join("\n");
+            let body = std::iter::once("OK")
+                .chain(ids.iter().map(|s| s.as_str()))
+                .collect::<Vec<_>>()
+                .join("\n");
             send(conn.as_fd(), &body, None)
         }
         _ => send(conn.as_fd(), "ERR bad request", None),

@@ -70,7 +70,10 @@ fn cstr(p: &Path) -> std::io::Result<CString> {
 }
 
 /// Flags of every datastore mount: read-only, no devices, no setuid, no atime updates.
-pub const RO_FLAGS: MsFlags = MsFlags::MS_RDONLY.union(MsFlags::MS_NOSUID).union(MsFlags::MS_NODEV).union(MsFlags::MS_NOATIME);
+pub const RO_FLAGS: MsFlags = MsFlags::MS_RDONLY
+    .union(MsFlags::MS_NOSUID)
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOATIME);
 
 /// The command line that mounts a Lustre source read-only (exposed for tests of the seam).
 pub fn lustre_command(program: &Path, source: &LustreSource, target: &Path) -> Vec<String> {
@@ -87,12 +90,22 @@ pub fn lustre_command(program: &Path, source: &LustreSource, target: &Path) -> V
 
 impl Mounter for LinuxMounter {
     fn mount_fuse(&self, target: &Path, source: &str) -> std::io::Result<OwnedFd> {
-        let fd: OwnedFd = std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse")?.into();
+        let fd: OwnedFd = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/fuse")?
+            .into();
         let data = format!(
             "fd={},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions",
             fd.as_raw_fd()
         );
-        nix::mount::mount(Some(source), target, Some("fuse.datastore"), RO_FLAGS, Some(data.as_str()))?;
+        nix::mount::mount(
+            Some(source),
+            target,
+            Some("fuse.datastore"),
+            RO_FLAGS,
+            Some(data.as_str()),
+        )?;
         if let Err(e) = tune_readahead(target, READAHEAD_KB) {
             tracing::debug!(error = %e, "could not raise the kernel readahead of the mount");
         }
@@ -100,7 +113,13 @@ impl Mounter for LinuxMounter {
     }
 
     fn bind_ro(&self, source: &Path, target: &Path) -> std::io::Result<()> {
-        nix::mount::mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)?;
+        nix::mount::mount(
+            Some(source),
+            target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )?;
         // A bind mount ignores MS_RDONLY; a remount makes this mount point read-only.
         let ro = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | RO_FLAGS;
         if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, ro, None::<&str>) {
@@ -111,9 +130,14 @@ impl Mounter for LinuxMounter {
     }
 
     fn mount_lustre(&self, source: &LustreSource, target: &Path) -> std::io::Result<()> {
-        let program = self.mount_program.clone().unwrap_or_else(|| PathBuf::from("mount"));
+        let program = self
+            .mount_program
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("mount"));
         let args = lustre_command(&program, source, target);
-        let out = std::process::Command::new(&args[0]).args(&args[1..]).output()?;
+        let out = std::process::Command::new(&args[0])
+            .args(&args[1..])
+            .output()?;
         if out.status.success() {
             return Ok(());
         }
@@ -137,8 +161,13 @@ impl Mounter for LinuxMounter {
     }
 
     fn state(&self, target: &Path) -> std::io::Result<MountState> {
-        let entry = mounts()?.into_iter().rev().find(|m| m.mount_point == target);
-        let Some(entry) = entry else { return Ok(MountState::NotMounted) };
+        let entry = mounts()?
+            .into_iter()
+            .rev()
+            .find(|m| m.mount_point == target);
+        let Some(entry) = entry else {
+            return Ok(MountState::NotMounted);
+        };
         let path = cstr(target)?;
         let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
         // SAFETY: `path` is a valid NUL-terminated string and `st` a valid out-pointer.
@@ -160,7 +189,10 @@ pub fn tune_readahead(target: &Path, kb: u32) -> std::io::Result<()> {
         .rev()
         .find(|m| m.mount_point == target)
         .ok_or_else(|| std::io::Error::other(format!("{} is not mounted", target.display())))?;
-    std::fs::write(format!("/sys/class/bdi/{}/read_ahead_kb", entry.device), kb.to_string())
+    std::fs::write(
+        format!("/sys/class/bdi/{}/read_ahead_kb", entry.device),
+        kb.to_string(),
+    )
 }
 
 /// Kernel readahead of datastore mounts, in KiB.

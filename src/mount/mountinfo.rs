@@ -28,7 +28,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
             out.push(v);
             i += 4;
@@ -53,7 +56,16 @@ pub fn parse_line(line: &str) -> Option<MountEntry> {
     let mut r = right.split(' ');
     let fs_type = r.next()?.to_owned();
     let source = unescape(r.next()?);
-    Some(MountEntry { id, parent, device, root, mount_point, options, fs_type, source })
+    Some(MountEntry {
+        id,
+        parent,
+        device,
+        root,
+        mount_point,
+        options,
+        fs_type,
+        source,
+    })
 }
 
 /// The mount table of this process's mount namespace.

@@ -18,13 +18,25 @@ use std::sync::{Arc, Mutex};
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Blob, ExternalObject, Location, Manifest, ManifestBuilder, ManifestError, Node};
+use super::manifest::{
+    Blob, ExternalObject, Location, Manifest, ManifestBuilder, ManifestError, Node,
+};
 use super::object::{Expect, ObjectInfo, StoreError};
 use super::upload::{Progress, Report, Skipped};
 use super::{Error, Result, Store, StoreUrl, VersionInfo, layout, names};
 
 /// How an S3 source becomes a version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ImportMode {
     /// Server-side copy of every object into the store: the version keeps working when the
@@ -56,7 +68,11 @@ impl S3Source {
     pub fn parse(s: &str) -> Result<S3Source> {
         match StoreUrl::parse(s)? {
             StoreUrl::S3 { bucket, prefix } => {
-                let prefix = if prefix.is_empty() { prefix } else { format!("{prefix}/") };
+                let prefix = if prefix.is_empty() {
+                    prefix
+                } else {
+                    format!("{prefix}/")
+                };
                 Ok(S3Source { bucket, prefix })
             }
             StoreUrl::Local(_) => Err(Error::BadUrl(format!("{s:?} is not an s3:// URL"))),
@@ -80,7 +96,11 @@ pub struct ImportOptions {
 
 impl Default for ImportOptions {
     fn default() -> Self {
-        ImportOptions { mode: ImportMode::Copy, concurrency: 16, skip_if_unchanged: false }
+        ImportOptions {
+            mode: ImportMode::Copy,
+            concurrency: 16,
+            skip_if_unchanged: false,
+        }
     }
 }
 
@@ -88,7 +108,12 @@ impl Default for ImportOptions {
 /// modification time are (any overwrite changes the last two even where ETags are missing).
 pub fn source_id(bucket: &str, o: &ObjectInfo) -> [u8; 32] {
     let mut h = Sha256::new();
-    for part in [bucket, &o.key, o.etag.as_deref().unwrap_or(""), o.version_id.as_deref().unwrap_or("")] {
+    for part in [
+        bucket,
+        &o.key,
+        o.etag.as_deref().unwrap_or(""),
+        o.version_id.as_deref().unwrap_or(""),
+    ] {
         h.update(part.as_bytes());
         h.update([0]);
     }
@@ -115,20 +140,28 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
     let mut files: Vec<([u8; 32], ObjectInfo)> = Vec::new();
     const DIR_WINS: &str = "also a prefix of other keys: the directory wins";
     for o in objects {
-        let Some(rel) = o.key.strip_prefix(&source.prefix) else { continue };
+        let Some(rel) = o.key.strip_prefix(&source.prefix) else {
+            continue;
+        };
         if rel.is_empty() {
             continue; // the prefix itself, as a directory marker
         }
         let (comps, is_dir) = match names::split_relative_path(rel) {
             Ok(p) => p,
             Err(e) => {
-                skipped.push(Skipped { path: o.key.clone(), reason: e.to_string() });
+                skipped.push(Skipped {
+                    path: o.key.clone(),
+                    reason: e.to_string(),
+                });
                 continue;
             }
         };
         let id = source_id(&source.bucket, &o);
         let node = if is_dir {
-            Node::Dir { mode: 0o755, mtime_ns: o.modified_ns }
+            Node::Dir {
+                mode: 0o755,
+                mtime_ns: o.modified_ns,
+            }
         } else {
             let location = match mode {
                 ImportMode::Copy => Location::Store,
@@ -139,27 +172,45 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
                     version_id: o.version_id.clone(),
                 }),
             };
-            Node::File { mode: 0o644, mtime_ns: o.modified_ns, size: o.size, blob: Blob { id, location } }
+            Node::File {
+                mode: 0o644,
+                mtime_ns: o.modified_ns,
+                size: o.size,
+                blob: Blob { id, location },
+            }
         };
         match builder.insert(&comps, node) {
             Ok(shadowed) => {
                 for s in shadowed {
-                    skipped.push(Skipped { path: format!("{}{}", source.prefix, s.path), reason: DIR_WINS.into() });
+                    skipped.push(Skipped {
+                        path: format!("{}{}", source.prefix, s.path),
+                        reason: DIR_WINS.into(),
+                    });
                 }
                 if !is_dir {
                     files.push((id, o));
                 }
             }
             Err(ManifestError::DirIsFile { .. }) => {
-                skipped.push(Skipped { path: o.key.clone(), reason: DIR_WINS.into() });
+                skipped.push(Skipped {
+                    path: o.key.clone(),
+                    reason: DIR_WINS.into(),
+                });
             }
-            Err(e) => skipped.push(Skipped { path: o.key.clone(), reason: e.to_string() }),
+            Err(e) => skipped.push(Skipped {
+                path: o.key.clone(),
+                reason: e.to_string(),
+            }),
         }
     }
     // Files dropped by the directory rule after they were added are not in the tree.
     let dropped: HashSet<String> = skipped.iter().map(|s| s.path.clone()).collect();
     files.retain(|(_, o)| !dropped.contains(&o.key));
-    Plan { builder, to_copy: files, skipped }
+    Plan {
+        builder,
+        to_copy: files,
+        skipped,
+    }
 }
 
 /// Creates a new version of `name` from an S3 prefix (see the module docs).
@@ -172,23 +223,36 @@ pub async fn import_from_s3(
 ) -> Result<Report> {
     names::validate_datastore_name(name)?;
     let client = store.s3().await.clone();
-    let mut objects: Vec<ObjectInfo> = client.list(&source.bucket, &source.prefix).try_collect().await?;
+    let mut objects: Vec<ObjectInfo> = client
+        .list(&source.bucket, &source.prefix)
+        .try_collect()
+        .await?;
     // Listings of real S3 carry ETags; some compatible servers omit them. Pins need them.
-    for o in objects.iter_mut().filter(|o| o.etag.is_none() && !o.key.ends_with('/')) {
+    for o in objects
+        .iter_mut()
+        .filter(|o| o.etag.is_none() && !o.key.ends_with('/'))
+    {
         if let Some(h) = client.head(&source.bucket, &o.key).await? {
             o.etag = h.etag;
             o.version_id = o.version_id.take().or(h.version_id);
         }
     }
     if opts.mode == ImportMode::Reference {
-        if let Some(o) = objects.iter().find(|o| o.etag.is_none() && !o.key.ends_with('/')) {
+        if let Some(o) = objects
+            .iter()
+            .find(|o| o.etag.is_none() && !o.key.ends_with('/'))
+        {
             return Err(Error::Source(format!(
                 "s3://{}/{} has no ETag, so reference mode cannot pin it; use --mode copy",
                 source.bucket, o.key
             )));
         }
     }
-    let Plan { builder, to_copy, skipped } = plan(source, opts.mode, objects);
+    let Plan {
+        builder,
+        to_copy,
+        skipped,
+    } = plan(source, opts.mode, objects);
     for (_, o) in &to_copy {
         progress.files_total.fetch_add(1, Ordering::Relaxed);
         progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
@@ -204,7 +268,12 @@ pub async fn import_from_s3(
             let current = store.load_manifest(name, latest).await?;
             if same_content(&current, &manifest) {
                 let info = store.version_info(name, latest).await?;
-                return Ok(Report { version: latest, info, skipped, unchanged: true });
+                return Ok(Report {
+                    version: latest,
+                    info,
+                    skipped,
+                    unchanged: true,
+                });
             }
         }
     }
@@ -222,7 +291,9 @@ pub async fn import_from_s3(
                     if fresh {
                         copy_into_store(store, &client, name, &source.bucket, o, id).await?;
                         progress.files_transferred.fetch_add(1, Ordering::Relaxed);
-                        progress.bytes_transferred.fetch_add(o.size, Ordering::Relaxed);
+                        progress
+                            .bytes_transferred
+                            .fetch_add(o.size, Ordering::Relaxed);
                     }
                     progress.files_done.fetch_add(1, Ordering::Relaxed);
                     progress.bytes_done.fetch_add(o.size, Ordering::Relaxed);
@@ -233,8 +304,14 @@ pub async fn import_from_s3(
             .try_collect::<Vec<()>>()
             .await?;
     } else {
-        progress.files_done.store(progress.files_total.load(Ordering::Relaxed), Ordering::Relaxed);
-        progress.bytes_done.store(progress.bytes_total.load(Ordering::Relaxed), Ordering::Relaxed);
+        progress.files_done.store(
+            progress.files_total.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
+        progress.bytes_done.store(
+            progress.bytes_total.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
     }
 
     let totals = manifest.totals();
@@ -254,7 +331,12 @@ pub async fn import_from_s3(
     };
     let version = store.commit_version(name, info.clone(), &manifest).await?;
     tracing::info!(datastore = name, version, source = %source.url(), mode = opts.mode.as_str(), "committed version");
-    Ok(Report { version, info: VersionInfo { version, ..info }, skipped, unchanged: false })
+    Ok(Report {
+        version,
+        info: VersionInfo { version, ..info },
+        skipped,
+        unchanged: false,
+    })
 }
 
 /// Copies one source object into the store: server-side when the store is in S3, streamed
@@ -268,24 +350,42 @@ async fn copy_into_store(
     id: &[u8; 32],
 ) -> Result<()> {
     let key = layout::object_key(name, id);
-    if let StoreUrl::S3 { bucket: dst_bucket, prefix } = store.url() {
-        let full = if prefix.is_empty() { key } else { format!("{prefix}/{key}") };
-        client.copy(bucket, &o.key, o.etag.as_deref(), o.size, dst_bucket, &full).await?;
+    if let StoreUrl::S3 {
+        bucket: dst_bucket,
+        prefix,
+    } = store.url()
+    {
+        let full = if prefix.is_empty() {
+            key
+        } else {
+            format!("{prefix}/{key}")
+        };
+        client
+            .copy(bucket, &o.key, o.etag.as_deref(), o.size, dst_bucket, &full)
+            .await?;
         return Ok(());
     }
     // Local store: stream into a temporary file, then upload it (atomic rename inside).
-    let tmp = tempfile::NamedTempFile::new().map_err(|e| StoreError::io("creating a temporary file", e))?;
-    let expect = Expect { etag: o.etag.as_deref(), version_id: o.version_id.as_deref(), size: Some(o.size) };
+    let tmp = tempfile::NamedTempFile::new()
+        .map_err(|e| StoreError::io("creating a temporary file", e))?;
+    let expect = Expect {
+        etag: o.etag.as_deref(),
+        version_id: o.version_id.as_deref(),
+        size: Some(o.size),
+    };
     let mut body = client.get_range(bucket, &o.key, 0..o.size, expect).await?;
     let mut out = tokio::fs::File::from_std(
-        tmp.reopen().map_err(|e| StoreError::io("opening a temporary file", e))?,
+        tmp.reopen()
+            .map_err(|e| StoreError::io("opening a temporary file", e))?,
     );
     while let Some(chunk) = body.next().await {
         tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?)
             .await
             .map_err(|e| StoreError::io("writing a temporary file", e))?;
     }
-    tokio::io::AsyncWriteExt::flush(&mut out).await.map_err(|e| StoreError::io("writing a temporary file", e))?;
+    tokio::io::AsyncWriteExt::flush(&mut out)
+        .await
+        .map_err(|e| StoreError::io("writing a temporary file", e))?;
     store.objects().put_file(&key, tmp.path(), &|_| {}).await?;
     Ok(())
 }
@@ -319,7 +419,13 @@ mod tests {
     use super::*;
 
     fn obj(key: &str, size: u64) -> ObjectInfo {
-        ObjectInfo { key: key.into(), size, etag: Some(format!("\"{key}\"")), version_id: None, modified_ns: 7 }
+        ObjectInfo {
+            key: key.into(),
+            size,
+            etag: Some(format!("\"{key}\"")),
+            version_id: None,
+            modified_ns: 7,
+        }
     }
 
     #[test]
@@ -340,21 +446,55 @@ mod tests {
             obj("data/./dot", 9),
             obj("data//abs", 10),
         ];
-        let Plan { builder, to_copy, skipped } = plan(&src, ImportMode::Reference, objects);
+        let Plan {
+            builder,
+            to_copy,
+            skipped,
+        } = plan(&src, ImportMode::Reference, objects);
         let m = builder.finish().unwrap();
         let mut paths = Vec::new();
         m.walk(|p, e| paths.push(format!("{}:{:?}", String::from_utf8_lossy(p), e.kind())));
         assert_eq!(
             paths,
-            [":Dir", "a.txt:File", "dir:Dir", "dir/b.txt:File", "empty-dir:Dir", "x:Dir", "x/y:File", "z:Dir", "z/w:File"]
+            [
+                ":Dir",
+                "a.txt:File",
+                "dir:Dir",
+                "dir/b.txt:File",
+                "empty-dir:Dir",
+                "x:Dir",
+                "x/y:File",
+                "z:Dir",
+                "z/w:File"
+            ]
         );
         let mut skipped_keys: Vec<_> = skipped.iter().map(|s| s.path.as_str()).collect();
         skipped_keys.sort();
-        assert_eq!(skipped_keys, ["data/../escape", "data/./dot", "data//abs", "data/bad//key", "data/x", "data/z"]);
+        assert_eq!(
+            skipped_keys,
+            [
+                "data/../escape",
+                "data/./dot",
+                "data//abs",
+                "data/bad//key",
+                "data/x",
+                "data/z"
+            ]
+        );
         let copied: Vec<_> = to_copy.iter().map(|(_, o)| o.key.as_str()).collect();
-        assert_eq!(copied, ["data/a.txt", "data/dir/b.txt", "data/x/y", "data/z/w"]);
-        match m.resolve(b"dir/b.txt").and_then(|e| e.blob()).map(|b| b.location) {
-            Some(Location::External(e)) => assert_eq!((e.bucket.as_str(), e.key.as_str()), ("bkt", "data/dir/b.txt")),
+        assert_eq!(
+            copied,
+            ["data/a.txt", "data/dir/b.txt", "data/x/y", "data/z/w"]
+        );
+        match m
+            .resolve(b"dir/b.txt")
+            .and_then(|e| e.blob())
+            .map(|b| b.location)
+        {
+            Some(Location::External(e)) => assert_eq!(
+                (e.bucket.as_str(), e.key.as_str()),
+                ("bkt", "data/dir/b.txt")
+            ),
             other => panic!("{other:?}"),
         }
     }

@@ -31,12 +31,16 @@ pub struct LocalStore {
 impl LocalStore {
     /// Opens (creating if needed) a store rooted at `root`.
     pub fn open(root: &Path) -> Result<LocalStore, StoreError> {
-        std::fs::create_dir_all(root.join(TMP_DIR))
-            .map_err(|e| StoreError::io(format!("creating store directory {}", root.display()), e))?;
+        std::fs::create_dir_all(root.join(TMP_DIR)).map_err(|e| {
+            StoreError::io(format!("creating store directory {}", root.display()), e)
+        })?;
         let root = root
             .canonicalize()
             .map_err(|e| StoreError::io(format!("resolving {}", root.display()), e))?;
-        Ok(LocalStore { root, counter: AtomicU64::new(0) })
+        Ok(LocalStore {
+            root,
+            counter: AtomicU64::new(0),
+        })
     }
 
     /// The store's root directory.
@@ -48,7 +52,9 @@ impl LocalStore {
         // Keys come from `layout`; refuse anything that could leave the root all the same.
         if key.is_empty()
             || key.starts_with('/')
-            || key.split('/').any(|s| s.is_empty() || s == "." || s == ".." || s == TMP_DIR)
+            || key
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == ".." || s == TMP_DIR)
         {
             return Err(StoreError::Config(format!("unsafe object key {key:?}")));
         }
@@ -58,8 +64,15 @@ impl LocalStore {
     /// Where `key` goes, and a fresh temporary file to write it through.
     fn target(&self, key: &str) -> Result<Target, StoreError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.root.join(TMP_DIR).join(format!("{}-{n}", std::process::id()));
-        Ok(Target { key: key.to_owned(), dest: self.path(key)?, tmp })
+        let tmp = self
+            .root
+            .join(TMP_DIR)
+            .join(format!("{}-{n}", std::process::id()));
+        Ok(Target {
+            key: key.to_owned(),
+            dest: self.path(key)?,
+            tmp,
+        })
     }
 }
 
@@ -82,7 +95,8 @@ impl Target {
             let mut f = std::fs::File::create(&tmp)
                 .map_err(|e| StoreError::io(format!("creating {}", tmp.display()), e))?;
             fill(&mut f)?;
-            f.sync_data().map_err(|e| StoreError::io(format!("syncing {key}"), e))?;
+            f.sync_data()
+                .map_err(|e| StoreError::io(format!("syncing {key}"), e))?;
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent)
                     .map_err(|e| StoreError::io(format!("creating {}", parent.display()), e))?;
@@ -107,7 +121,9 @@ impl Target {
 
 fn modified_ns(meta: &std::fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt;
-    meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
+    meta.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(meta.mtime_nsec())
 }
 
 async fn blocking<T: Send + 'static>(
@@ -124,7 +140,12 @@ impl ObjectStore for LocalStore {
         format!("file://{}", self.root.display())
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError> {
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: Expect<'_>,
+    ) -> Result<ByteStream, StoreError> {
         let path = self.path(key)?;
         let what = key.to_owned();
         let expected_size = expect.size;
@@ -134,50 +155,69 @@ impl ObjectStore for LocalStore {
                 let mut f = std::fs::File::open(&path).map_err(|e| StoreError::io(&what, e))?;
                 let len = f.metadata().map_err(|e| StoreError::io(&what, e))?.len();
                 if let Some(size) = expected_size.filter(|s| *s != len) {
-                    return Err(StoreError::Changed { what, expected: format!("{size} bytes"), found: format!("{len} bytes") });
+                    return Err(StoreError::Changed {
+                        what,
+                        expected: format!("{size} bytes"),
+                        found: format!("{len} bytes"),
+                    });
                 }
                 if range.end > len {
                     return Err(StoreError::Body {
                         what,
-                        message: format!("range ends at {} but the object has {len} bytes", range.end),
+                        message: format!(
+                            "range ends at {} but the object has {len} bytes",
+                            range.end
+                        ),
                     });
                 }
-                f.seek(SeekFrom::Start(range.start)).map_err(|e| StoreError::io(&what, e))?;
+                f.seek(SeekFrom::Start(range.start))
+                    .map_err(|e| StoreError::io(&what, e))?;
                 Ok(f)
             }
         })
         .await?;
         let remaining = range.end - range.start;
-        let stream = futures::stream::try_unfold((file, remaining, what), |(mut f, left, what)| async move {
-            if left == 0 {
-                return Ok(None);
-            }
-            let n = left.min(CHUNK as u64) as usize;
-            let (f, buf) = blocking({
-                let what = what.clone();
-                move || {
-                    let mut buf = vec![0u8; n];
-                    f.read_exact(&mut buf).map_err(|e| StoreError::io(&what, e))?;
-                    Ok((f, buf))
+        let stream = futures::stream::try_unfold(
+            (file, remaining, what),
+            |(mut f, left, what)| async move {
+                if left == 0 {
+                    return Ok(None);
                 }
-            })
-            .await?;
-            Ok(Some((Bytes::from(buf), (f, left - n as u64, what))))
-        });
+                let n = left.min(CHUNK as u64) as usize;
+                let (f, buf) = blocking({
+                    let what = what.clone();
+                    move || {
+                        let mut buf = vec![0u8; n];
+                        f.read_exact(&mut buf)
+                            .map_err(|e| StoreError::io(&what, e))?;
+                        Ok((f, buf))
+                    }
+                })
+                .await?;
+                Ok(Some((Bytes::from(buf), (f, left - n as u64, what))))
+            },
+        );
         Ok(stream.boxed())
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let path = self.path(key)?;
         let what = key.to_owned();
-        blocking(move || std::fs::read(&path).map(Bytes::from).map_err(|e| StoreError::io(what, e))).await
+        blocking(move || {
+            std::fs::read(&path)
+                .map(Bytes::from)
+                .map_err(|e| StoreError::io(what, e))
+        })
+        .await
     }
 
     async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError> {
         let target = self.target(key)?;
         let what = format!("writing {key}");
         blocking(move || {
-            target.write(if_absent, |f| f.write_all(&body).map_err(|e| StoreError::io(what, e)))
+            target.write(if_absent, |f| {
+                f.write_all(&body).map_err(|e| StoreError::io(what, e))
+            })
         })
         .await
     }
@@ -206,7 +246,8 @@ impl ObjectStore for LocalStore {
                         break;
                     }
                     hasher.update(&buf[..n]);
-                    out.write_all(&buf[..n]).map_err(|e| StoreError::io(&what, e))?;
+                    out.write_all(&buf[..n])
+                        .map_err(|e| StoreError::io(&what, e))?;
                     let _ = tx.send(n as u64);
                 }
                 Ok(())
@@ -216,7 +257,8 @@ impl ObjectStore for LocalStore {
         while let Some(n) = rx.recv().await {
             progress(n);
         }
-        task.await.map_err(|e| StoreError::Config(format!("upload task failed: {e}")))?
+        task.await
+            .map_err(|e| StoreError::Config(format!("upload task failed: {e}")))?
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
@@ -247,7 +289,11 @@ impl ObjectStore for LocalStore {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         tokio::task::spawn_blocking(move || {
-            let start = if dir_part.is_empty() { root.clone() } else { root.join(&dir_part) };
+            let start = if dir_part.is_empty() {
+                root.clone()
+            } else {
+                root.join(&dir_part)
+            };
             if !start.is_dir() {
                 return;
             }
@@ -260,7 +306,9 @@ impl ObjectStore for LocalStore {
                     Ok((key, meta))
                 });
                 let item = match item {
-                    Ok((key, _)) if !key.starts_with(&prefix) || key.starts_with(TMP_DIR) => continue,
+                    Ok((key, _)) if !key.starts_with(&prefix) || key.starts_with(TMP_DIR) => {
+                        continue;
+                    }
                     Ok((key, meta)) => Ok(ObjectInfo {
                         key,
                         size: meta.len(),
@@ -279,7 +327,11 @@ impl ObjectStore for LocalStore {
     }
 
     async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let dir = if prefix.is_empty() { self.root.clone() } else { self.path(prefix.trim_end_matches('/'))? };
+        let dir = if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(prefix.trim_end_matches('/'))?
+        };
         blocking(move || {
             let rd = match std::fs::read_dir(&dir) {
                 Ok(rd) => rd,
@@ -303,8 +355,10 @@ impl ObjectStore for LocalStore {
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
-        let paths: Vec<(String, PathBuf)> =
-            keys.iter().map(|k| Ok((k.clone(), self.path(k)?))).collect::<Result<_, StoreError>>()?;
+        let paths: Vec<(String, PathBuf)> = keys
+            .iter()
+            .map(|k| Ok((k.clone(), self.path(k)?)))
+            .collect::<Result<_, StoreError>>()?;
         let root = self.root.clone();
         blocking(move || {
             for (key, path) in paths {
@@ -383,18 +437,36 @@ mod tests {
     async fn put_get_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::open(dir.path()).unwrap();
-        s.put("a/b/c", Bytes::from_static(b"hello world"), false).await.unwrap();
+        s.put("a/b/c", Bytes::from_static(b"hello world"), false)
+            .await
+            .unwrap();
         s.put("a/d", Bytes::from_static(b"x"), true).await.unwrap();
         assert!(matches!(
             s.put("a/d", Bytes::from_static(b"y"), true).await,
             Err(StoreError::AlreadyExists { .. })
         ));
         assert_eq!(s.get("a/d").await.unwrap(), Bytes::from_static(b"x"));
-        let part = collect(s.get_range("a/b/c", 6..11, Expect::default()).await.unwrap()).await.unwrap();
+        let part = collect(
+            s.get_range("a/b/c", 6..11, Expect::default())
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
         assert_eq!(&part[..], b"world");
-        assert!(s.get_range("a/b/c", 6..12, Expect::default()).await.is_err());
-        let wrong_size = Expect { size: Some(12), ..Expect::default() };
-        assert!(matches!(s.get_range("a/b/c", 0..1, wrong_size).await, Err(StoreError::Changed { .. })));
+        assert!(
+            s.get_range("a/b/c", 6..12, Expect::default())
+                .await
+                .is_err()
+        );
+        let wrong_size = Expect {
+            size: Some(12),
+            ..Expect::default()
+        };
+        assert!(matches!(
+            s.get_range("a/b/c", 0..1, wrong_size).await,
+            Err(StoreError::Changed { .. })
+        ));
         let mut keys: Vec<String> = s.list("a/").map_ok(|o| o.key).try_collect().await.unwrap();
         keys.sort();
         assert_eq!(keys, ["a/b/c", "a/d"]);
@@ -403,8 +475,14 @@ mod tests {
         assert!(s.head("a/b").await.unwrap().is_none());
         s.delete(&["a/b/c".into(), "zz".into()]).await.unwrap();
         assert!(s.head("a/b/c").await.unwrap().is_none());
-        assert!(!dir.path().join("a/b").exists(), "empty directories are pruned");
-        assert!(matches!(s.get("a/b/c").await, Err(StoreError::NotFound { .. })));
+        assert!(
+            !dir.path().join("a/b").exists(),
+            "empty directories are pruned"
+        );
+        assert!(matches!(
+            s.get("a/b/c").await,
+            Err(StoreError::NotFound { .. })
+        ));
         assert!(s.get("../etc/passwd").await.is_err());
     }
 }

@@ -97,9 +97,20 @@ pub struct Blob {
 /// Metadata of a node being added to a manifest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    Dir { mode: u32, mtime_ns: i64 },
-    File { mode: u32, mtime_ns: i64, size: u64, blob: Blob },
-    Symlink { mtime_ns: i64, target: Vec<u8> },
+    Dir {
+        mode: u32,
+        mtime_ns: i64,
+    },
+    File {
+        mode: u32,
+        mtime_ns: i64,
+        size: u64,
+        blob: Blob,
+    },
+    Symlink {
+        mtime_ns: i64,
+        target: Vec<u8>,
+    },
 }
 
 /// Totals of a version, kept in the manifest header.
@@ -167,10 +178,16 @@ impl ManifestBuilder {
     /// Starts an empty tree whose implicit directories get `default_mtime_ns`.
     pub fn new(default_mtime_ns: i64) -> Self {
         let root = BuildNode {
-            node: Node::Dir { mode: 0o755, mtime_ns: default_mtime_ns },
+            node: Node::Dir {
+                mode: 0o755,
+                mtime_ns: default_mtime_ns,
+            },
             children: BTreeMap::new(),
         };
-        ManifestBuilder { nodes: vec![root], default_mtime_ns }
+        ManifestBuilder {
+            nodes: vec![root],
+            default_mtime_ns,
+        }
     }
 
     /// Sets the root directory's own mode and mtime.
@@ -205,7 +222,9 @@ impl ManifestBuilder {
                     self.set_root(mode, mtime_ns);
                     Ok(shadowed)
                 }
-                _ => Err(ManifestError::DirIsFile { path: String::new() }),
+                _ => Err(ManifestError::DirIsFile {
+                    path: String::new(),
+                }),
             };
         };
         let mut cur = 0usize;
@@ -242,7 +261,10 @@ impl ManifestBuilder {
         if self.nodes.len() >= u32::MAX as usize - 1 {
             return Err(ManifestError::TooMany);
         }
-        self.nodes.push(BuildNode { node, children: BTreeMap::new() });
+        self.nodes.push(BuildNode {
+            node,
+            children: BTreeMap::new(),
+        });
         Ok(self.nodes.len() - 1)
     }
 
@@ -256,12 +278,20 @@ impl ManifestBuilder {
     ) -> Result<usize, ManifestError> {
         if let Some(&idx) = self.nodes[dir].children.get(name) {
             if !matches!(self.nodes[idx].node, Node::Dir { .. }) {
-                shadowed.push(Shadowed { path: shown.to_owned() });
-                self.nodes[idx].node = Node::Dir { mode: 0o755, mtime_ns: self.default_mtime_ns };
+                shadowed.push(Shadowed {
+                    path: shown.to_owned(),
+                });
+                self.nodes[idx].node = Node::Dir {
+                    mode: 0o755,
+                    mtime_ns: self.default_mtime_ns,
+                };
             }
             return Ok(idx);
         }
-        let idx = self.push(Node::Dir { mode: 0o755, mtime_ns: self.default_mtime_ns })?;
+        let idx = self.push(Node::Dir {
+            mode: 0o755,
+            mtime_ns: self.default_mtime_ns,
+        })?;
         self.nodes[dir].children.insert(name.to_vec(), idx);
         Ok(idx)
     }
@@ -312,7 +342,12 @@ impl ManifestBuilder {
                     totals.dirs += 1;
                     (Kind::Dir, *mode, *mtime_ns, child_count[i], first_child[i])
                 }
-                Node::File { mode, mtime_ns, size, blob } => {
+                Node::File {
+                    mode,
+                    mtime_ns,
+                    size,
+                    blob,
+                } => {
                     totals.files += 1;
                     totals.bytes += size;
                     blobs.extend_from_slice(&blob.id);
@@ -492,12 +527,16 @@ impl Manifest {
         let mut ranges = Vec::with_capacity(4);
         for s in sizes {
             let s = s.ok_or_else(|| corrupt("section size overflows"))?;
-            let end = total.checked_add(s).ok_or_else(|| corrupt("section size overflows"))?;
+            let end = total
+                .checked_add(s)
+                .ok_or_else(|| corrupt("section size overflows"))?;
             ranges.push(total as usize..end as usize);
             total = end;
         }
         if total != body_len as u64 {
-            return Err(corrupt("section sizes do not add up to the manifest length"));
+            return Err(corrupt(
+                "section sizes do not add up to the manifest length",
+            ));
         }
         if n == 0 || n > u32::MAX as u64 - 1 {
             return Err(corrupt("entry count out of range"));
@@ -545,7 +584,10 @@ impl Manifest {
             let kind = Kind::from_code(self.raw[e.off + 4]).ok_or_else(|| corrupt("bad kind"))?;
             let name_off = le_u64(&self.raw, e.off + 8);
             let name_len = le_u16(&self.raw, e.off + 6) as u64;
-            if name_off.checked_add(name_len).is_none_or(|end| end > names_len) {
+            if name_off
+                .checked_add(name_len)
+                .is_none_or(|end| end > names_len)
+            {
                 return Err(corrupt("name out of range"));
             }
             let parent = e.parent_index() as usize;
@@ -569,7 +611,9 @@ impl Manifest {
                     totals.dirs += 1;
                     let first = le_u64(&self.raw, e.off + 40);
                     let count = le_u64(&self.raw, e.off + 32);
-                    let end = first.checked_add(count).ok_or_else(|| corrupt("child range"))?;
+                    let end = first
+                        .checked_add(count)
+                        .ok_or_else(|| corrupt("child range"))?;
                     if count > 0 && (first <= i as u64 || end > self.n as u64) {
                         return Err(corrupt("child range out of bounds"));
                     }
@@ -582,7 +626,10 @@ impl Manifest {
                         }
                         let cname_off = le_u64(&self.raw, child.off + 8);
                         let cname_len = le_u16(&self.raw, child.off + 6) as u64;
-                        if cname_off.checked_add(cname_len).is_none_or(|end| end > names_len) {
+                        if cname_off
+                            .checked_add(cname_len)
+                            .is_none_or(|end| end > names_len)
+                        {
                             return Err(corrupt("name out of range"));
                         }
                         let cname = child.name();
@@ -638,7 +685,11 @@ impl Manifest {
     }
 
     fn entry_unchecked(&self, idx: u32) -> Entry<'_> {
-        Entry { m: self, idx, off: self.entries.start + idx as usize * ENTRY_LEN }
+        Entry {
+            m: self,
+            idx,
+            off: self.entries.start + idx as usize * ENTRY_LEN,
+        }
     }
 
     /// Number of entries, the root included.
@@ -835,19 +886,40 @@ mod tests {
     use proptest::prelude::*;
 
     fn blob(n: u8) -> Blob {
-        Blob { id: [n; 32], location: Location::Store }
+        Blob {
+            id: [n; 32],
+            location: Location::Store,
+        }
     }
     fn file(size: u64, n: u8) -> Node {
-        Node::File { mode: 0o644, mtime_ns: 1_000_000_007, size, blob: blob(n) }
+        Node::File {
+            mode: 0o644,
+            mtime_ns: 1_000_000_007,
+            size,
+            blob: blob(n),
+        }
     }
 
     fn sample() -> Manifest {
         let mut b = ManifestBuilder::new(5);
         b.insert(&["b", "x.txt"], file(3, 1)).unwrap();
-        b.insert(&["a"], Node::Dir { mode: 0o700, mtime_ns: 9 }).unwrap();
+        b.insert(
+            &["a"],
+            Node::Dir {
+                mode: 0o700,
+                mtime_ns: 9,
+            },
+        )
+        .unwrap();
         b.insert(&["a", "é z"], file(10, 2)).unwrap();
-        b.insert(&["link"], Node::Symlink { mtime_ns: 1, target: b"a/\xc3\xa9 z".to_vec() })
-            .unwrap();
+        b.insert(
+            &["link"],
+            Node::Symlink {
+                mtime_ns: 1,
+                target: b"a/\xc3\xa9 z".to_vec(),
+            },
+        )
+        .unwrap();
         let ext = ExternalObject {
             bucket: "src".into(),
             key: "k/1".into(),
@@ -860,7 +932,10 @@ mod tests {
                 mode: 0o600,
                 mtime_ns: -5,
                 size: 7,
-                blob: Blob { id: [9; 32], location: Location::External(ext) },
+                blob: Blob {
+                    id: [9; 32],
+                    location: Location::External(ext),
+                },
             },
         )
         .unwrap();
@@ -872,7 +947,15 @@ mod tests {
     fn build_lookup_and_walk() {
         let m = sample();
         let m = Manifest::from_compressed(&m.to_compressed().unwrap()).unwrap();
-        assert_eq!(m.totals(), Totals { files: 4, dirs: 3, symlinks: 1, bytes: 20 });
+        assert_eq!(
+            m.totals(),
+            Totals {
+                files: 4,
+                dirs: 3,
+                symlinks: 1,
+                bytes: 20
+            }
+        );
         let root = m.root();
         let names: Vec<_> = root.children().map(|e| e.name().to_vec()).collect();
         assert_eq!(names, [&b"a"[..], b"b", b"empty", b"ext", b"link"]);
@@ -880,7 +963,10 @@ mod tests {
         let a = m.lookup(root, b"a").unwrap();
         assert_eq!((a.kind(), a.mode(), a.mtime_ns()), (Kind::Dir, 0o700, 9));
         let f = m.resolve("a/é z".as_bytes()).unwrap();
-        assert_eq!((f.kind(), f.size(), f.blob().unwrap()), (Kind::File, 10, blob(2)));
+        assert_eq!(
+            (f.kind(), f.size(), f.blob().unwrap()),
+            (Kind::File, 10, blob(2))
+        );
         assert_eq!(f.parent().index(), a.index());
         let ext = m.resolve(b"ext").unwrap();
         assert_eq!(ext.mtime_ns(), -5);
@@ -898,7 +984,10 @@ mod tests {
         assert!(m.lookup(f, b"x").is_none());
         let mut paths = Vec::new();
         m.walk(|p, _| paths.push(String::from_utf8_lossy(p).into_owned()));
-        assert_eq!(paths, ["", "a", "a/é z", "b", "b/x.txt", "empty", "ext", "link"]);
+        assert_eq!(
+            paths,
+            ["", "a", "a/é z", "b", "b/x.txt", "empty", "ext", "link"]
+        );
     }
 
     #[test]
@@ -907,9 +996,15 @@ mod tests {
         assert!(b.insert(&["a"], file(1, 1)).unwrap().is_empty());
         let shadowed = b.insert(&["a", "b"], file(1, 2)).unwrap();
         assert_eq!(shadowed, [Shadowed { path: "a".into() }]);
-        assert!(matches!(b.insert(&["a"], file(1, 3)), Err(ManifestError::DirIsFile { .. })));
+        assert!(matches!(
+            b.insert(&["a"], file(1, 3)),
+            Err(ManifestError::DirIsFile { .. })
+        ));
         b.insert(&["c"], file(1, 1)).unwrap();
-        assert!(matches!(b.insert(&["c"], file(1, 1)), Err(ManifestError::Duplicate { .. })));
+        assert!(matches!(
+            b.insert(&["c"], file(1, 1)),
+            Err(ManifestError::Duplicate { .. })
+        ));
         assert!(b.insert(&["x", ".."], file(1, 1)).is_err());
         let m = b.finish().unwrap();
         assert_eq!(m.resolve(b"a").unwrap().kind(), Kind::Dir);
@@ -921,14 +1016,20 @@ mod tests {
         let m = sample();
         let mut raw = m.raw.clone();
         raw[HEADER_LEN + 3] ^= 0xff;
-        assert!(matches!(Manifest::parse(raw), Err(ManifestError::Corrupt(_))));
+        assert!(matches!(
+            Manifest::parse(raw),
+            Err(ManifestError::Corrupt(_))
+        ));
         let mut raw = m.raw.clone();
         raw.truncate(20);
         assert!(Manifest::parse(raw).is_err());
         assert!(Manifest::from_compressed(b"not zstd").is_err());
         let mut raw = m.raw.clone();
         raw[8] = 9;
-        assert!(matches!(Manifest::parse(raw), Err(ManifestError::Format(9))));
+        assert!(matches!(
+            Manifest::parse(raw),
+            Err(ManifestError::Format(9))
+        ));
     }
 
     proptest! {

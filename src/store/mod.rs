@@ -75,17 +75,26 @@ impl StoreUrl {
         if let Some(rest) = s.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
-                return Err(Error::BadUrl(format!("{s:?}: the bucket is missing (s3://BUCKET[/PREFIX])")));
+                return Err(Error::BadUrl(format!(
+                    "{s:?}: the bucket is missing (s3://BUCKET[/PREFIX])"
+                )));
             }
             let prefix = prefix.trim_matches('/');
             if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
-                return Err(Error::BadUrl(format!("{s:?}: the prefix has an unsafe segment")));
+                return Err(Error::BadUrl(format!(
+                    "{s:?}: the prefix has an unsafe segment"
+                )));
             }
-            return Ok(StoreUrl::S3 { bucket: bucket.to_owned(), prefix: prefix.to_owned() });
+            return Ok(StoreUrl::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.to_owned(),
+            });
         }
         if let Some(path) = s.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(Error::BadUrl(format!("{s:?}: file:// URLs need an absolute path")));
+                return Err(Error::BadUrl(format!(
+                    "{s:?}: file:// URLs need an absolute path"
+                )));
             }
             return Ok(StoreUrl::Local(PathBuf::from(path)));
         }
@@ -93,7 +102,9 @@ impl StoreUrl {
             return Err(Error::BadUrl("an empty store location".into()));
         }
         if let Some((scheme, _)) = s.split_once("://") {
-            return Err(Error::BadUrl(format!("{s:?}: unsupported scheme {scheme:?} (use s3:// or a local path)")));
+            return Err(Error::BadUrl(format!(
+                "{s:?}: unsupported scheme {scheme:?} (use s3:// or a local path)"
+            )));
         }
         Ok(StoreUrl::Local(PathBuf::from(s)))
     }
@@ -131,14 +142,18 @@ impl fmt::Display for StoreUrl {
 pub fn default_data_dir() -> Result<PathBuf> {
     directories::ProjectDirs::from("ai", "grid", "datastore")
         .map(|d| d.data_dir().to_path_buf())
-        .ok_or_else(|| Error::BadUrl("no home directory to put the default store in; pass --store".into()))
+        .ok_or_else(|| {
+            Error::BadUrl("no home directory to put the default store in; pass --store".into())
+        })
 }
 
 /// The user's cache directory for datastore (e.g. `~/.cache/datastore`).
 pub fn default_cache_dir() -> Result<PathBuf> {
     directories::ProjectDirs::from("ai", "grid", "datastore")
         .map(|d| d.cache_dir().to_path_buf())
-        .ok_or_else(|| Error::BadUrl("no home directory to put the cache in; pass --cache-dir".into()))
+        .ok_or_else(|| {
+            Error::BadUrl("no home directory to put the cache in; pass --cache-dir".into())
+        })
 }
 
 /// What a version is; stored as `version.json` next to its manifest.
@@ -184,12 +199,26 @@ impl Store {
             }
             StoreUrl::Local(path) => Arc::new(local::LocalStore::open(path)?),
         };
-        Ok(Store { url: url.clone(), objects, s3, s3_options })
+        Ok(Store {
+            url: url.clone(),
+            objects,
+            s3,
+            s3_options,
+        })
     }
 
     /// Wraps an existing object store (tests hand in failing or counting ones).
-    pub fn with_objects(url: StoreUrl, objects: Arc<dyn ObjectStore>, s3_options: S3Options) -> Store {
-        Store { url, objects, s3: Arc::new(OnceCell::new()), s3_options }
+    pub fn with_objects(
+        url: StoreUrl,
+        objects: Arc<dyn ObjectStore>,
+        s3_options: S3Options,
+    ) -> Store {
+        Store {
+            url,
+            objects,
+            s3: Arc::new(OnceCell::new()),
+            s3_options,
+        }
     }
 
     pub fn url(&self) -> &StoreUrl {
@@ -202,7 +231,9 @@ impl Store {
 
     /// An S3 client for buckets other than the store's (sources, reference-mode objects).
     pub async fn s3(&self) -> &S3Client {
-        self.s3.get_or_init(|| S3Client::new(&self.s3_options)).await
+        self.s3
+            .get_or_init(|| S3Client::new(&self.s3_options))
+            .await
     }
 
     /// Names of the datastores in this store.
@@ -232,29 +263,50 @@ impl Store {
     pub async fn resolve_version(&self, name: &str, version: Option<u64>) -> Result<u64> {
         let versions = self.versions(name).await?;
         match version {
-            None => versions.last().copied().ok_or_else(|| Error::NoSuchDatastore(name.to_owned())),
+            None => versions
+                .last()
+                .copied()
+                .ok_or_else(|| Error::NoSuchDatastore(name.to_owned())),
             Some(v) if versions.contains(&v) => Ok(v),
-            Some(v) => Err(Error::NoSuchVersion { name: name.to_owned(), version: v }),
+            Some(v) => Err(Error::NoSuchVersion {
+                name: name.to_owned(),
+                version: v,
+            }),
         }
     }
 
     /// The `version.json` of a committed version.
     pub async fn version_info(&self, name: &str, version: u64) -> Result<VersionInfo> {
-        let bytes = self.objects.get(&layout::info_key(name, version)).await.map_err(|e| match e {
-            StoreError::NotFound { .. } => Error::NoSuchVersion { name: name.to_owned(), version },
-            e => e.into(),
-        })?;
-        serde_json::from_slice(&bytes)
-            .map_err(|source| Error::Json { what: format!("{name}@{version}"), source })
+        let bytes = self
+            .objects
+            .get(&layout::info_key(name, version))
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => Error::NoSuchVersion {
+                    name: name.to_owned(),
+                    version,
+                },
+                e => e.into(),
+            })?;
+        serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            what: format!("{name}@{version}"),
+            source,
+        })
     }
 
     /// The stored (compressed) manifest of a committed version.
     pub async fn manifest_bytes(&self, name: &str, version: u64) -> Result<Bytes> {
         names::validate_datastore_name(name)?;
-        self.objects.get(&layout::manifest_key(name, version)).await.map_err(|e| match e {
-            StoreError::NotFound { .. } => Error::NoSuchVersion { name: name.to_owned(), version },
-            e => e.into(),
-        })
+        self.objects
+            .get(&layout::manifest_key(name, version))
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound { .. } => Error::NoSuchVersion {
+                    name: name.to_owned(),
+                    version,
+                },
+                e => e.into(),
+            })
     }
 
     /// Reads and validates the manifest of a committed version.
@@ -268,22 +320,41 @@ impl Store {
 
     /// Commits a new version: writes `version.json`, then the manifest, only if that version
     /// number is still free; on a race with another writer, takes the next number.
-    pub async fn commit_version(&self, name: &str, mut info: VersionInfo, manifest: &Manifest) -> Result<u64> {
+    pub async fn commit_version(
+        &self,
+        name: &str,
+        mut info: VersionInfo,
+        manifest: &Manifest,
+    ) -> Result<u64> {
         let compressed = Bytes::from(manifest.to_compressed()?);
         info.manifest_bytes = compressed.len() as u64;
         let mut version = self.latest(name).await?.unwrap_or(0) + 1;
         for _ in 0..16 {
             info.version = version;
-            let json = serde_json::to_vec_pretty(&info)
-                .map_err(|source| Error::Json { what: format!("{name}@{version}"), source })?;
-            self.objects.put(&layout::info_key(name, version), Bytes::from(json), false).await?;
-            match self.objects.put(&layout::manifest_key(name, version), compressed.clone(), true).await {
+            let json = serde_json::to_vec_pretty(&info).map_err(|source| Error::Json {
+                what: format!("{name}@{version}"),
+                source,
+            })?;
+            self.objects
+                .put(&layout::info_key(name, version), Bytes::from(json), false)
+                .await?;
+            match self
+                .objects
+                .put(
+                    &layout::manifest_key(name, version),
+                    compressed.clone(),
+                    true,
+                )
+                .await
+            {
                 Ok(()) => return Ok(version),
                 Err(StoreError::AlreadyExists { .. }) => version += 1,
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(Error::Source(format!("could not find a free version number for {name} after 16 tries")))
+        Err(Error::Source(format!(
+            "could not find a free version number for {name} after 16 tries"
+        )))
     }
 
     /// Ids of all objects of `name` present in the store.
@@ -309,9 +380,16 @@ impl Store {
                 }
             }
         }
-        self.objects.delete(&[layout::manifest_key(name, version)]).await?;
-        self.objects.delete(&[layout::info_key(name, version)]).await?;
-        let keys: Vec<String> = owned.keys().map(|id| layout::object_key(name, id)).collect();
+        self.objects
+            .delete(&[layout::manifest_key(name, version)])
+            .await?;
+        self.objects
+            .delete(&[layout::info_key(name, version)])
+            .await?;
+        let keys: Vec<String> = owned
+            .keys()
+            .map(|id| layout::object_key(name, id))
+            .collect();
         let bytes = owned.values().sum();
         self.objects.delete(&keys).await?;
         Ok((keys.len() as u64, bytes))
@@ -320,7 +398,10 @@ impl Store {
     /// Deletes a datastore: every version (manifests first), then every object under it.
     pub async fn delete_datastore(&self, name: &str) -> Result<u64> {
         let versions = self.versions(name).await?;
-        let manifests: Vec<String> = versions.iter().map(|v| layout::manifest_key(name, *v)).collect();
+        let manifests: Vec<String> = versions
+            .iter()
+            .map(|v| layout::manifest_key(name, *v))
+            .collect();
         self.objects.delete(&manifests).await?;
         let keys: Vec<String> = self
             .objects
@@ -336,15 +417,33 @@ impl Store {
     /// Streams `range` of a file's content (of `size` bytes) from wherever it lives (one
     /// attempt; the caller retries). Reference-mode objects are pinned to their ETag, version
     /// id and size; store objects to their size.
-    pub async fn read_blob(&self, name: &str, blob: &Blob, size: u64, range: Range<u64>) -> Result<ByteStream, StoreError> {
+    pub async fn read_blob(
+        &self,
+        name: &str,
+        blob: &Blob,
+        size: u64,
+        range: Range<u64>,
+    ) -> Result<ByteStream, StoreError> {
         match &blob.location {
             Location::Store => {
-                let expect = Expect { size: Some(size), ..Expect::default() };
-                self.objects.get_range(&layout::object_key(name, &blob.id), range, expect).await
+                let expect = Expect {
+                    size: Some(size),
+                    ..Expect::default()
+                };
+                self.objects
+                    .get_range(&layout::object_key(name, &blob.id), range, expect)
+                    .await
             }
             Location::External(ext) => {
-                let expect = Expect { etag: ext.etag.as_deref(), version_id: ext.version_id.as_deref(), size: Some(size) };
-                self.s3().await.get_range(&ext.bucket, &ext.key, range, expect).await
+                let expect = Expect {
+                    etag: ext.etag.as_deref(),
+                    version_id: ext.version_id.as_deref(),
+                    size: Some(size),
+                };
+                self.s3()
+                    .await
+                    .get_range(&ext.bucket, &ext.key, range, expect)
+                    .await
             }
         }
     }
@@ -354,7 +453,11 @@ impl Store {
 fn store_blobs(m: &Manifest) -> std::collections::HashMap<[u8; 32], u64> {
     let mut out = std::collections::HashMap::new();
     m.walk(|_, e| {
-        if let Some(Blob { id, location: Location::Store }) = e.blob() {
+        if let Some(Blob {
+            id,
+            location: Location::Store,
+        }) = e.blob()
+        {
             out.insert(id, e.size());
         }
     });
@@ -374,12 +477,34 @@ mod tests {
     fn store_urls() {
         assert_eq!(
             StoreUrl::parse("s3://b/p/q/").unwrap(),
-            StoreUrl::S3 { bucket: "b".into(), prefix: "p/q".into() }
+            StoreUrl::S3 {
+                bucket: "b".into(),
+                prefix: "p/q".into()
+            }
         );
-        assert_eq!(StoreUrl::parse("s3://b").unwrap(), StoreUrl::S3 { bucket: "b".into(), prefix: "".into() });
-        assert_eq!(StoreUrl::parse("file:///x/y").unwrap(), StoreUrl::Local("/x/y".into()));
-        assert_eq!(StoreUrl::parse("rel/dir").unwrap(), StoreUrl::Local("rel/dir".into()));
-        for bad in ["s3://", "s3:///p", "gs://b", "file://rel", "", "s3://b/../x"] {
+        assert_eq!(
+            StoreUrl::parse("s3://b").unwrap(),
+            StoreUrl::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
+        );
+        assert_eq!(
+            StoreUrl::parse("file:///x/y").unwrap(),
+            StoreUrl::Local("/x/y".into())
+        );
+        assert_eq!(
+            StoreUrl::parse("rel/dir").unwrap(),
+            StoreUrl::Local("rel/dir".into())
+        );
+        for bad in [
+            "s3://",
+            "s3:///p",
+            "gs://b",
+            "file://rel",
+            "",
+            "s3://b/../x",
+        ] {
             assert!(StoreUrl::parse(bad).is_err(), "{bad}");
         }
         assert_eq!(StoreUrl::parse("s3://b/p").unwrap().to_string(), "s3://b/p");

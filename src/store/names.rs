@@ -126,7 +126,14 @@ mod tests {
 
     #[test]
     fn datastore_names() {
-        for ok in ["a", "imagenet", "image-net-2012", "0", "a1", &"x".repeat(63)] {
+        for ok in [
+            "a",
+            "imagenet",
+            "image-net-2012",
+            "0",
+            "a1",
+            &"x".repeat(63),
+        ] {
             assert_eq!(validate_datastore_name(ok), Ok(()), "{ok}");
         }
         assert_eq!(validate_datastore_name(""), Err(NameError::EmptyName));
@@ -144,15 +151,39 @@ mod tests {
 
     #[test]
     fn relative_paths() {
-        assert_eq!(split_relative_path("a/b c/é"), Ok((vec!["a", "b c", "é"], false)));
+        assert_eq!(
+            split_relative_path("a/b c/é"),
+            Ok((vec!["a", "b c", "é"], false))
+        );
         assert_eq!(split_relative_path("a/b/"), Ok((vec!["a", "b"], true)));
-        assert!(matches!(split_relative_path("/a"), Err(NameError::Absolute(_))));
-        assert!(matches!(split_relative_path("a//b"), Err(NameError::EmptySegment(_))));
-        assert!(matches!(split_relative_path("/"), Err(NameError::Absolute(_))));
-        assert!(matches!(split_relative_path("a/../b"), Err(NameError::DotSegment(_))));
-        assert!(matches!(split_relative_path("./b"), Err(NameError::DotSegment(_))));
-        assert!(matches!(split_relative_path("a\0b"), Err(NameError::Nul(_))));
-        assert!(matches!(split_relative_path(""), Err(NameError::EmptyPath(_))));
+        assert!(matches!(
+            split_relative_path("/a"),
+            Err(NameError::Absolute(_))
+        ));
+        assert!(matches!(
+            split_relative_path("a//b"),
+            Err(NameError::EmptySegment(_))
+        ));
+        assert!(matches!(
+            split_relative_path("/"),
+            Err(NameError::Absolute(_))
+        ));
+        assert!(matches!(
+            split_relative_path("a/../b"),
+            Err(NameError::DotSegment(_))
+        ));
+        assert!(matches!(
+            split_relative_path("./b"),
+            Err(NameError::DotSegment(_))
+        ));
+        assert!(matches!(
+            split_relative_path("a\0b"),
+            Err(NameError::Nul(_))
+        ));
+        assert!(matches!(
+            split_relative_path(""),
+            Err(NameError::EmptyPath(_))
+        ));
         assert!(matches!(
             split_relative_path(&"x".repeat(256)),
             Err(NameError::SegmentTooLong(_))

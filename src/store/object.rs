@@ -35,7 +35,11 @@ pub enum StoreError {
     #[error("{what} not found")]
     NotFound { what: String },
     #[error("{what} changed since the version was made (expected {expected}, found {found})")]
-    Changed { what: String, expected: String, found: String },
+    Changed {
+        what: String,
+        expected: String,
+        found: String,
+    },
     #[error("{what} already exists")]
     AlreadyExists { what: String },
     #[error("access denied to {what}: {message}")]
@@ -43,13 +47,20 @@ pub enum StoreError {
     #[error("{what}: throttled by the store ({message})")]
     Throttled { what: String, message: String },
     #[error("{what}: store answered HTTP {status} ({message})")]
-    Server { what: String, status: u16, message: String },
+    Server {
+        what: String,
+        status: u16,
+        message: String,
+    },
     #[error("{what}: store request failed: {message}")]
     Request { what: String, message: String },
     #[error("{what}: network error: {message}")]
     Network { what: String, message: String },
     #[error("{what}: timed out after {after:?}")]
-    Timeout { what: String, after: std::time::Duration },
+    Timeout {
+        what: String,
+        after: std::time::Duration,
+    },
     #[error("{what}: short or wrong-sized body ({message})")]
     Body { what: String, message: String },
     #[error("{what}: {source}")]
@@ -106,7 +117,10 @@ impl StoreError {
         if source.kind() == std::io::ErrorKind::NotFound {
             return StoreError::NotFound { what: what.into() };
         }
-        StoreError::Io { what: what.into(), source }
+        StoreError::Io {
+            what: what.into(),
+            source,
+        }
     }
 }
 
@@ -132,7 +146,12 @@ pub trait ObjectStore: Send + Sync + Debug + 'static {
 
     /// Streams bytes `range` of `key`. The stream yields exactly `range.end - range.start` bytes
     /// or ends with an error; an object that is not what `expect` says fails with `Changed`.
-    async fn get_range(&self, key: &str, range: Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError>;
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: Expect<'_>,
+    ) -> Result<ByteStream, StoreError>;
 
     /// Reads a whole (small) object.
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;

@@ -52,7 +52,10 @@ pub struct ReadTimeouts {
 
 impl Default for ReadTimeouts {
     fn default() -> Self {
-        ReadTimeouts { first_byte: Duration::from_secs(5), stall: Duration::from_secs(5) }
+        ReadTimeouts {
+            first_byte: Duration::from_secs(5),
+            stall: Duration::from_secs(5),
+        }
     }
 }
 
@@ -170,7 +173,10 @@ impl S3Client {
             .set_if_match(if_match.map(str::to_owned))
             .set_version_id(expect.version_id.map(str::to_owned));
         let resp = match tokio::time::timeout(self.timeouts.first_byte, req.send()).await {
-            Err(_) => Err(StoreError::Timeout { what: what.clone(), after: self.timeouts.first_byte }),
+            Err(_) => Err(StoreError::Timeout {
+                what: what.clone(),
+                after: self.timeouts.first_byte,
+            }),
             Ok(Err(e)) => Err(map_err(&what, e)),
             Ok(Ok(r)) => Ok(r),
         };
@@ -194,9 +200,16 @@ impl S3Client {
         }
         if let Some(size) = expect.size {
             // "bytes FIRST-LAST/TOTAL": the object must still have the size it had.
-            let total = out.content_range().and_then(|r| r.rsplit_once('/')).map(|(_, t)| t.to_owned());
+            let total = out
+                .content_range()
+                .and_then(|r| r.rsplit_once('/'))
+                .map(|(_, t)| t.to_owned());
             if let Some(total) = total.filter(|t| t != "*" && *t != size.to_string()) {
-                return Err(StoreError::Changed { what, expected: format!("{size} bytes"), found: format!("{total} bytes") });
+                return Err(StoreError::Changed {
+                    what,
+                    expected: format!("{size} bytes"),
+                    found: format!("{total} bytes"),
+                });
             }
         }
         if out.content_length() != Some(want as i64) {
@@ -212,7 +225,13 @@ impl S3Client {
     pub async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let what = format!("s3://{bucket}/{key}");
         let started = std::time::Instant::now();
-        let r = self.control.head_object().bucket(bucket).key(key).send().await;
+        let r = self
+            .control
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await;
         let r = r.map_err(|e| map_err(&what, e));
         metrics::s3_request("head", started.elapsed(), r.as_ref().err());
         match r {
@@ -229,7 +248,11 @@ impl S3Client {
     }
 
     /// Lists every object under `prefix` in `bucket`; keys are returned whole.
-    pub fn list(&self, bucket: &str, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, StoreError>> {
+    pub fn list(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> BoxStream<'static, Result<ObjectInfo, StoreError>> {
         let what = format!("listing s3://{bucket}/{prefix}");
         let pages = self
             .control
@@ -317,7 +340,8 @@ impl S3Client {
                 .map(|_| ())
                 .map_err(|e| map_err(&what, e))
         } else {
-            self.copy_multipart(&source, src_etag, size, dst_bucket, dst_key, &what).await
+            self.copy_multipart(&source, src_etag, size, dst_bucket, dst_key, &what)
+                .await
         };
         metrics::s3_request("copy", started.elapsed(), result.as_ref().err());
         result
@@ -360,15 +384,24 @@ impl S3Client {
                     .send()
                     .await
                     .map_err(|e| map_err(what, e))?;
-                let etag = r.copy_part_result().and_then(|p| p.e_tag()).map(str::to_owned);
-                parts.push(CompletedPart::builder().set_e_tag(etag).part_number(number).build());
+                let etag = r
+                    .copy_part_result()
+                    .and_then(|p| p.e_tag())
+                    .map(str::to_owned);
+                parts.push(
+                    CompletedPart::builder()
+                        .set_e_tag(etag)
+                        .part_number(number)
+                        .build(),
+                );
                 start = end;
                 number += 1;
             }
             Ok::<_, StoreError>(parts)
         }
         .await;
-        self.finish_multipart(bucket, key, &upload_id, parts, what).await
+        self.finish_multipart(bucket, key, &upload_id, parts, what)
+            .await
     }
 
     async fn finish_multipart(
@@ -380,18 +413,21 @@ impl S3Client {
         what: &str,
     ) -> Result<(), StoreError> {
         let completed = match parts {
-            Ok(parts) => {
-                self.control
-                    .complete_multipart_upload()
-                    .bucket(bucket)
-                    .key(key)
-                    .upload_id(upload_id)
-                    .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(parts)).build())
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| map_err(what, e))
-            }
+            Ok(parts) => self
+                .control
+                .complete_multipart_upload()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| map_err(what, e)),
             Err(e) => Err(e),
         };
         if completed.is_err() {
@@ -419,7 +455,9 @@ fn encode_key(key: &str) -> String {
     let mut out = String::with_capacity(key.len());
     for b in key.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -427,29 +465,43 @@ fn encode_key(key: &str) -> String {
 }
 
 fn datetime_ns(d: &aws_smithy_types::DateTime) -> i64 {
-    d.secs().saturating_mul(1_000_000_000).saturating_add(i64::from(d.subsec_nanos()))
+    d.secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(i64::from(d.subsec_nanos()))
 }
 
 /// Turns an SDK body into a stream that yields exactly `want` bytes or fails.
 fn body_stream(body: SdkBody, want: u64, what: String, stall: Duration) -> ByteStream {
-    futures::stream::try_unfold((body, 0u64, what), move |(mut body, got, what)| async move {
-        if got == want {
-            return Ok(None);
-        }
-        match tokio::time::timeout(stall, body.next()).await {
-            Err(_) => Err(StoreError::Timeout { what, after: stall }),
-            Ok(None) => Err(StoreError::Body { what, message: format!("body ended after {got} of {want} bytes") }),
-            Ok(Some(Err(e))) => Err(StoreError::Network { what, message: DisplayErrorContext(&e).to_string() }),
-            Ok(Some(Ok(chunk))) => {
-                let got = got + chunk.len() as u64;
-                if got > want {
-                    return Err(StoreError::Body { what, message: format!("body longer than {want} bytes") });
-                }
-                metrics::s3_bytes(chunk.len() as u64);
-                Ok(Some((chunk, (body, got, what))))
+    futures::stream::try_unfold(
+        (body, 0u64, what),
+        move |(mut body, got, what)| async move {
+            if got == want {
+                return Ok(None);
             }
-        }
-    })
+            match tokio::time::timeout(stall, body.next()).await {
+                Err(_) => Err(StoreError::Timeout { what, after: stall }),
+                Ok(None) => Err(StoreError::Body {
+                    what,
+                    message: format!("body ended after {got} of {want} bytes"),
+                }),
+                Ok(Some(Err(e))) => Err(StoreError::Network {
+                    what,
+                    message: DisplayErrorContext(&e).to_string(),
+                }),
+                Ok(Some(Ok(chunk))) => {
+                    let got = got + chunk.len() as u64;
+                    if got > want {
+                        return Err(StoreError::Body {
+                            what,
+                            message: format!("body longer than {want} bytes"),
+                        });
+                    }
+                    metrics::s3_bytes(chunk.len() as u64);
+                    Ok(Some((chunk, (body, got, what))))
+                }
+            }
+        },
+    )
     .boxed()
 }
 
@@ -462,25 +514,43 @@ where
     let what = what.to_owned();
     let message = DisplayErrorContext(&err).to_string();
     match &err {
-        SdkError::TimeoutError(_) => StoreError::Timeout { what, after: Duration::ZERO },
+        SdkError::TimeoutError(_) => StoreError::Timeout {
+            what,
+            after: Duration::ZERO,
+        },
         SdkError::DispatchFailure(d) if d.is_user() => StoreError::Config(message),
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => StoreError::Network { what, message },
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Network { what, message }
+        }
         SdkError::ConstructionFailure(_) => StoreError::Config(message),
         SdkError::ServiceError(se) => {
             let status = se.raw().status_code();
             let code = se.err().code().unwrap_or("");
             let message = se.err().message().unwrap_or(code).to_owned();
             match (status, code) {
-                (404, _) | (_, "NoSuchKey" | "NoSuchBucket" | "NotFound") => StoreError::NotFound { what },
+                (404, _) | (_, "NoSuchKey" | "NoSuchBucket" | "NotFound") => {
+                    StoreError::NotFound { what }
+                }
                 (403, _) | (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch") => {
                     StoreError::Denied { what, message }
                 }
                 (503 | 429, _) | (_, "SlowDown" | "Throttling" | "RequestLimitExceeded") => {
                     StoreError::Throttled { what, message }
                 }
-                (s, _) if s >= 500 => StoreError::Server { what, status: s, message },
-                (412, _) => StoreError::Server { what, status: 412, message },
-                (s, _) => StoreError::Request { what, message: format!("HTTP {s}: {message}") },
+                (s, _) if s >= 500 => StoreError::Server {
+                    what,
+                    status: s,
+                    message,
+                },
+                (412, _) => StoreError::Server {
+                    what,
+                    status: 412,
+                    message,
+                },
+                (s, _) => StoreError::Request {
+                    what,
+                    message: format!("HTTP {s}: {message}"),
+                },
             }
         }
         _ => StoreError::Request { what, message },
@@ -510,8 +580,16 @@ pub struct S3Store {
 impl S3Store {
     pub fn new(client: S3Client, bucket: &str, prefix: &str) -> S3Store {
         let prefix = prefix.trim_matches('/');
-        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
-        S3Store { client, bucket: bucket.to_owned(), prefix }
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}/")
+        };
+        S3Store {
+            client,
+            bucket: bucket.to_owned(),
+            prefix,
+        }
     }
 
     /// The client, for reading objects outside the store (reference mode) and S3 sources.
@@ -584,7 +662,12 @@ impl S3Store {
                     Some(done) => {
                         let (n, etag, len) = done?;
                         progress(len);
-                        parts.push(CompletedPart::builder().set_e_tag(etag).part_number(n).build());
+                        parts.push(
+                            CompletedPart::builder()
+                                .set_e_tag(etag)
+                                .part_number(n)
+                                .build(),
+                        );
                     }
                     None => break,
                 }
@@ -593,7 +676,9 @@ impl S3Store {
             Ok(parts)
         }
         .await;
-        self.client.finish_multipart(&self.bucket, key, &upload_id, parts, &what).await
+        self.client
+            .finish_multipart(&self.bucket, key, &upload_id, parts, &what)
+            .await
     }
 }
 
@@ -603,15 +688,29 @@ impl ObjectStore for S3Store {
         format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
     }
 
-    async fn get_range(&self, key: &str, range: Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError> {
-        self.client.get_range(&self.bucket, &self.full_key(key), range, expect).await
+    async fn get_range(
+        &self,
+        key: &str,
+        range: Range<u64>,
+        expect: Expect<'_>,
+    ) -> Result<ByteStream, StoreError> {
+        self.client
+            .get_range(&self.bucket, &self.full_key(key), range, expect)
+            .await
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let full = self.full_key(key);
         let what = format!("s3://{}/{full}", self.bucket);
         let started = std::time::Instant::now();
-        let r = self.client.control.get_object().bucket(&self.bucket).key(&full).send().await;
+        let r = self
+            .client
+            .control
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await;
         let r = r.map_err(|e| map_err(&what, e));
         metrics::s3_request("get", started.elapsed(), r.as_ref().err());
         let body = r?.body.collect().await.map_err(|e| StoreError::Network {
@@ -642,7 +741,9 @@ impl ObjectStore for S3Store {
             .await
             .map(|_| ())
             .map_err(|e| match map_err(&what, e) {
-                StoreError::Server { status: 412, .. } => StoreError::AlreadyExists { what: what.clone() },
+                StoreError::Server { status: 412, .. } => {
+                    StoreError::AlreadyExists { what: what.clone() }
+                }
                 e => e,
             });
         metrics::s3_request("put", started.elapsed(), r.as_ref().err());
@@ -657,13 +758,21 @@ impl ObjectStore for S3Store {
     ) -> Result<[u8; 32], StoreError> {
         let full = self.full_key(key);
         let src = format!("reading {}", path.display());
-        let mut file = tokio::fs::File::open(path).await.map_err(|e| StoreError::io(&src, e))?;
-        let size = file.metadata().await.map_err(|e| StoreError::io(&src, e))?.len();
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| StoreError::io(&src, e))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| StoreError::io(&src, e))?
+            .len();
         let mut hasher = Sha256::new();
         let started = std::time::Instant::now();
         let r = if size <= SINGLE_PUT_MAX {
             let mut buf = Vec::with_capacity(size as usize);
-            file.read_to_end(&mut buf).await.map_err(|e| StoreError::io(&src, e))?;
+            file.read_to_end(&mut buf)
+                .await
+                .map_err(|e| StoreError::io(&src, e))?;
             hasher.update(&buf);
             let len = buf.len() as u64;
             let what = format!("uploading s3://{}/{full}", self.bucket);
@@ -683,7 +792,8 @@ impl ObjectStore for S3Store {
             }
             r
         } else {
-            self.put_multipart(&full, &mut file, size, &mut hasher, progress).await
+            self.put_multipart(&full, &mut file, size, &mut hasher, progress)
+                .await
         };
         metrics::s3_request("put", started.elapsed(), r.as_ref().err());
         r?;
@@ -714,7 +824,9 @@ impl ObjectStore for S3Store {
     }
 
     async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.client.list_dirs(&self.bucket, &self.full_key(prefix)).await
+        self.client
+            .list_dirs(&self.bucket, &self.full_key(prefix))
+            .await
     }
 
     async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {

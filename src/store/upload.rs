@@ -70,7 +70,10 @@ pub struct UploadOptions {
 
 impl Default for UploadOptions {
     fn default() -> Self {
-        UploadOptions { concurrency: 16, symlinks: SymlinkPolicy::Preserve }
+        UploadOptions {
+            concurrency: 16,
+            symlinks: SymlinkPolicy::Preserve,
+        }
     }
 }
 
@@ -106,19 +109,30 @@ struct Scan {
 }
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
-    m.mtime().saturating_mul(1_000_000_000).saturating_add(m.mtime_nsec())
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
 }
 
 fn shown(comps: &[OsString]) -> String {
-    comps.iter().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join("/")
+    comps
+        .iter()
+        .map(|c| c.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Walks `root` into a manifest builder (directories and links) and a list of files.
 fn scan(root: &Path, policy: SymlinkPolicy) -> Result<Scan> {
-    let io = |what: &Path, e: std::io::Error| Error::Store(StoreError::io(what.display().to_string(), e));
+    let io = |what: &Path, e: std::io::Error| {
+        Error::Store(StoreError::io(what.display().to_string(), e))
+    };
     let root_meta = std::fs::metadata(root).map_err(|e| io(root, e))?;
     if !root_meta.is_dir() {
-        return Err(Error::Source(format!("{} is not a directory", root.display())));
+        return Err(Error::Source(format!(
+            "{} is not a directory",
+            root.display()
+        )));
     }
     let mut builder = ManifestBuilder::new(mtime_ns(&root_meta));
     builder.set_root(root_meta.mode() & 0o7777, mtime_ns(&root_meta));
@@ -138,7 +152,10 @@ fn scan(root: &Path, policy: SymlinkPolicy) -> Result<Scan> {
             child.push(entry.file_name());
             let path = entry.path();
             if let Err(e) = names::validate_component(&entry.file_name()) {
-                skipped.push(Skipped { path: shown(&child), reason: e.to_string() });
+                skipped.push(Skipped {
+                    path: shown(&child),
+                    reason: e.to_string(),
+                });
                 continue;
             }
             let lmeta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
@@ -156,7 +173,10 @@ fn scan(root: &Path, policy: SymlinkPolicy) -> Result<Scan> {
                     SymlinkPolicy::Follow => match std::fs::metadata(&path) {
                         Ok(m) => m,
                         Err(e) => {
-                            skipped.push(Skipped { path: shown(&child), reason: format!("dangling symlink: {e}") });
+                            skipped.push(Skipped {
+                                path: shown(&child),
+                                reason: format!("dangling symlink: {e}"),
+                            });
                             continue;
                         }
                     },
@@ -167,10 +187,19 @@ fn scan(root: &Path, policy: SymlinkPolicy) -> Result<Scan> {
             let ft = meta.file_type();
             if ft.is_dir() {
                 if !visited.insert((meta.dev(), meta.ino())) {
-                    skipped.push(Skipped { path: shown(&child), reason: "symlink loop".into() });
+                    skipped.push(Skipped {
+                        path: shown(&child),
+                        reason: "symlink loop".into(),
+                    });
                     continue;
                 }
-                builder.insert(&child, Node::Dir { mode: meta.mode() & 0o7777, mtime_ns: mtime_ns(&meta) })?;
+                builder.insert(
+                    &child,
+                    Node::Dir {
+                        mode: meta.mode() & 0o7777,
+                        mtime_ns: mtime_ns(&meta),
+                    },
+                )?;
                 stack.push((path, child));
             } else if ft.is_file() {
                 files.push(ScannedFile {
@@ -181,11 +210,18 @@ fn scan(root: &Path, policy: SymlinkPolicy) -> Result<Scan> {
                     mtime_ns: mtime_ns(&meta),
                 });
             } else {
-                skipped.push(Skipped { path: shown(&child), reason: "not a regular file, directory or symlink".into() });
+                skipped.push(Skipped {
+                    path: shown(&child),
+                    reason: "not a regular file, directory or symlink".into(),
+                });
             }
         }
     }
-    Ok(Scan { builder, files, skipped })
+    Ok(Scan {
+        builder,
+        files,
+        skipped,
+    })
 }
 
 /// Hashes a file; returns its id and, for small files, its bytes (read once, uploaded from memory).
@@ -196,7 +232,10 @@ fn hash_file(path: &Path, size: u64) -> std::io::Result<([u8; 32], Option<Bytes>
         let mut buf = Vec::with_capacity(size as usize);
         f.read_to_end(&mut buf)?;
         if buf.len() as u64 != size {
-            return Err(std::io::Error::other(format!("{} changed size while being read", path.display())));
+            return Err(std::io::Error::other(format!(
+                "{} changed size while being read",
+                path.display()
+            )));
         }
         let id: [u8; 32] = Sha256::digest(&buf).into();
         return Ok((id, Some(Bytes::from(buf))));
@@ -224,11 +263,19 @@ pub async fn create_from_dir(
     names::validate_datastore_name(name)?;
     let src_owned = src.to_path_buf();
     let policy = opts.symlinks;
-    let Scan { mut builder, files, mut skipped } = tokio::task::spawn_blocking(move || scan(&src_owned, policy))
+    let Scan {
+        mut builder,
+        files,
+        mut skipped,
+    } = tokio::task::spawn_blocking(move || scan(&src_owned, policy))
         .await
         .map_err(|e| Error::Source(format!("scanning failed: {e}")))??;
-    progress.files_total.store(files.len() as u64, Ordering::Relaxed);
-    progress.bytes_total.store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
+    progress
+        .files_total
+        .store(files.len() as u64, Ordering::Relaxed);
+    progress
+        .bytes_total
+        .store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
     tracing::info!(datastore = name, source = %src.display(), files = files.len(), "scanned source");
 
     let previous = match store.latest(name).await? {
@@ -263,10 +310,16 @@ pub async fn create_from_dir(
             mode: f.mode,
             mtime_ns: f.mtime_ns,
             size: f.size,
-            blob: Blob { id, location: Location::Store },
+            blob: Blob {
+                id,
+                location: Location::Store,
+            },
         };
         for s in builder.insert(&f.comps, node)? {
-            skipped.push(Skipped { path: s.path, reason: "a directory of the same name exists".into() });
+            skipped.push(Skipped {
+                path: s.path,
+                reason: "a directory of the same name exists".into(),
+            });
         }
     }
     let manifest = tokio::task::spawn_blocking(move || builder.finish())
@@ -297,7 +350,12 @@ pub async fn create_from_dir(
         transferred_bytes = info.transferred_bytes,
         "committed version"
     );
-    Ok(Report { version, info, skipped, unchanged: false })
+    Ok(Report {
+        version,
+        info,
+        skipped,
+        unchanged: false,
+    })
 }
 
 /// Gives one file its id and uploads its content unless the store already has it.
@@ -310,7 +368,12 @@ async fn upload_one(
     progress: &Progress,
 ) -> Result<[u8; 32]> {
     let reused = previous.as_ref().and_then(|m| {
-        let rel: Vec<u8> = f.comps.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/');
+        let rel: Vec<u8> = f
+            .comps
+            .iter()
+            .map(|c| c.as_bytes())
+            .collect::<Vec<_>>()
+            .join(&b'/');
         let e = m.resolve(&rel)?;
         let blob = e.blob()?;
         (e.kind() == Kind::File
@@ -353,7 +416,8 @@ async fn upload_one(
                     let _ = store.objects().delete(std::slice::from_ref(&key)).await;
                     Err(StoreError::Body {
                         what: f.path.display().to_string(),
-                        message: "the file changed while it was being uploaded; run create again".into(),
+                        message: "the file changed while it was being uploaded; run create again"
+                            .into(),
                     })
                 }
                 Err(e) => Err(e),

@@ -73,7 +73,11 @@ pub fn server() -> &'static TestServer {
 /// A fresh, unique bucket name.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// S3 options that reach `server` with the credentials it accepts.
@@ -92,15 +96,23 @@ pub fn s3_options(server: &TestServer, timeouts: ReadTimeouts) -> S3Options {
 
 /// Short timeouts so that fault tests stay fast.
 pub fn fast_timeouts() -> ReadTimeouts {
-    ReadTimeouts { first_byte: Duration::from_secs(1), stall: Duration::from_secs(1) }
+    ReadTimeouts {
+        first_byte: Duration::from_secs(1),
+        stall: Duration::from_secs(1),
+    }
 }
 
 /// A store in a new bucket of `server`.
 pub fn s3_store_on(server: &TestServer, timeouts: ReadTimeouts) -> (Store, String) {
     let bucket = unique("store");
     server.create_bucket(&bucket).expect("create bucket");
-    let url = StoreUrl::S3 { bucket: bucket.clone(), prefix: "pfx".into() };
-    let store = rt().block_on(Store::open(&url, s3_options(server, timeouts))).expect("open S3 store");
+    let url = StoreUrl::S3 {
+        bucket: bucket.clone(),
+        prefix: "pfx".into(),
+    };
+    let store = rt()
+        .block_on(Store::open(&url, s3_options(server, timeouts)))
+        .expect("open S3 store");
     (store, bucket)
 }
 
@@ -112,7 +124,8 @@ pub fn s3_store() -> (Store, String) {
 /// A store in a new local directory (its S3 client, for sources, reaches the shared server).
 pub fn local_store(dir: &Path) -> Store {
     let url = StoreUrl::Local(dir.to_path_buf());
-    rt().block_on(Store::open(&url, s3_options(server(), fast_timeouts()))).expect("open local store")
+    rt().block_on(Store::open(&url, s3_options(server(), fast_timeouts())))
+        .expect("open local store")
 }
 
 /// A mounted version; unmounts on drop.
@@ -143,18 +156,52 @@ impl Drop for TestMount {
 }
 
 /// Builds the filesystem of a version (no mount).
-pub fn open_fs(store: &Store, name: &str, version: u64, cache: Option<Arc<BlockCache>>, cfg: FetchConfig) -> Arc<DatastoreFs> {
-    let manifest = Arc::new(rt().block_on(store.load_manifest(name, version)).expect("load manifest"));
+pub fn open_fs(
+    store: &Store,
+    name: &str,
+    version: u64,
+    cache: Option<Arc<BlockCache>>,
+    cfg: FetchConfig,
+) -> Arc<DatastoreFs> {
+    let manifest = Arc::new(
+        rt().block_on(store.load_manifest(name, version))
+            .expect("load manifest"),
+    );
     let fetcher = Fetcher::new(store.clone(), cache, cfg);
-    Arc::new(DatastoreFs::new(name, version, manifest, fetcher, FsOptions::default()))
+    Arc::new(DatastoreFs::new(
+        name,
+        version,
+        manifest,
+        fetcher,
+        FsOptions::default(),
+    ))
 }
 
 /// Mounts a version with FUSE in a fresh directory.
-pub fn mount_version(store: &Store, name: &str, version: u64, cache: Option<Arc<BlockCache>>, cfg: FetchConfig) -> TestMount {
+pub fn mount_version(
+    store: &Store,
+    name: &str,
+    version: u64,
+    cache: Option<Arc<BlockCache>>,
+    cfg: FetchConfig,
+) -> TestMount {
     let fs = open_fs(store, name, version, cache, cfg);
-    let dir = tempfile::Builder::new().prefix("mnt").tempdir().expect("mount dir");
-    let mounted = mount(fs.clone(), dir.path(), &MountConfig::default(), rt().handle().clone()).expect("mount");
-    TestMount { fs, mounted: Some(mounted), dir }
+    let dir = tempfile::Builder::new()
+        .prefix("mnt")
+        .tempdir()
+        .expect("mount dir");
+    let mounted = mount(
+        fs.clone(),
+        dir.path(),
+        &MountConfig::default(),
+        rt().handle().clone(),
+    )
+    .expect("mount");
+    TestMount {
+        fs,
+        mounted: Some(mounted),
+        dir,
+    }
 }
 
 /// Opens a cache in `dir` with the default block size.
@@ -208,17 +255,42 @@ pub fn tree_facts(root: &Path) -> BTreeMap<PathBuf, NodeFacts> {
             let mtime_ns = m.mtime() * 1_000_000_000 + m.mtime_nsec();
             let facts = if m.file_type().is_symlink() {
                 let t = std::fs::read_link(&p).expect("readlink");
-                NodeFacts { kind: "symlink", size: 0, mode: 0, mtime_ns, digest: t.display().to_string() }
+                NodeFacts {
+                    kind: "symlink",
+                    size: 0,
+                    mode: 0,
+                    mtime_ns,
+                    digest: t.display().to_string(),
+                }
             } else if m.is_dir() {
                 stack.push(p.clone());
-                let mut names: Vec<String> =
-                    std::fs::read_dir(&p).expect("ls").map(|e| e.expect("e").file_name().to_string_lossy().into_owned()).collect();
+                let mut names: Vec<String> = std::fs::read_dir(&p)
+                    .expect("ls")
+                    .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+                    .collect();
                 names.sort();
-                NodeFacts { kind: "dir", size: 0, mode: m.mode() & 0o7777, mtime_ns, digest: names.join("/") }
+                NodeFacts {
+                    kind: "dir",
+                    size: 0,
+                    mode: m.mode() & 0o7777,
+                    mtime_ns,
+                    digest: names.join("/"),
+                }
             } else {
                 let data = std::fs::read(&p).expect("read");
-                assert_eq!(data.len() as u64, m.len(), "{}: read length differs from stat size", p.display());
-                NodeFacts { kind: "file", size: m.len(), mode: m.mode() & 0o7777, mtime_ns, digest: hex::encode(Sha256::digest(&data)) }
+                assert_eq!(
+                    data.len() as u64,
+                    m.len(),
+                    "{}: read length differs from stat size",
+                    p.display()
+                );
+                NodeFacts {
+                    kind: "file",
+                    size: m.len(),
+                    mode: m.mode() & 0o7777,
+                    mtime_ns,
+                    digest: hex::encode(Sha256::digest(&data)),
+                }
             };
             out.insert(rel, facts);
         }

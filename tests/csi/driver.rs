@@ -43,9 +43,18 @@ impl Driver {
     pub fn start() -> Driver {
         init_logging();
         let (store, bucket) = s3_store();
-        let dir = tempfile::Builder::new().prefix("csi").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("csi")
+            .tempdir()
+            .expect("tempdir");
         std::fs::create_dir_all(dir.path().join("kubelet")).expect("kubelet dir");
-        let mut d = Driver { dir, store_url: format!("s3://{bucket}/pfx"), bucket, store, child: None };
+        let mut d = Driver {
+            dir,
+            store_url: format!("s3://{bucket}/pfx"),
+            bucket,
+            store,
+            child: None,
+        };
         d.spawn();
         d
     }
@@ -61,7 +70,12 @@ impl Driver {
             .arg("csi")
             .args(["--endpoint", &format!("unix://{}", self.socket().display())])
             .args(["--mode", "all", "--node-id", "node-a"])
-            .args(["--store", &self.store_url, "--s3-endpoint", &server().endpoint()])
+            .args([
+                "--store",
+                &self.store_url,
+                "--s3-endpoint",
+                &server().endpoint(),
+            ])
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("--kubelet-dir")
@@ -87,9 +101,17 @@ impl Driver {
                 break;
             }
             if let Some(c) = self.child.as_mut() {
-                assert!(c.try_wait().expect("wait").is_none(), "driver exited; log:\n{}", self.log());
+                assert!(
+                    c.try_wait().expect("wait").is_none(),
+                    "driver exited; log:\n{}",
+                    self.log()
+                );
             }
-            assert!(started.elapsed() < Duration::from_secs(30), "driver socket did not appear; log:\n{}", self.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "driver socket did not appear; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -126,9 +148,15 @@ impl Driver {
         for (p, data) in files {
             write_file(&src.path().join(p), data, 0o644);
         }
-        rt().block_on(create_from_dir(&self.store, name, src.path(), &UploadOptions::default(), &Progress::default()))
-            .expect("create datastore")
-            .version
+        rt().block_on(create_from_dir(
+            &self.store,
+            name,
+            src.path(),
+            &UploadOptions::default(),
+            &Progress::default(),
+        ))
+        .expect("create datastore")
+        .version
     }
 
     /// A path under the kubelet directory.
@@ -143,7 +171,11 @@ impl Drop for Driver {
         kill_matching(&self.holder_socket().display().to_string());
         // Unmount whatever this driver left under its directory (failed tests).
         let dir = self.dir.path().to_path_buf();
-        for m in datastore::mount::mounts().unwrap_or_default().into_iter().rev() {
+        for m in datastore::mount::mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .rev()
+        {
             if m.mount_point.starts_with(&dir) {
                 let _ = nix::mount::umount2(&m.mount_point, nix::mount::MntFlags::MNT_DETACH);
             }
@@ -170,7 +202,9 @@ pub async fn channel(path: &Path) -> Channel {
 /// Kills every process whose command line contains `needle`.
 pub fn kill_matching(needle: &str) {
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(needle) && pid != std::process::id() as i32 {
@@ -186,13 +220,17 @@ pub fn ro_cap() -> pb::VolumeCapability {
 
 pub fn cap(mode: pb::volume_capability::access_mode::Mode) -> pb::VolumeCapability {
     pb::VolumeCapability {
-        access_type: Some(pb::volume_capability::AccessType::Mount(pb::volume_capability::MountVolume::default())),
+        access_type: Some(pb::volume_capability::AccessType::Mount(
+            pb::volume_capability::MountVolume::default(),
+        )),
         access_mode: Some(pb::volume_capability::AccessMode { mode: mode as i32 }),
     }
 }
 
 pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
-    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Asserts a gRPC result failed with `code`.
@@ -215,7 +253,11 @@ pub fn our_mounts(dir: &Path) -> Vec<datastore::mount::MountEntry> {
 
 /// Open file descriptors and threads of a process.
 pub fn fds_and_threads(pid: u32) -> (usize, usize) {
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     (fds, threads)
 }

@@ -14,13 +14,22 @@ fn kill9_and_restart_keeps_published_mounts_working() {
     let mut d = Driver::start();
     let v = d.create_datastore(
         "crash",
-        &[("warm.txt", b"read before the crash".to_vec()), ("inflight.bin", bytes(11, 2 << 20)), ("after.bin", bytes(12, 1 << 20))],
+        &[
+            ("warm.txt", b"read before the crash".to_vec()),
+            ("inflight.bin", bytes(11, 2 << 20)),
+            ("after.bin", bytes(12, 1 << 20)),
+        ],
     );
-    let ctx = params(&[("datastore", "crash"), ("version", &v.to_string()), ("store", &d.store_url)]);
+    let ctx = params(&[
+        ("datastore", "crash"),
+        ("version", &v.to_string()),
+        ("store", &d.store_url),
+    ]);
     let staging = d.kpath("plugins/staging/crash");
     let target = d.kpath("pods/pod-c/volumes/kubernetes.io~csi/crash/mount");
     std::fs::create_dir_all(&staging).expect("staging");
-    std::fs::create_dir_all(std::path::Path::new(&target).parent().expect("parent")).expect("parent");
+    std::fs::create_dir_all(std::path::Path::new(&target).parent().expect("parent"))
+        .expect("parent");
     let mut n = d.node();
     rt().block_on(n.node_stage_volume(pb::NodeStageVolumeRequest {
         volume_id: "vol-crash".into(),
@@ -39,13 +48,23 @@ fn kill9_and_restart_keeps_published_mounts_working() {
         ..Default::default()
     }))
     .expect("publish");
-    assert_eq!(std::fs::read(format!("{target}/warm.txt")).expect("read"), b"read before the crash");
+    assert_eq!(
+        std::fs::read(format!("{target}/warm.txt")).expect("read"),
+        b"read before the crash"
+    );
     drop(n);
 
     // A reader that is waiting for the store when the plugin dies. It runs in its own process:
     // a process with files open on the mount would block in exec() (FLUSH on close-on-exec)
     // when it starts the new plugin.
-    server().set_faults(&d.bucket, Faults { stall: 1.0, stall_for: Duration::from_millis(2500), ..Default::default() });
+    server().set_faults(
+        &d.bucket,
+        Faults {
+            stall: 1.0,
+            stall_for: Duration::from_millis(2500),
+            ..Default::default()
+        },
+    );
     let reader = std::process::Command::new("sha256sum")
         .arg(format!("{target}/inflight.bin"))
         .stdout(std::process::Stdio::piped())
@@ -56,7 +75,10 @@ fn kill9_and_restart_keeps_published_mounts_working() {
     d.kill9();
     server().set_faults(&d.bucket, Faults::default());
     // The holder keeps the connection: the mount is not broken, requests wait.
-    assert!(our_mounts(d.dir.path()).len() == 2, "mounts vanished with the plugin");
+    assert!(
+        our_mounts(d.dir.path()).len() == 2,
+        "mounts vanished with the plugin"
+    );
 
     let restarted = Instant::now();
     d.spawn();
@@ -64,20 +86,46 @@ fn kill9_and_restart_keeps_published_mounts_working() {
     std::thread::spawn(move || {
         let _ = tx.send(reader.wait_with_output());
     });
-    let out = rx.recv_timeout(Duration::from_secs(30)).expect("the in-flight read never returned").expect("reader");
-    assert!(out.status.success(), "the in-flight read failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the in-flight read never returned")
+        .expect("reader");
+    assert!(
+        out.status.success(),
+        "the in-flight read failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes(11, 2 << 20)));
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want), "the in-flight read got wrong bytes");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(&want),
+        "the in-flight read got wrong bytes"
+    );
     let after = std::fs::read(format!("{target}/after.bin")).expect("read after restart");
     assert!(after == bytes(12, 1 << 20));
     let took = restarted.elapsed();
-    assert!(took < Duration::from_secs(10), "reads worked again only after {took:?}");
-    assert!(d.log().contains("resumed serving the existing FUSE connection"), "log:\n{}", d.log());
+    assert!(
+        took < Duration::from_secs(10),
+        "reads worked again only after {took:?}"
+    );
+    assert!(
+        d.log()
+            .contains("resumed serving the existing FUSE connection"),
+        "log:\n{}",
+        d.log()
+    );
 
     // And the volume is still managed: a normal teardown works.
     let mut n = d.node();
-    rt().block_on(n.node_unpublish_volume(pb::NodeUnpublishVolumeRequest { volume_id: "vol-crash".into(), target_path: target })).expect("unpublish");
-    rt().block_on(n.node_unstage_volume(pb::NodeUnstageVolumeRequest { volume_id: "vol-crash".into(), staging_target_path: staging })).expect("unstage");
+    rt().block_on(n.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: "vol-crash".into(),
+        target_path: target,
+    }))
+    .expect("unpublish");
+    rt().block_on(n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: "vol-crash".into(),
+        staging_target_path: staging,
+    }))
+    .expect("unstage");
     assert!(our_mounts(d.dir.path()).is_empty());
 }
 
@@ -85,7 +133,11 @@ fn kill9_and_restart_keeps_published_mounts_working() {
 fn restart_without_holder_remounts_broken_volumes() {
     let mut d = Driver::start();
     let v = d.create_datastore("nohold", &[("a.txt", b"alpha".to_vec())]);
-    let ctx = params(&[("datastore", "nohold"), ("version", &v.to_string()), ("store", &d.store_url)]);
+    let ctx = params(&[
+        ("datastore", "nohold"),
+        ("version", &v.to_string()),
+        ("store", &d.store_url),
+    ]);
     let staging = d.kpath("plugins/staging/nohold");
     std::fs::create_dir_all(&staging).expect("staging");
     let mut n = d.node();
@@ -105,6 +157,13 @@ fn restart_without_holder_remounts_broken_volumes() {
     let e = std::fs::read_dir(&staging).expect_err("broken mount");
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
     d.spawn();
-    assert_eq!(std::fs::read(format!("{staging}/a.txt")).expect("read after recovery"), b"alpha");
-    assert!(d.log().contains("remounted a broken volume"), "log:\n{}", d.log());
+    assert_eq!(
+        std::fs::read(format!("{staging}/a.txt")).expect("read after recovery"),
+        b"alpha"
+    );
+    assert!(
+        d.log().contains("remounted a broken volume"),
+        "log:\n{}",
+        d.log()
+    );
 }

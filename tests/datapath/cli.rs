@@ -17,7 +17,12 @@ fn datastore(store: &Path, args: &[&str]) -> Output {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -35,12 +40,26 @@ fn cli_lifecycle() {
     write_file(&src.join("hello.txt"), b"hello\n", 0o644);
     write_file(&src.join("data/x.bin"), &bytes(3, 70_000), 0o600);
 
-    assert_eq!(ok(&datastore(&store, &["create", "demo", src.to_str().expect("utf8")])).trim(), "1");
+    assert_eq!(
+        ok(&datastore(
+            &store,
+            &["create", "demo", src.to_str().expect("utf8")]
+        ))
+        .trim(),
+        "1"
+    );
     write_file(&src.join("hello.txt"), b"hello again\n", 0o644);
     let src_flag = format!("--source={}", src.display());
-    assert_eq!(ok(&datastore(&store, &["create", "demo", &src_flag])).trim(), "2");
+    assert_eq!(
+        ok(&datastore(&store, &["create", "demo", &src_flag])).trim(),
+        "2"
+    );
     let list = ok(&datastore(&store, &["list"]));
-    assert!(list.lines().any(|l| l.starts_with("demo ") && l.split_whitespace().nth(1) == Some("2")), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("demo ") && l.split_whitespace().nth(1) == Some("2")),
+        "{list}"
+    );
     let versions = ok(&datastore(&store, &["versions", "demo"]));
     assert_eq!(versions.lines().count(), 3, "{versions}");
 
@@ -48,9 +67,14 @@ fn cli_lifecycle() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
     let cache_dir = dir.path().join("cache");
+    let metrics_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+        l.local_addr().expect("addr").port()
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_datastore"))
         .args(["mount", "demo@1"])
         .arg(&mnt)
+        .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
         .arg("--store")
         .arg(&store)
         .arg("--cache-dir")
@@ -62,12 +86,44 @@ fn cli_lifecycle() {
         .expect("spawn mount");
     let started = Instant::now();
     while !is_mounted(&mnt) {
-        assert!(started.elapsed() < Duration::from_secs(20), "mount did not appear");
-        assert!(child.try_wait().expect("wait").is_none(), "mount exited early");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "mount did not appear"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "mount exited early"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(std::fs::read(mnt.join("hello.txt")).expect("read"), b"hello\n");
-    assert_eq!(std::fs::read(mnt.join("data/x.bin")).expect("read"), bytes(3, 70_000));
+    assert_eq!(
+        std::fs::read(mnt.join("hello.txt")).expect("read"),
+        b"hello\n"
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("data/x.bin")).expect("read"),
+        bytes(3, 70_000)
+    );
+    // Prometheus metrics of the mount.
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("metrics endpoint");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut out = String::new();
+        s.read_to_string(&mut out).expect("response");
+        out
+    };
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    for name in [
+        "datastore_fuse_read_bytes_total",
+        "datastore_cache_misses_total",
+        "datastore_s3_read_bytes_total",
+        "datastore_cache_size_bytes",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
     // SAFETY: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().expect("wait");

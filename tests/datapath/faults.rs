@@ -15,7 +15,8 @@ fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'st
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("operation did not finish within {limit:?}"))
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("operation did not finish within {limit:?}"))
 }
 
 #[test]
@@ -25,20 +26,40 @@ fn faults_are_retried_and_bytes_stay_correct() {
     let src = tempfile::tempdir().expect("tempdir");
     let mut expected = Vec::new();
     for i in 0..12u64 {
-        let len = if i % 3 == 0 { (3 << 20) + 777 } else { 40_000 + i as usize };
+        let len = if i % 3 == 0 {
+            (3 << 20) + 777
+        } else {
+            40_000 + i as usize
+        };
         let data = bytes(i + 100, len);
         write_file(&src.path().join(format!("f{i}")), &data, 0o644);
         expected.push((format!("f{i}"), data));
     }
     let r = rt()
-        .block_on(create_from_dir(&store, "faulty", src.path(), &UploadOptions::default(), &Progress::default()))
+        .block_on(create_from_dir(
+            &store,
+            "faulty",
+            src.path(),
+            &UploadOptions::default(),
+            &Progress::default(),
+        ))
         .expect("create");
-    let cfg = FetchConfig { deadline: Duration::from_secs(60), max_run_blocks: 2, ..FetchConfig::default() };
+    let cfg = FetchConfig {
+        deadline: Duration::from_secs(60),
+        max_run_blocks: 2,
+        ..FetchConfig::default()
+    };
     let m = mount_version(&store, "faulty", r.version, None, cfg);
     server().reset_counts(&bucket);
     server().set_faults(
         &bucket,
-        Faults { slow_down: 0.15, internal_error: 0.1, reset: 0.2, stall: 0.05, stall_for: Duration::from_millis(1500) },
+        Faults {
+            slow_down: 0.15,
+            internal_error: 0.1,
+            reset: 0.2,
+            stall: 0.05,
+            stall_for: Duration::from_millis(1500),
+        },
     );
     let root = m.path().to_path_buf();
     within(Duration::from_secs(120), move || {
@@ -49,7 +70,10 @@ fn faults_are_retried_and_bytes_stay_correct() {
     });
     server().set_faults(&bucket, Faults::default());
     let counts = server().counts(&bucket);
-    assert!(counts.get > 16, "faults should have caused retries: {counts:?}");
+    assert!(
+        counts.get > 16,
+        "faults should have caused retries: {counts:?}"
+    );
 }
 
 #[test]
@@ -62,25 +86,56 @@ fn unreachable_store_gives_eio_in_bounded_time_then_recovers() {
     write_file(&src.path().join("a"), &bytes(1, 100_000), 0o644);
     write_file(&src.path().join("b"), &bytes(2, 100_000), 0o644);
     let r = rt()
-        .block_on(create_from_dir(&store, "down", src.path(), &UploadOptions::default(), &Progress::default()))
+        .block_on(create_from_dir(
+            &store,
+            "down",
+            src.path(),
+            &UploadOptions::default(),
+            &Progress::default(),
+        ))
         .expect("create");
     let deadline = Duration::from_secs(3);
-    let m = mount_version(&store, "down", r.version, None, FetchConfig { deadline, ..FetchConfig::default() });
+    let m = mount_version(
+        &store,
+        "down",
+        r.version,
+        None,
+        FetchConfig {
+            deadline,
+            ..FetchConfig::default()
+        },
+    );
     own.stop();
 
     let a = m.path().join("a");
     let started = Instant::now();
-    let err = within(Duration::from_secs(30), move || std::fs::read(a).expect_err("read with the store down"));
+    let err = within(Duration::from_secs(30), move || {
+        std::fs::read(a).expect_err("read with the store down")
+    });
     let took = started.elapsed();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(took >= deadline - Duration::from_millis(200), "gave up after {took:?}, before the deadline");
-    assert!(took < deadline + Duration::from_secs(3), "EIO came after {took:?}");
+    assert!(
+        took >= deadline - Duration::from_millis(200),
+        "gave up after {took:?}, before the deadline"
+    );
+    assert!(
+        took < deadline + Duration::from_secs(3),
+        "EIO came after {took:?}"
+    );
     // Metadata keeps working while the store is down.
-    assert_eq!(std::fs::metadata(m.path().join("b")).expect("stat").len(), 100_000);
+    assert_eq!(
+        std::fs::metadata(m.path().join("b")).expect("stat").len(),
+        100_000
+    );
 
     own.restart().expect("restart");
     let (a, b) = (m.path().join("a"), m.path().join("b"));
-    let (ga, gb) = within(Duration::from_secs(30), move || (std::fs::read(a).expect("read a"), std::fs::read(b).expect("read b")));
+    let (ga, gb) = within(Duration::from_secs(30), move || {
+        (
+            std::fs::read(a).expect("read a"),
+            std::fs::read(b).expect("read b"),
+        )
+    });
     assert_eq!(ga, bytes(1, 100_000));
     assert_eq!(gb, bytes(2, 100_000));
 }

@@ -12,17 +12,38 @@ use crate::common::*;
 fn source_bucket() -> (S3Store, String) {
     let bucket = unique("source");
     server().create_bucket(&bucket).expect("bucket");
-    let client = rt().block_on(datastore::store::s3::S3Client::new(&s3_options(server(), fast_timeouts())));
+    let client = rt().block_on(datastore::store::s3::S3Client::new(&s3_options(
+        server(),
+        fast_timeouts(),
+    )));
     (S3Store::new(client, &bucket, ""), bucket)
 }
 
 fn put(src: &S3Store, key: &str, data: &[u8]) {
-    rt().block_on(src.put(key, Bytes::copy_from_slice(data), false)).expect("put source object");
+    rt().block_on(src.put(key, Bytes::copy_from_slice(data), false))
+        .expect("put source object");
 }
 
-fn import(store: &datastore::store::Store, name: &str, url: &str, mode: ImportMode, skip: bool) -> datastore::store::upload::Report {
-    let opts = ImportOptions { mode, skip_if_unchanged: skip, ..ImportOptions::default() };
-    rt().block_on(import_from_s3(store, name, &S3Source::parse(url).expect("url"), &opts, &Progress::default())).expect("import")
+fn import(
+    store: &datastore::store::Store,
+    name: &str,
+    url: &str,
+    mode: ImportMode,
+    skip: bool,
+) -> datastore::store::upload::Report {
+    let opts = ImportOptions {
+        mode,
+        skip_if_unchanged: skip,
+        ..ImportOptions::default()
+    };
+    rt().block_on(import_from_s3(
+        store,
+        name,
+        &S3Source::parse(url).expect("url"),
+        &opts,
+        &Progress::default(),
+    ))
+    .expect("import")
 }
 
 #[test]
@@ -37,27 +58,48 @@ fn copy_and_reference_modes() {
     let url = format!("s3://{bucket}/train/");
 
     let copy = import(&store, "copied", &url, ImportMode::Copy, false);
-    assert_eq!((copy.version, copy.info.files, copy.info.transferred_files), (1, 3, 3));
+    assert_eq!(
+        (copy.version, copy.info.files, copy.info.transferred_files),
+        (1, 3, 3)
+    );
     let refd = import(&store, "referenced", &url, ImportMode::Reference, false);
-    assert_eq!((refd.version, refd.info.files, refd.info.transferred_files), (1, 3, 0));
+    assert_eq!(
+        (refd.version, refd.info.files, refd.info.transferred_files),
+        (1, 3, 0)
+    );
 
     for name in ["copied", "referenced"] {
         let m = mount_version(&store, name, 1, None, FetchConfig::default());
-        assert_eq!(std::fs::read(m.path().join("a.txt")).expect("read"), b"alpha");
-        assert_eq!(std::fs::read(m.path().join("sub/b.bin")).expect("read"), bytes(5, 2_500_000));
-        assert_eq!(std::fs::read(m.path().join("sub/deeper/c")).expect("read"), b"");
+        assert_eq!(
+            std::fs::read(m.path().join("a.txt")).expect("read"),
+            b"alpha"
+        );
+        assert_eq!(
+            std::fs::read(m.path().join("sub/b.bin")).expect("read"),
+            bytes(5, 2_500_000)
+        );
+        assert_eq!(
+            std::fs::read(m.path().join("sub/deeper/c")).expect("read"),
+            b""
+        );
         assert!(!m.path().join("other").exists());
     }
 
     // The source changes: the copy is unaffected; the reference refuses the new bytes.
     put(&src, "train/a.txt", b"ALPHA, rewritten");
     let m = mount_version(&store, "copied", 1, None, FetchConfig::default());
-    assert_eq!(std::fs::read(m.path().join("a.txt")).expect("read"), b"alpha");
+    assert_eq!(
+        std::fs::read(m.path().join("a.txt")).expect("read"),
+        b"alpha"
+    );
     let m = mount_version(&store, "referenced", 1, None, FetchConfig::default());
     let err = std::fs::read(m.path().join("a.txt")).expect_err("changed object must not be served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
     // Unchanged objects still read fine.
-    assert_eq!(std::fs::read(m.path().join("sub/b.bin")).expect("read"), bytes(5, 2_500_000));
+    assert_eq!(
+        std::fs::read(m.path().join("sub/b.bin")).expect("read"),
+        bytes(5, 2_500_000)
+    );
 }
 
 #[test]
@@ -68,7 +110,10 @@ fn reimport_makes_a_version_only_when_the_source_changed() {
     put(&src, "p/two", b"22");
     let (store, _) = s3_store();
     let url = format!("s3://{bucket}/p");
-    assert_eq!(import(&store, "sched", &url, ImportMode::Copy, true).version, 1);
+    assert_eq!(
+        import(&store, "sched", &url, ImportMode::Copy, true).version,
+        1
+    );
     let again = import(&store, "sched", &url, ImportMode::Copy, true);
     assert!(again.unchanged);
     assert_eq!(again.version, 1);
@@ -76,7 +121,10 @@ fn reimport_makes_a_version_only_when_the_source_changed() {
     let next = import(&store, "sched", &url, ImportMode::Copy, true);
     assert!(!next.unchanged);
     assert_eq!(next.version, 2);
-    assert_eq!(next.info.transferred_files, 1, "unchanged objects are not copied again");
+    assert_eq!(
+        next.info.transferred_files, 1,
+        "unchanged objects are not copied again"
+    );
     let m = mount_version(&store, "sched", 2, None, FetchConfig::default());
     assert_eq!(std::fs::read(m.path().join("three")).expect("read"), b"333");
 }
@@ -88,7 +136,16 @@ fn local_store_from_s3_source() {
     put(&src, "k/file", &bytes(9, 300_000));
     let dir = tempfile::tempdir().expect("tempdir");
     let store = local_store(dir.path());
-    let r = import(&store, "loc", &format!("s3://{bucket}/k/"), ImportMode::Copy, false);
+    let r = import(
+        &store,
+        "loc",
+        &format!("s3://{bucket}/k/"),
+        ImportMode::Copy,
+        false,
+    );
     let m = mount_version(&store, "loc", r.version, None, FetchConfig::default());
-    assert_eq!(std::fs::read(m.path().join("file")).expect("read"), bytes(9, 300_000));
+    assert_eq!(
+        std::fs::read(m.path().join("file")).expect("read"),
+        bytes(9, 300_000)
+    );
 }

@@ -23,26 +23,71 @@ fn writes_fail_with_erofs() {
     write_file(&src.join("file.txt"), b"hello", 0o644);
     write_file(&src.join("sub/inner.txt"), b"inner", 0o644);
     let report = rt()
-        .block_on(create_from_dir(&store, "ro", &src, &UploadOptions::default(), &Progress::default()))
+        .block_on(create_from_dir(
+            &store,
+            "ro",
+            &src,
+            &UploadOptions::default(),
+            &Progress::default(),
+        ))
         .expect("create");
     let m = mount_version(&store, "ro", report.version, None, FetchConfig::default());
     let p = m.path();
     erofs("create", std::fs::File::create(p.join("new.txt")));
-    erofs("open for write", std::fs::OpenOptions::new().write(true).open(p.join("file.txt")));
-    erofs("append", std::fs::OpenOptions::new().append(true).open(p.join("file.txt")));
-    erofs("truncate", std::fs::OpenOptions::new().write(true).truncate(true).open(p.join("file.txt")));
+    erofs(
+        "open for write",
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.join("file.txt")),
+    );
+    erofs(
+        "append",
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(p.join("file.txt")),
+    );
+    erofs(
+        "truncate",
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(p.join("file.txt")),
+    );
     erofs("mkdir", std::fs::create_dir(p.join("newdir")));
     erofs("unlink", std::fs::remove_file(p.join("file.txt")));
     erofs("rmdir", std::fs::remove_dir(p.join("sub")));
-    erofs("rename", std::fs::rename(p.join("file.txt"), p.join("moved.txt")));
-    erofs("chmod", std::fs::set_permissions(p.join("file.txt"), std::fs::Permissions::from_mode(0o777)));
-    erofs("symlink", std::os::unix::fs::symlink("file.txt", p.join("l")));
-    erofs("hard link", std::fs::hard_link(p.join("file.txt"), p.join("h")));
-    erofs("set mtime", std::fs::File::open(p.join("file.txt")).and_then(|f| f.set_modified(std::time::SystemTime::now())));
-    let path = std::ffi::CString::new(p.join("file.txt").into_os_string().into_encoded_bytes()).expect("cstring");
+    erofs(
+        "rename",
+        std::fs::rename(p.join("file.txt"), p.join("moved.txt")),
+    );
+    erofs(
+        "chmod",
+        std::fs::set_permissions(p.join("file.txt"), std::fs::Permissions::from_mode(0o777)),
+    );
+    erofs(
+        "symlink",
+        std::os::unix::fs::symlink("file.txt", p.join("l")),
+    );
+    erofs(
+        "hard link",
+        std::fs::hard_link(p.join("file.txt"), p.join("h")),
+    );
+    erofs(
+        "set mtime",
+        std::fs::File::open(p.join("file.txt"))
+            .and_then(|f| f.set_modified(std::time::SystemTime::now())),
+    );
+    let path = std::ffi::CString::new(p.join("file.txt").into_os_string().into_encoded_bytes())
+        .expect("cstring");
     // SAFETY: valid NUL-terminated strings and a valid buffer for the duration of the calls.
     let (set, trunc) = unsafe {
-        let set = libc::setxattr(path.as_ptr(), c"user.test".as_ptr(), b"v".as_ptr().cast(), 1, 0);
+        let set = libc::setxattr(
+            path.as_ptr(),
+            c"user.test".as_ptr(),
+            b"v".as_ptr().cast(),
+            1,
+            0,
+        );
         let set = (set == -1).then(std::io::Error::last_os_error);
         let trunc = libc::truncate(path.as_ptr(), 0);
         let trunc = (trunc == -1).then(std::io::Error::last_os_error);
@@ -53,7 +98,10 @@ fn writes_fail_with_erofs() {
     // Nothing changed.
     assert_eq!(std::fs::read(p.join("file.txt")).expect("read"), b"hello");
     // The filesystem refuses write access itself too (not only the kernel's ro flag).
-    let ino = m.fs.lookup(1, std::ffi::OsStr::new("file.txt")).expect("lookup").ino;
+    let ino =
+        m.fs.lookup(1, std::ffi::OsStr::new("file.txt"))
+            .expect("lookup")
+            .ino;
     assert_eq!(m.fs.open(ino, libc::O_WRONLY), Err(libc::EROFS));
     assert_eq!(m.fs.open(ino, libc::O_RDWR), Err(libc::EROFS));
     assert!(m.fs.open(ino, libc::O_RDONLY).is_ok());

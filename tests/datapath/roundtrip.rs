@@ -28,14 +28,26 @@ fn fixture() -> &'static Path {
             for f in 0..100u64 {
                 let n = d * 100 + f;
                 let mode = if n % 7 == 0 { 0o755 } else { 0o644 };
-                write_file(&src.join(format!("many/d{d:02}/f{f:03}.dat")), &bytes(n + 10, (n * 37 % 5000) as usize), mode);
+                write_file(
+                    &src.join(format!("many/d{d:02}/f{f:03}.dat")),
+                    &bytes(n + 10, (n * 37 % 5000) as usize),
+                    mode,
+                );
             }
         }
         // 12 levels deep.
         let deep: PathBuf = (1..=12).map(|i| format!("level{i}")).collect();
-        write_file(&src.join("deep").join(&deep).join("leaf.txt"), b"at the bottom\n", 0o444);
+        write_file(
+            &src.join("deep").join(&deep).join("leaf.txt"),
+            b"at the bottom\n",
+            0o444,
+        );
         // Non-ASCII and space-containing names.
-        write_file(&src.join("unicodé/ファイル 名.txt"), "こんにちは\n".as_bytes(), 0o644);
+        write_file(
+            &src.join("unicodé/ファイル 名.txt"),
+            "こんにちは\n".as_bytes(),
+            0o644,
+        );
         write_file(&src.join("with space/a b c.txt"), b"spaces\n", 0o640);
         write_file(&src.join("émoji 🦀/x"), b"crab\n", 0o644);
         // A symlink, kept as a link.
@@ -43,11 +55,18 @@ fn fixture() -> &'static Path {
         // Distinct, nanosecond mtimes on a few files (after writing, so they stick).
         let t = SystemTime::UNIX_EPOCH + Duration::new(1_600_000_000, 123_456_789);
         for p in ["empty", "big/blob.bin", "many/d00/f000.dat"] {
-            let f = std::fs::File::options().write(true).open(src.join(p)).expect("open");
+            let f = std::fs::File::options()
+                .write(true)
+                .open(src.join(p))
+                .expect("open");
             f.set_modified(t).expect("set mtime");
         }
         // Directory modes last (a 0700 directory after its files are in).
-        std::fs::set_permissions(src.join("dir"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+        std::fs::set_permissions(
+            src.join("dir"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
         src
     })
 }
@@ -57,7 +76,10 @@ fn source_facts() -> &'static BTreeMap<PathBuf, NodeFacts> {
     FACTS.get_or_init(|| tree_facts(fixture()))
 }
 
-fn assert_same_tree(expected: &BTreeMap<PathBuf, NodeFacts>, actual: &BTreeMap<PathBuf, NodeFacts>) {
+fn assert_same_tree(
+    expected: &BTreeMap<PathBuf, NodeFacts>,
+    actual: &BTreeMap<PathBuf, NodeFacts>,
+) {
     let mut diffs = Vec::new();
     for (p, e) in expected {
         match actual.get(p) {
@@ -69,13 +91,24 @@ fn assert_same_tree(expected: &BTreeMap<PathBuf, NodeFacts>, actual: &BTreeMap<P
     for p in actual.keys().filter(|p| !expected.contains_key(*p)) {
         diffs.push(format!("unexpected {}", p.display()));
     }
-    assert!(diffs.is_empty(), "{} differences, first ones:\n{}", diffs.len(), diffs[..diffs.len().min(10)].join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{} differences, first ones:\n{}",
+        diffs.len(),
+        diffs[..diffs.len().min(10)].join("\n")
+    );
 }
 
 fn create(store: &Store, name: &str) -> u64 {
     let progress = Progress::default();
     let report = rt()
-        .block_on(create_from_dir(store, name, fixture(), &UploadOptions::default(), &progress))
+        .block_on(create_from_dir(
+            store,
+            name,
+            fixture(),
+            &UploadOptions::default(),
+            &progress,
+        ))
         .expect("create");
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
     assert_eq!(report.info.files, 10_000 + 7, "files in the version");
@@ -111,18 +144,36 @@ fn metadata_never_touches_the_store() {
     let (store, bucket) = s3_store();
     let src = tempfile::tempdir().expect("tempdir");
     for i in 0..500u64 {
-        write_file(&src.path().join(format!("d{}/e{}/f{i}", i % 10, i % 7)), &bytes(i, 10), 0o644);
+        write_file(
+            &src.path().join(format!("d{}/e{}/f{i}", i % 10, i % 7)),
+            &bytes(i, 10),
+            0o644,
+        );
     }
     let report = rt()
-        .block_on(create_from_dir(&store, "meta", src.path(), &UploadOptions::default(), &Progress::default()))
+        .block_on(create_from_dir(
+            &store,
+            "meta",
+            src.path(),
+            &UploadOptions::default(),
+            &Progress::default(),
+        ))
         .expect("create");
     let m = mount_version(&store, "meta", report.version, None, FetchConfig::default());
     server().reset_counts(&bucket);
     // `find` and `stat` of everything, twice (cold and warm kernel caches).
     for _ in 0..2 {
-        let out = std::process::Command::new("find").arg(m.path()).arg("-printf").arg("%p %s %m %T@\n").output().expect("find");
+        let out = std::process::Command::new("find")
+            .arg(m.path())
+            .arg("-printf")
+            .arg("%p %s %m %T@\n")
+            .output()
+            .expect("find");
         assert!(out.status.success());
-        assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1 + 500 + 10 + 70);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).lines().count(),
+            1 + 500 + 10 + 70
+        );
         let mut stack = vec![m.path().to_path_buf()];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).expect("ls") {
@@ -134,5 +185,10 @@ fn metadata_never_touches_the_store() {
             }
         }
     }
-    assert_eq!(server().counts(&bucket).total(), 0, "metadata operations reached the store: {:?}", server().counts(&bucket));
+    assert_eq!(
+        server().counts(&bucket).total(),
+        0,
+        "metadata operations reached the store: {:?}",
+        server().counts(&bucket)
+    );
 }

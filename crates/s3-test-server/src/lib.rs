@@ -101,8 +101,17 @@ impl TestServer {
     pub fn start(root: &Path) -> std::io::Result<TestServer> {
         std::fs::create_dir_all(root)?;
         let shared = Arc::new(Shared::default());
-        let (addr, runtime) = spawn(root, "127.0.0.1:0".parse().map_err(std::io::Error::other)?, shared.clone())?;
-        Ok(TestServer { addr, root: root.to_path_buf(), shared, runtime: Some(runtime) })
+        let (addr, runtime) = spawn(
+            root,
+            "127.0.0.1:0".parse().map_err(std::io::Error::other)?,
+            shared.clone(),
+        )?;
+        Ok(TestServer {
+            addr,
+            root: root.to_path_buf(),
+            shared,
+            runtime: Some(runtime),
+        })
     }
 
     /// The endpoint URL, e.g. `http://127.0.0.1:41234`.
@@ -126,17 +135,32 @@ impl TestServer {
 
     /// Request counts of a bucket so far.
     pub fn counts(&self, bucket: &str) -> Counts {
-        *self.shared.bucket(bucket).counts.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .shared
+            .bucket(bucket)
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Zeroes a bucket's counters.
     pub fn reset_counts(&self, bucket: &str) {
-        *self.shared.bucket(bucket).counts.lock().unwrap_or_else(|e| e.into_inner()) = Counts::default();
+        *self
+            .shared
+            .bucket(bucket)
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Counts::default();
     }
 
     /// Sets the faults injected into a bucket's requests (default: none).
     pub fn set_faults(&self, bucket: &str, faults: Faults) {
-        *self.shared.bucket(bucket).faults.lock().unwrap_or_else(|e| e.into_inner()) = faults;
+        *self
+            .shared
+            .bucket(bucket)
+            .faults
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = faults;
     }
 
     /// Stops serving: closes the listener and every connection.
@@ -174,7 +198,11 @@ impl Drop for TestServer {
     }
 }
 
-fn spawn(root: &Path, addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<(SocketAddr, ServerRuntime)> {
+fn spawn(
+    root: &Path,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+) -> std::io::Result<(SocketAddr, ServerRuntime)> {
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
@@ -229,14 +257,27 @@ fn spawn(root: &Path, addr: SocketAddr, shared: Arc<Shared>) -> std::io::Result<
 }
 
 fn bucket_of(uri: &hyper::Uri) -> String {
-    uri.path().trim_start_matches('/').split('/').next().unwrap_or("").to_owned()
+    uri.path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_owned()
 }
 
 fn count(shared: &Shared, req: &hyper::Request<hyper::body::Incoming>) -> Arc<BucketState> {
     let bucket = shared.bucket(&bucket_of(req.uri()));
     let q = req.uri().query().unwrap_or("");
     let has_key = req.uri().path().trim_start_matches('/').contains('/')
-        && !req.uri().path().trim_start_matches('/').trim_end_matches('/').split('/').nth(1).unwrap_or("").is_empty();
+        && !req
+            .uri()
+            .path()
+            .trim_start_matches('/')
+            .trim_end_matches('/')
+            .split('/')
+            .nth(1)
+            .unwrap_or("")
+            .is_empty();
     let mut c = bucket.counts.lock().unwrap_or_else(|e| e.into_inner());
     match *req.method() {
         hyper::Method::GET if has_key && !q.contains("uploadId") => c.get += 1,
@@ -255,9 +296,17 @@ fn error_response(status: u16, code: &str) -> hyper::Response<BoxBody<Bytes, Box
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected fault</Message></Error>"
     );
-    let mut resp = hyper::Response::new(http_body_util::Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
-    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    resp.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/xml"));
+    let mut resp = hyper::Response::new(
+        http_body_util::Full::new(Bytes::from(body))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/xml"),
+    );
     resp
 }
 
@@ -280,20 +329,29 @@ async fn handle(
         return Ok(error_response(500, "InternalError"));
     }
     let reset = is_get && roll(faults.reset);
-    let resp = service.call(req.map(s3s::Body::from)).await.map_err(|e| -> BoxError { format!("{e:?}").into() })?;
+    let resp = service
+        .call(req.map(s3s::Body::from))
+        .await
+        .map_err(|e| -> BoxError { format!("{e:?}").into() })?;
     let bucket2 = bucket.clone();
     let (parts, body) = resp.into_parts();
     let body = body.map_frame(move |f: Frame<Bytes>| {
         if let Some(d) = f.data_ref() {
             if is_get {
-                bucket2.counts.lock().unwrap_or_else(|e| e.into_inner()).get_bytes += d.len() as u64;
+                bucket2
+                    .counts
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_bytes += d.len() as u64;
             }
         }
         f
     });
     let body: BoxBody<Bytes, BoxError> = if reset {
         // Send part of the body, then fail the stream: hyper aborts the connection mid-body.
-        body.map_err(|e| -> BoxError { e.into() }).boxed().with_reset_after(1)
+        body.map_err(|e| -> BoxError { e.into() })
+            .boxed()
+            .with_reset_after(1)
     } else {
         body.map_err(|e| -> BoxError { e.into() }).boxed()
     };
@@ -311,7 +369,11 @@ impl ResetAfter for BoxBody<Bytes, BoxError> {
         let stream = http_body_util::BodyStream::new(self);
         let stream = futures::StreamExt::map(stream, move |f| {
             frames += 1;
-            if frames > n { Err::<Frame<Bytes>, BoxError>("injected connection reset".into()) } else { f }
+            if frames > n {
+                Err::<Frame<Bytes>, BoxError>("injected connection reset".into())
+            } else {
+                f
+            }
         });
         BoxBody::new(http_body_util::StreamBody::new(stream))
     }
@@ -325,13 +387,20 @@ struct Fast {
 
 impl Fast {
     fn new(root: &Path) -> std::io::Result<Fast> {
-        let inner = s3s_fs::FileSystem::new(root).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-        Ok(Fast { inner, root: root.canonicalize()? })
+        let inner =
+            s3s_fs::FileSystem::new(root).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(Fast {
+            inner,
+            root: root.canonicalize()?,
+        })
     }
 }
 
 /// Reads `range` of a file in 1 MiB chunks on a blocking thread, one chunk ahead.
-fn file_stream(path: PathBuf, range: std::ops::Range<u64>) -> tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>> {
+fn file_stream(
+    path: PathBuf,
+    range: std::ops::Range<u64>,
+) -> tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(2);
     tokio::task::spawn_blocking(move || {
         let run = || -> std::io::Result<()> {
@@ -358,79 +427,136 @@ fn file_stream(path: PathBuf, range: std::ops::Range<u64>) -> tokio::sync::mpsc:
 
 #[async_trait::async_trait]
 impl S3 for Fast {
-    async fn create_bucket(&self, req: S3Request<CreateBucketInput>) -> S3Result<S3Response<CreateBucketOutput>> {
+    async fn create_bucket(
+        &self,
+        req: S3Request<CreateBucketInput>,
+    ) -> S3Result<S3Response<CreateBucketOutput>> {
         self.inner.create_bucket(req).await
     }
 
-    async fn delete_bucket(&self, req: S3Request<DeleteBucketInput>) -> S3Result<S3Response<DeleteBucketOutput>> {
+    async fn delete_bucket(
+        &self,
+        req: S3Request<DeleteBucketInput>,
+    ) -> S3Result<S3Response<DeleteBucketOutput>> {
         self.inner.delete_bucket(req).await
     }
 
-    async fn head_bucket(&self, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
         self.inner.head_bucket(req).await
     }
 
-    async fn list_buckets(&self, req: S3Request<ListBucketsInput>) -> S3Result<S3Response<ListBucketsOutput>> {
+    async fn list_buckets(
+        &self,
+        req: S3Request<ListBucketsInput>,
+    ) -> S3Result<S3Response<ListBucketsOutput>> {
         self.inner.list_buckets(req).await
     }
 
-    async fn get_bucket_location(&self, req: S3Request<GetBucketLocationInput>) -> S3Result<S3Response<GetBucketLocationOutput>> {
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
         self.inner.get_bucket_location(req).await
     }
 
-    async fn list_objects(&self, req: S3Request<ListObjectsInput>) -> S3Result<S3Response<ListObjectsOutput>> {
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
         self.inner.list_objects(req).await
     }
 
-    async fn list_objects_v2(&self, req: S3Request<ListObjectsV2Input>) -> S3Result<S3Response<ListObjectsV2Output>> {
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
         self.inner.list_objects_v2(req).await
     }
 
-    async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
         self.inner.put_object(req).await
     }
 
-    async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
         self.inner.head_object(req).await
     }
 
-    async fn delete_object(&self, req: S3Request<DeleteObjectInput>) -> S3Result<S3Response<DeleteObjectOutput>> {
+    async fn delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
         self.inner.delete_object(req).await
     }
 
-    async fn delete_objects(&self, req: S3Request<DeleteObjectsInput>) -> S3Result<S3Response<DeleteObjectsOutput>> {
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
         self.inner.delete_objects(req).await
     }
 
-    async fn copy_object(&self, req: S3Request<CopyObjectInput>) -> S3Result<S3Response<CopyObjectOutput>> {
+    async fn copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
         self.inner.copy_object(req).await
     }
 
-    async fn create_multipart_upload(&self, req: S3Request<CreateMultipartUploadInput>) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         self.inner.create_multipart_upload(req).await
     }
 
-    async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+    async fn upload_part(
+        &self,
+        req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
         self.inner.upload_part(req).await
     }
 
-    async fn upload_part_copy(&self, req: S3Request<UploadPartCopyInput>) -> S3Result<S3Response<UploadPartCopyOutput>> {
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
         self.inner.upload_part_copy(req).await
     }
 
-    async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
         self.inner.list_parts(req).await
     }
 
-    async fn complete_multipart_upload(&self, req: S3Request<CompleteMultipartUploadInput>) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         self.inner.complete_multipart_upload(req).await
     }
 
-    async fn abort_multipart_upload(&self, req: S3Request<AbortMultipartUploadInput>) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         self.inner.abort_multipart_upload(req).await
     }
 
-    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
         let input = &req.input;
         let head_input = HeadObjectInput::builder()
             .bucket(input.bucket.clone())
@@ -461,7 +587,9 @@ impl S3 for Fast {
         };
         let path = self.root.join(&input.bucket).join(&input.key);
         let rx = file_stream(path, range.clone());
-        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
         let output = GetObjectOutput {
             body: Some(StreamingBlob::wrap(stream)),
             content_length: Some((range.end - range.start) as i64),

@@ -1,0 +1,274 @@
+//! The `Datastore` custom resource (`datastores.grid.ai/v1alpha1`, short name `ds`).
+//!
+//! The Rust types are the source of truth: the CRD YAML in `manifests/` and in the chart is
+//! generated from them (`datastore crd > …`) and a test fails when the checked-in copies drift.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use kube::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the CRD.
+pub const GROUP: &str = "datastores.grid.ai";
+/// Finalizer that holds deletion until pods stop using the datastore and its data is removed.
+pub const FINALIZER: &str = "datastores.grid.ai/cleanup";
+
+/// A versioned, read-only dataset that pods mount at `mountPath`.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "datastores.grid.ai",
+    version = "v1alpha1",
+    kind = "Datastore",
+    plural = "datastores",
+    singular = "datastore",
+    shortname = "ds",
+    namespaced,
+    status = "DatastoreStatus",
+    printcolumn = r#"{"name":"Version","type":"integer","jsonPath":".status.latestVersion"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Files","type":"integer","jsonPath":".status.files"}"#,
+    printcolumn = r#"{"name":"Size","type":"string","jsonPath":".status.size"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct DatastoreSpec {
+    /// Where the data comes from: exactly one of `s3` or `upload`.
+    pub source: Source,
+    /// For S3 sources: `copy` the objects into the store (default), or `reference` them in place
+    /// (no copy; reads of objects that changed since the import fail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ImportModeSpec>,
+    /// `standard` (default): FUSE mounts with a node cache. `high-performance`: an FSx for Lustre
+    /// file system per version.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub datastore_type: Option<DatastoreType>,
+    /// Options of high-performance datastores (FSx for Lustre).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_performance: Option<HighPerformanceSpec>,
+    /// Cron schedule (5 fields, UTC) of re-imports from an S3 source; a re-import makes a new
+    /// version only when the source changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Keep at most this many versions; older ones are pruned once no volume uses them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub retain_versions: Option<u32>,
+    /// Where run pods see the data (default `/datastores/<name>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_path: Option<String>,
+}
+
+/// The source of a datastore.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    /// Import from an S3 bucket/prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3SourceSpec>,
+    /// Data pushed by `kubectl datastore create NAME ./dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<UploadSpec>,
+}
+
+/// An S3 bucket and prefix to import from.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct S3SourceSpec {
+    pub bucket: String,
+    /// Key prefix (a "directory"); empty for the whole bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// S3-compatible endpoint URL (path-style addressing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// A Secret in the same namespace with `accessKeyId` and `secretAccessKey` (or the AWS_*
+    /// names); without it the operator's own AWS credentials are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+/// A reference to a Secret in the Datastore's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+/// Data uploaded by the CLI; the CLI records the version it made.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadSpec {
+    /// The version the last upload made (set by `kubectl datastore create`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ImportModeSpec {
+    Copy,
+    Reference,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatastoreType {
+    Standard,
+    HighPerformance,
+}
+
+/// FSx for Lustre options (see the README's high-performance section).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HighPerformanceSpec {
+    /// SCRATCH_2, PERSISTENT_2, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_type: Option<String>,
+    /// MB/s per TiB for PERSISTENT_2: 125, 250, 500 or 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_unit_storage_throughput: Option<u32>,
+    /// GiB; default: computed from the version's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_capacity: Option<u32>,
+}
+
+/// What the operator reports.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatastoreStatus {
+    /// Pending, Importing, Ready, Failed or Deleting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_version: Option<u64>,
+    /// Files of the latest version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<u64>,
+    /// Bytes of the latest version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Human-readable size of the latest version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub versions: Vec<VersionStatus>,
+    /// Progress of the import in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the last import finished (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_import: Option<String>,
+    /// Fingerprint of the source and mode of the last import (a change starts a new import).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_hash: Option<String>,
+    /// The PersistentVolumeClaim run pods mount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+    /// High-performance file systems (FSx), by version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_systems: Vec<FileSystemStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Importing,
+    Provisioning,
+    Ready,
+    Failed,
+    Deleting,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Importing => "Importing",
+            Phase::Provisioning => "Provisioning",
+            Phase::Ready => "Ready",
+            Phase::Failed => "Failed",
+            Phase::Deleting => "Deleting",
+        }
+    }
+}
+
+/// One version of the datastore.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionStatus {
+    pub number: u64,
+    pub created: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Progress of an import.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+/// A condition, as Kubernetes conventions have it.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Ready or Importing.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    pub last_transition_time: String,
+}
+
+/// An FSx for Lustre file system serving one version.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileSystemStatus {
+    pub version: u64,
+    pub file_system_id: String,
+    /// CREATING, AVAILABLE, FAILED, DELETING...
+    pub lifecycle: String,
+}
+
+impl Datastore {
+    /// The datastore's mount path in run pods.
+    pub fn mount_path(&self) -> String {
+        self.spec
+            .mount_path
+            .clone()
+            .unwrap_or_else(|| format!("/datastores/{}", self.metadata.name.as_deref().unwrap_or("")))
+    }
+}
+
+/// The CRD as YAML (what `datastore crd` prints and the chart ships).
+pub fn crd_yaml() -> String {
+    let crd = Datastore::crd();
+    let mut yaml = String::from("# Generated by `datastore crd` from src/operator/crd.rs; do not edit.\n");
+    yaml.push_str(&serde_yaml::to_string(&crd).unwrap_or_default());
+    yaml
+}
+
+/// Labels set on everything the operator creates for a datastore.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/managed-by".to_owned(), "datastore-operator".to_owned()),
+        (format!("{GROUP}/datastore"), name.to_owned()),
+    ])
+}
