@@ -8,7 +8,8 @@
 //!   the fetcher and cache) and its thin FUSE adapter.
 //! - [`mount`]: the `Mounter` seam (FUSE, bind, Lustre mounts; mountinfo) and the fd holder.
 //! - [`csi`]: the CSI driver (Identity, Controller, Node) on a Unix socket.
-//! - [`cli`]: the command line, wiring the layers together.
+//! - [`operator`]: the Datastore custom resource and its controller.
+//! - [`cli`]: the command line (and kubectl plugin), wiring the layers together.
 
 pub mod cache;
 pub mod cli;
@@ -16,4 +17,5 @@ pub mod csi;
 pub mod fs;
 pub mod metrics;
 pub mod mount;
+pub mod operator;
 pub mod store;

@@ -1,7 +1,9 @@
 //! The `datastore` command line. Parsing and wiring only: every command calls into the library.
 
 mod csi;
+pub mod kubectl;
 mod mount;
+mod operator;
 mod progress;
 mod store_cmds;
 
@@ -54,6 +56,12 @@ pub enum Command {
     Csi(Box<csi::CsiArgs>),
     /// Keep FUSE connections alive while the node plugin restarts (run beside it).
     FdHolder(csi::FdHolderArgs),
+    /// Run the Datastore operator (imports, versions, PVCs, cleanup).
+    Operator(Box<operator::OperatorArgs>),
+    /// Print the Datastore CustomResourceDefinition (YAML).
+    Crd,
+    /// The kubectl plugin's commands (same as `kubectl datastore …`).
+    Kubectl(kubectl::KubectlArgs),
 }
 
 /// Where the store is and how to reach S3.
@@ -116,9 +124,22 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
+/// Whether this binary was started as the kubectl plugin (`kubectl-datastore`).
+fn invoked_as_kubectl_plugin() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| std::path::Path::new(&a).file_name().map(|f| f.to_string_lossy().into_owned()))
+        .is_some_and(|n| n.starts_with("kubectl-datastore"))
+}
+
 /// Parses the command line and runs the command; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = if invoked_as_kubectl_plugin() {
+        let args = kubectl::parse();
+        Cli { log_format: LogFormat::Text, log: std::env::var("DATASTORE_LOG").unwrap_or_else(|_| "warn".into()), command: Command::Kubectl(args) }
+    } else {
+        Cli::parse()
+    };
     init_logging(cli.log_format, &cli.log);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -151,5 +172,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Mount(a) => mount::run(a).await,
         Command::Csi(a) => csi::run(*a).await,
         Command::FdHolder(a) => tokio::task::spawn_blocking(move || csi::fd_holder(a)).await?,
+        Command::Operator(a) => operator::run_operator(*a).await,
+        Command::Crd => operator::print_crd(),
+        Command::Kubectl(a) => kubectl::run(a).await,
     }
 }

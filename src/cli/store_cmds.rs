@@ -78,7 +78,8 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
                 concurrency: usize::from(a.concurrency),
                 skip_if_unchanged: a.skip_unchanged,
             };
-            Ok(import_from_s3(&store, &a.name, &source, &opts, &progress).await?)
+            let client = store.s3().await.clone();
+            Ok(import_from_s3(&store, &client, &a.name, &source, &opts, &progress).await?)
         } else {
             let dir = PathBuf::from(&src);
             if !dir.is_dir() {

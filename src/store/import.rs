@@ -214,15 +214,17 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
 }
 
 /// Creates a new version of `name` from an S3 prefix (see the module docs).
+/// `client` reaches the source bucket (it may differ from the store's endpoint and credentials).
 pub async fn import_from_s3(
     store: &Store,
+    client: &super::s3::S3Client,
     name: &str,
     source: &S3Source,
     opts: &ImportOptions,
     progress: &Progress,
 ) -> Result<Report> {
     names::validate_datastore_name(name)?;
-    let client = store.s3().await.clone();
+    let client = client.clone();
     let mut objects: Vec<ObjectInfo> = client
         .list(&source.bucket, &source.prefix)
         .try_collect()

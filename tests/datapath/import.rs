@@ -36,13 +36,10 @@ fn import(
         skip_if_unchanged: skip,
         ..ImportOptions::default()
     };
-    rt().block_on(import_from_s3(
-        store,
-        name,
-        &S3Source::parse(url).expect("url"),
-        &opts,
-        &Progress::default(),
-    ))
+    rt().block_on(async {
+        let client = store.s3().await.clone();
+        import_from_s3(store, &client, name, &S3Source::parse(url).expect("url"), &opts, &Progress::default()).await
+    })
     .expect("import")
 }
 

@@ -1,0 +1,79 @@
+//! `datastore operator` (the Datastore controller) and `datastore crd` (prints the CRD).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::StoreArgs;
+use super::mount::wait_for_signal;
+use crate::operator::leader::LeaderElection;
+use crate::operator::{Context, run};
+use crate::store::StoreUrl;
+use crate::store::s3::ReadTimeouts;
+
+#[derive(Debug, Args)]
+pub struct OperatorArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// StorageClass of the PVCs the operator creates.
+    #[arg(long, default_value = "datastore")]
+    pub storage_class: String,
+    /// The CSI driver name (to find the PersistentVolumes of a datastore).
+    #[arg(long, default_value = crate::csi::DRIVER_NAME)]
+    pub driver_name: String,
+    /// Imports running at once.
+    #[arg(long, default_value_t = 4)]
+    pub max_imports: usize,
+    /// Objects copied at once by one import.
+    #[arg(long, default_value_t = 16)]
+    pub import_concurrency: usize,
+    /// Seconds between progress updates in the status while importing.
+    #[arg(long, default_value_t = 10)]
+    pub progress_interval: u64,
+    /// Namespace of the leader-election Lease (default: the pod's namespace, else "default").
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_namespace: Option<String>,
+    /// Run without leader election (a single replica).
+    #[arg(long)]
+    pub no_leader_election: bool,
+}
+
+pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
+    let client = kube::Client::try_default().await?;
+    let url = StoreUrl::resolve(a.store.store.as_deref())?;
+    let mut ctx = Context::new(client.clone(), url, a.store.s3_options(ReadTimeouts::default()));
+    ctx.storage_class = a.storage_class;
+    ctx.driver_name = a.driver_name;
+    ctx.imports = crate::operator::imports::ImportManager::new(a.max_imports);
+    ctx.import_concurrency = a.import_concurrency.max(1);
+    ctx.progress_interval = Duration::from_secs(a.progress_interval.max(1));
+    let ctx = Arc::new(ctx);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = wait_for_signal().await;
+        let _ = stop_tx.send(());
+    });
+    let shutdown = async move {
+        let _ = stop_rx.await;
+    };
+    if a.no_leader_election {
+        run(ctx, shutdown).await;
+        return Ok(());
+    }
+    let ns = a.leader_namespace.unwrap_or_else(|| "default".into());
+    let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
+        nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "operator".into())
+    });
+    let election = LeaderElection::new(client, &ns, "datastore-operator", &identity, Duration::from_secs(15));
+    let lost = election.lead().await;
+    tokio::select! {
+        _ = run(ctx, shutdown) => Ok(()),
+        _ = lost => anyhow::bail!("lost leadership; exiting so that another replica leads"),
+    }
+}
+
+pub fn print_crd() -> anyhow::Result<()> {
+    print!("{}", crate::operator::crd::crd_yaml());
+    Ok(())
+}
