@@ -102,6 +102,16 @@ impl ImportManager {
         }
     }
 
+    /// Whether an import of this datastore is still running.
+    pub fn is_running(&self, namespace: &str, name: &str) -> bool {
+        self.lock().get(&(namespace.to_owned(), name.to_owned())).is_some_and(|r| !r.task.is_finished())
+    }
+
+    /// Live counters of a running import.
+    pub fn progress(&self, namespace: &str, name: &str) -> Option<Arc<Progress>> {
+        self.lock().get(&(namespace.to_owned(), name.to_owned())).map(|r| r.progress.clone())
+    }
+
     /// Stops a datastore's import (when it is deleted).
     pub fn cancel(&self, namespace: &str, name: &str) {
         if let Some(r) = self.lock().remove(&(namespace.to_owned(), name.to_owned())) {
