@@ -165,12 +165,21 @@ async fn client(a: &KubectlArgs) -> anyhow::Result<(Client, String)> {
     Ok((Client::try_from(config)?, ns))
 }
 
+/// The innermost error: "Connection refused (os error 111)" says more than "ServiceError".
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// Turns API errors into one clear line.
 fn api_error(e: kube::Error, what: &str) -> anyhow::Error {
     match e {
         kube::Error::Api(s) if s.code == 404 => anyhow::anyhow!("{what} not found"),
         kube::Error::Api(s) => anyhow::anyhow!("{what}: {} ({})", s.message, s.reason),
-        other => anyhow::anyhow!("cannot reach the cluster: {other}"),
+        other => anyhow::anyhow!("cannot reach the cluster: {}", root_cause(&other)),
     }
 }
 

@@ -49,7 +49,8 @@ pub struct DatastoreSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_performance: Option<HighPerformanceSpec>,
     /// Cron schedule (5 fields, UTC) of re-imports from an S3 source; a re-import makes a new
-    /// version only when the source changed.
+    /// version only when the source changed. The operator checks the syntax (a condition says
+    /// what is wrong).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
     /// Keep at most this many versions; older ones are pruned once no volume uses them.
@@ -62,8 +63,9 @@ pub struct DatastoreSpec {
 }
 
 /// The source of a datastore.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, kube::KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.s3) != has(self.upload)").message("set exactly one of s3 and upload"))]
 pub struct Source {
     /// Import from an S3 bucket/prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,4 +273,36 @@ pub fn labels(name: &str) -> BTreeMap<String, String> {
         ("app.kubernetes.io/managed-by".to_owned(), "datastore-operator".to_owned()),
         (format!("{GROUP}/datastore"), name.to_owned()),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checked-in CRDs are generated from these types (`bash scripts/generate.sh`).
+    #[test]
+    fn checked_in_crds_match_the_types() {
+        let fresh = crd_yaml();
+        for (path, text) in [
+            ("charts/datastore-csi/crds/datastores.grid.ai.yaml", include_str!("../../charts/datastore-csi/crds/datastores.grid.ai.yaml")),
+            ("manifests/crd.yaml", include_str!("../../manifests/crd.yaml")),
+        ] {
+            assert!(text == fresh, "{path} is out of date: run `bash scripts/generate.sh`");
+        }
+    }
+
+    #[test]
+    fn crd_shape() {
+        let crd = Datastore::crd();
+        assert_eq!(crd.spec.group, GROUP);
+        assert_eq!(crd.spec.names.short_names, Some(vec!["ds".to_string()]));
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        let columns: Vec<String> = v.additional_printer_columns.iter().flatten().map(|c| c.name.to_uppercase()).collect();
+        for c in ["VERSION", "PHASE", "FILES", "SIZE", "AGE"] {
+            assert!(columns.contains(&c.to_string()), "{c}");
+        }
+        let yaml = crd_yaml();
+        assert!(yaml.contains("has(self.s3) != has(self.upload)"));
+    }
 }

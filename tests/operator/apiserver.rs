@@ -27,7 +27,6 @@ pub struct ApiServer {
 /// One request as the server saw it (method and path are asserted by `expect`).
 #[derive(Debug)]
 pub struct Seen {
-    pub query: String,
     pub body: Value,
 }
 
@@ -46,7 +45,6 @@ impl ApiServer {
             .unwrap_or_else(|| panic!("the client went away before {method} {path}"));
         let seen_method = req.method().clone();
         let seen_path = req.uri().path().to_owned();
-        let query = req.uri().query().unwrap_or("").to_owned();
         let bytes: Bytes = req.into_body().collect_bytes().await.unwrap_or_default();
         let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
         assert_eq!((&seen_method, seen_path.as_str()), (&method, path), "unexpected request; body: {body}");
@@ -57,7 +55,7 @@ impl ApiServer {
             .body(Body::from(serde_json::to_vec(&reply).unwrap_or_default()))
             .expect("response");
         send.send_response(resp);
-        Seen { query, body }
+        Seen { body }
     }
 
     /// Answers a 404 the way the API server does.

@@ -5,6 +5,7 @@
 mod common;
 
 mod apiserver;
+mod plugin;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Regenerates the checked-in artifacts from their sources; tests fail when they drift:
+# - the Datastore CRD (from src/operator/crd.rs) in the chart and in manifests/;
+# - manifests/ (the chart rendered with its default values, by Helm's own engine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo run --quiet --locked --bin datastore -- crd > charts/datastore-csi/crds/datastores.grid.ai.yaml
+cp charts/datastore-csi/crds/datastores.grid.ai.yaml manifests/crd.yaml
+if [ -f scripts/render_manifests.py ]; then
+  python3 scripts/render_manifests.py
+fi
