@@ -202,9 +202,11 @@ impl VolumeContext {
         let mut dns = None;
         let mut mount = None;
         let mut ephemeral = false;
+        let mut pod_namespace = None;
         for (k, v) in map {
             match k.as_str() {
                 "datastore" => datastore = Some(v.clone()),
+                "csi.storage.k8s.io/pod.namespace" => pod_namespace = Some(v.clone()),
                 "version" => version = VersionSel::parse("volume attribute version", v)?.number(),
                 "store" => store = Some(v.clone()),
                 "type" => volume_type = VolumeType::parse(v)?,
@@ -241,10 +243,26 @@ impl VolumeContext {
                 "a high-performance volume needs fsx.dnsName and fsx.mountName".into(),
             ));
         }
+        // An inline volume in a pod names a datastore of the pod's namespace: its data lives in
+        // that namespace's store, and a pod may not point at another namespace's store.
+        let store = match (ephemeral, pod_namespace) {
+            (true, Some(ns)) => {
+                let base = crate::store::StoreUrl::parse(default_store)
+                    .map_err(|e| CsiError::Internal(format!("driver store {default_store:?}: {e}")))?;
+                let own = crate::csi::namespace_store(&base, &ns).to_string();
+                if store.as_ref().is_some_and(|s| *s != own) {
+                    return Err(CsiError::Invalid(format!(
+                        "volume attribute store: an inline volume reads the store of its pod's namespace {ns:?}; leave it unset"
+                    )));
+                }
+                own
+            }
+            _ => store.unwrap_or_else(|| default_store.to_owned()),
+        };
         Ok(VolumeContext {
             datastore,
             version,
-            store: store.unwrap_or_else(|| default_store.to_owned()),
+            store,
             volume_type,
             lustre,
             ephemeral,
@@ -373,6 +391,27 @@ mod tests {
             (inline.version, inline.store.as_str(), inline.ephemeral),
             (None, "/s", true)
         );
+        // Inside Kubernetes (podInfoOnMount), an inline volume reads its namespace's store.
+        let in_pod = VolumeContext::parse(
+            &map(&[
+                ("datastore", "ds"),
+                ("csi.storage.k8s.io/ephemeral", "true"),
+                ("csi.storage.k8s.io/pod.namespace", "team"),
+            ]),
+            "/s",
+        )
+        .unwrap();
+        assert_eq!(in_pod.store, "/s/namespaces/team");
+        let elsewhere = VolumeContext::parse(
+            &map(&[
+                ("datastore", "ds"),
+                ("store", "/s/namespaces/other"),
+                ("csi.storage.k8s.io/ephemeral", "true"),
+                ("csi.storage.k8s.io/pod.namespace", "team"),
+            ]),
+            "/s",
+        );
+        assert!(matches!(elsewhere, Err(CsiError::Invalid(m)) if m.contains("store")));
         assert!(
             VolumeContext::parse(
                 &map(&[("datastore", "ds"), ("version", "1"), ("x", "y")]),

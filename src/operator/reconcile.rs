@@ -414,8 +414,9 @@ async fn ensure_claim(
     Ok(())
 }
 
-/// Names of the running pods that mount claim `claim`.
-pub async fn pods_using(ctx: &Context, ns: &str, claim: &str) -> Result<Vec<String>, Error> {
+/// Names of the running pods that use datastore `name`: through its claim (named like the
+/// datastore) or through an inline CSI volume of our driver naming it.
+pub async fn pods_using(ctx: &Context, ns: &str, name: &str) -> Result<Vec<String>, Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let list = pods.list(&ListParams::default()).await?;
     Ok(list
@@ -424,7 +425,14 @@ pub async fn pods_using(ctx: &Context, ns: &str, claim: &str) -> Result<Vec<Stri
         .filter(|p| {
             let phase = p.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("");
             let uses = p.spec.as_ref().and_then(|s| s.volumes.as_ref()).is_some_and(|vs| {
-                vs.iter().any(|v| v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == claim))
+                vs.iter().any(|v| {
+                    let by_claim = v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == name);
+                    let inline = v.csi.as_ref().is_some_and(|c| {
+                        c.driver == ctx.driver_name
+                            && c.volume_attributes.as_ref().and_then(|a| a.get("datastore")).map(String::as_str) == Some(name)
+                    });
+                    by_claim || inline
+                })
             });
             uses && phase != "Succeeded" && phase != "Failed"
         })

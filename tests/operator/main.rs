@@ -299,6 +299,16 @@ fn bad_spec_fails_with_a_condition_saying_what_to_fix() {
     }
 }
 
+/// A pod with an inline CSI volume of our driver naming `datastore`.
+fn pod_inline(name: &str, datastore: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"containers": [{"name": "c", "image": "x"}], "volumes": [{"name": "data", "csi": {"driver": datastore::csi::DRIVER_NAME, "readOnly": true, "volumeAttributes": {"datastore": datastore}}}]},
+        "status": {"phase": "Running"}
+    })
+}
+
 fn pod_using(name: &str, claim: &str) -> Value {
     json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -323,12 +333,12 @@ fn delete_waits_for_pods_then_removes_data_and_finalizer() {
         let (client, mut api) = mock_client();
         let ctx = env.ctx(client);
         let task = tokio::spawn(reconcile(Arc::new(ds.clone()), ctx));
-        let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod_using("trainer-0", "gone"), pod_using("other", "unrelated")]});
+        let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod_using("trainer-0", "gone"), pod_inline("inline-1", "gone"), pod_using("other", "unrelated"), pod_inline("other-inline", "unrelated")]});
         api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/pods"), 200, pods).await;
         let st = expect_status(&mut api, &ds).await;
         assert_eq!(st.phase, Some(Phase::Deleting));
         let msg = st.message.unwrap_or_default();
-        assert!(msg.contains("trainer-0") && !msg.contains("other"), "{msg}");
+        assert!(msg.contains("trainer-0") && msg.contains("inline-1") && !msg.contains("other"), "{msg}");
         assert_eq!(api.expect_event(NS).await, "DeleteBlocked");
         let err = task.await.expect("join").expect_err("deletion is blocked");
         assert!(matches!(err.action(), a if a == Action::requeue(Duration::from_secs(15))), "{err}");
