@@ -15,6 +15,7 @@ pub mod cache;
 pub mod cli;
 pub mod csi;
 pub mod fs;
+pub mod fsx;
 pub mod metrics;
 pub mod mount;
 pub mod operator;

@@ -66,6 +66,73 @@ pub struct CsiArgs {
     /// Start the fd holder if none answers (off when it runs as its own container).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub spawn_fd_holder: bool,
+    /// The command that mounts Lustre volumes, split at spaces (needs the Lustre client's
+    /// mount.lustre helper; in a container, `nsenter --mount=/proc/1/ns/mnt -- mount` runs the
+    /// host's, with hostPID).
+    #[arg(long, default_value = "mount")]
+    pub mount_program: String,
+    #[command(flatten)]
+    pub fsx: FsxArgs,
+}
+
+/// High-performance volumes (controller): FSx for Lustre.
+#[derive(Debug, Args)]
+pub struct FsxArgs {
+    /// Provision FSx for Lustre file systems for type high-performance (uses the AWS chain:
+    /// IRSA, instance role, environment).
+    #[arg(long)]
+    pub fsx: bool,
+    /// Name of this cluster, tagged on every file system (to find ours and orphans).
+    #[arg(long, env = "CLUSTER_NAME", default_value = "default")]
+    pub cluster_name: String,
+    /// Default subnet of new file systems (a StorageClass's subnetId wins).
+    #[arg(long)]
+    pub fsx_subnet_id: Option<String>,
+    /// Default security groups of new file systems, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub fsx_security_group_ids: Vec<String>,
+    /// Largest file system created, in GiB (the account's Lustre storage quota).
+    #[arg(long, default_value_t = 100_800)]
+    pub fsx_max_capacity: u64,
+    /// FSx endpoint URL (a local endpoint for tests; default: AWS).
+    #[arg(long, env = "DATASTORE_FSX_ENDPOINT")]
+    pub fsx_endpoint: Option<String>,
+    /// FSx region (default: the AWS chain's).
+    #[arg(long)]
+    pub fsx_region: Option<String>,
+}
+
+impl FsxArgs {
+    pub fn defaults(&self) -> crate::fsx::FsxDefaults {
+        crate::fsx::FsxDefaults {
+            subnet_id: self.fsx_subnet_id.clone(),
+            security_group_ids: self.fsx_security_group_ids.clone(),
+            max_capacity_gib: self.fsx_max_capacity,
+            cluster: self.cluster_name.clone(),
+        }
+    }
+
+    /// The FSx client, when enabled.
+    pub async fn client(&self) -> Option<crate::fsx::Fsx> {
+        if !self.fsx {
+            return None;
+        }
+        Some(crate::fsx::Fsx::from_env(self.fsx_endpoint.clone(), self.fsx_region.clone(), self.cluster_name.clone()).await)
+    }
+}
+
+/// A Kubernetes client when running in (or pointed at) a cluster.
+pub async fn kube_client() -> Option<kube::Client> {
+    if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() && std::env::var_os("KUBECONFIG").is_none() {
+        return None;
+    }
+    match kube::Client::try_default().await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "no Kubernetes client: PVC annotations will not be read");
+            None
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -92,10 +159,19 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
     ));
     let topology = a.zone.is_some();
     let identity = IdentityService::new(a.driver_name.clone(), a.mode, stores.clone(), topology);
-    let controller = a
-        .mode
-        .controller()
-        .then(|| ControllerService::new(stores.clone(), None));
+    let controller = if a.mode.controller() {
+        let claims = kube_client().await.map(|client| {
+            Arc::new(crate::operator::claims::KubeClaims { client }) as Arc<dyn crate::csi::controller::ClaimLookup>
+        });
+        let mut c = ControllerService::new(stores.clone(), claims);
+        if let Some(fsx) = a.fsx.client().await {
+            tracing::info!(cluster = %a.fsx.cluster_name, "FSx for Lustre provisioning enabled");
+            c.high_performance = Some(Arc::new(crate::csi::controller::HighPerformance::new(fsx, a.fsx.defaults())));
+        }
+        Some(c)
+    } else {
+        None
+    };
     let node = if a.mode.node() {
         let node_id = match &a.node_id {
             Some(n) => n.clone(),
@@ -137,7 +213,9 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
             cfg,
             stores.clone(),
             cache,
-            Arc::new(LinuxMounter::default()),
+            Arc::new(LinuxMounter {
+                mount_program: Some(a.mount_program.split_whitespace().map(str::to_owned).collect()),
+            }),
             holder,
             tokio::runtime::Handle::current(),
         ));

@@ -75,15 +75,16 @@ pub struct StoreArgs {
     #[arg(long, value_name = "URL", env = "DATASTORE_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
     /// S3 region (also AWS_REGION).
-    #[arg(long, value_name = "REGION")]
+    #[arg(long, value_name = "REGION", env = "DATASTORE_S3_REGION")]
     pub s3_region: Option<String>,
 }
 
 impl StoreArgs {
     pub fn s3_options(&self, timeouts: ReadTimeouts) -> S3Options {
         S3Options {
-            endpoint: self.s3_endpoint.clone(),
-            region: self.s3_region.clone(),
+            // An empty value (an unset ConfigMap key) means "not set".
+            endpoint: self.s3_endpoint.clone().filter(|s| !s.is_empty()),
+            region: self.s3_region.clone().filter(|s| !s.is_empty()),
             timeouts,
             credentials: None,
         }

@@ -37,6 +37,12 @@ pub struct OperatorArgs {
     /// Run without leader election (a single replica).
     #[arg(long)]
     pub no_leader_election: bool,
+    /// StorageClass of high-performance datastores' PVCs.
+    #[arg(long, default_value = "datastore-hp")]
+    pub hp_storage_class: String,
+    /// FSx for Lustre: status of file systems, cleanup, orphan reports.
+    #[command(flatten)]
+    pub fsx: super::csi::FsxArgs,
 }
 
 pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
@@ -44,6 +50,8 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
     let url = StoreUrl::resolve(a.store.store.as_deref())?;
     let mut ctx = Context::new(client.clone(), url, a.store.s3_options(ReadTimeouts::default()));
     ctx.storage_class = a.storage_class;
+    ctx.hp_storage_class = a.hp_storage_class;
+    ctx.fsx = a.fsx.client().await;
     ctx.driver_name = a.driver_name;
     ctx.imports = crate::operator::imports::ImportManager::new(a.max_imports);
     ctx.import_concurrency = a.import_concurrency.max(1);

@@ -16,13 +16,18 @@ use tonic::{Request, Response, Status};
 
 use super::error::{CsiError, CsiResult};
 use super::params::{
-    CreateParams, PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION, VersionSel, VolumeContext,
-    VolumeType, capability_problem, check_capability,
+    CONTEXT_FILE_SYSTEM_ID, CreateParams, PVC_DATASTORE_ANNOTATION, PVC_FSX_ANNOTATIONS,
+    PVC_VERSION_ANNOTATION, VersionSel, VolumeContext, VolumeType, capability_problem,
+    check_capability,
 };
+use crate::fsx::export::{ExportProgress, export_tree};
+use crate::fsx::{CreateRequest, Ensured, FsOwner, Fsx, FsxDefaults, FsxError, FsxSpec, ParamError};
 use super::{KeyedLocks, Stores, observe, pb};
 use crate::store::object::StoreError;
 
 const RECORDS: &str = "csi/volumes/";
+/// Per file system key: the creation attempt (bumped after a FAILED one was deleted).
+const FS_RECORDS: &str = "csi/filesystems/";
 
 /// Reads a PVC's annotations (the Kubernetes API in a cluster; absent elsewhere).
 #[tonic::async_trait]
@@ -44,6 +49,115 @@ pub struct VolumeRecord {
     pub context: BTreeMap<String, String>,
     pub capacity_bytes: i64,
     pub created: String,
+    /// High-performance volumes: the FSx file system and its key (shared by every volume of
+    /// the version; deleted with the last of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_system_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fs_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct FsRecord {
+    attempt: u32,
+}
+
+/// The FSx side of the controller (enabled with --fsx).
+pub struct HighPerformance {
+    pub fsx: Fsx,
+    pub defaults: FsxDefaults,
+    /// Version trees being exported, by file system key.
+    exports: std::sync::Mutex<HashMap<String, Arc<ExportJob>>>,
+}
+
+struct ExportJob {
+    progress: ExportProgress,
+    /// The tree's URL, or (transient, message).
+    done: std::sync::OnceLock<Result<String, (bool, String)>>,
+}
+
+impl HighPerformance {
+    pub fn new(fsx: Fsx, defaults: FsxDefaults) -> Self {
+        HighPerformance {
+            fsx,
+            defaults,
+            exports: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The version's tree URL once exported; meanwhile ABORTED with the progress (the export
+    /// runs in the background, one per version, and resumes after a restart).
+    fn export(&self, store: &crate::store::Store, owner: &FsOwner) -> CsiResult<String> {
+        let key = owner.key();
+        let job = {
+            let mut jobs = self.exports.lock().unwrap_or_else(|e| e.into_inner());
+            jobs.entry(key.clone())
+                .or_insert_with(|| {
+                    let job = Arc::new(ExportJob {
+                        progress: ExportProgress::default(),
+                        done: std::sync::OnceLock::new(),
+                    });
+                    let (j, store, name, version) =
+                        (job.clone(), store.clone(), owner.datastore.clone(), owner.version);
+                    tokio::spawn(async move {
+                        let r = export_tree(&store, &name, version, &j.progress)
+                            .await
+                            .map_err(|e| (e.is_transient(), e.to_string()));
+                        let _ = j.done.set(r);
+                    });
+                    job
+                })
+                .clone()
+        };
+        match job.done.get() {
+            Some(Ok(url)) => Ok(url.clone()),
+            Some(Err((transient, msg))) => {
+                self.exports
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&key);
+                let msg = format!("exporting version {} of {} for FSx: {msg}", owner.version, owner.datastore);
+                Err(if *transient {
+                    CsiError::Unavailable(msg)
+                } else {
+                    CsiError::FailedPrecondition(msg)
+                })
+            }
+            None => Err(CsiError::Aborted(format!(
+                "exporting version {} of {} for FSx: {} of {} files; retry",
+                owner.version,
+                owner.datastore,
+                job.progress.files_done.load(std::sync::atomic::Ordering::Relaxed),
+                job.progress.files_total.load(std::sync::atomic::Ordering::Relaxed),
+            ))),
+        }
+    }
+}
+
+fn param_error(e: ParamError) -> CsiError {
+    match e {
+        ParamError::Invalid { .. } => CsiError::Invalid(e.to_string()),
+        ParamError::OutOfRange { .. } => CsiError::OutOfRange(e.to_string()),
+    }
+}
+
+fn fsx_error(e: FsxError) -> CsiError {
+    match &e {
+        FsxError::Transient { .. } => CsiError::Unavailable(e.to_string()),
+        FsxError::Limit { .. } => CsiError::ResourceExhausted(e.to_string()),
+        FsxError::Refused { code, .. } if code.contains("AccessDenied") || code.contains("Unauthorized") => {
+            CsiError::PermissionDenied(e.to_string())
+        }
+        FsxError::Refused { code, .. }
+            if matches!(
+                code.as_str(),
+                "BadRequest" | "InvalidNetworkSettings" | "InvalidImportPath" | "InvalidExportPath" | "InvalidPerUnitStorageThroughput" | "IncompatibleParameterError"
+            ) =>
+        {
+            CsiError::Invalid(e.to_string())
+        }
+        FsxError::Refused { .. } => CsiError::FailedPrecondition(e.to_string()),
+    }
 }
 
 impl VolumeRecord {
@@ -74,7 +188,17 @@ fn valid_volume_id(id: &str) -> bool {
 pub struct ControllerService {
     pub stores: Arc<Stores>,
     pub claims: Option<Arc<dyn ClaimLookup>>,
+    pub high_performance: Option<Arc<HighPerformance>>,
     locks: KeyedLocks,
+}
+
+/// What a CreateVolume is about.
+struct Target {
+    datastore: String,
+    version: VersionSel,
+    store: String,
+    namespace: Option<String>,
+    annotations: BTreeMap<String, String>,
 }
 
 impl ControllerService {
@@ -82,7 +206,129 @@ impl ControllerService {
         ControllerService {
             stores,
             claims,
+            high_performance: None,
             locks: KeyedLocks::default(),
+        }
+    }
+
+    async fn load_fs(&self, key: &str) -> CsiResult<FsRecord> {
+        let store = self.stores.default_store().await?;
+        match store.objects().get(&format!("{FS_RECORDS}{key}.json")).await {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| CsiError::Internal(format!("file system record {key}: {e}"))),
+            Err(StoreError::NotFound { .. }) => Ok(FsRecord::default()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn save_fs(&self, key: &str, rec: &FsRecord) -> CsiResult<()> {
+        let store = self.stores.default_store().await?;
+        let json = serde_json::to_vec(rec).map_err(|e| CsiError::Internal(e.to_string()))?;
+        store
+            .objects()
+            .put(&format!("{FS_RECORDS}{key}.json"), Bytes::from(json), false)
+            .await?;
+        Ok(())
+    }
+
+    /// Ids of every recorded volume.
+    async fn volume_ids(&self) -> CsiResult<Vec<String>> {
+        let store = self.stores.default_store().await?;
+        let mut ids: Vec<String> = store
+            .objects()
+            .list(RECORDS)
+            .try_filter_map(|o| {
+                let id = o
+                    .key
+                    .strip_prefix(RECORDS)
+                    .and_then(|k| k.strip_suffix(".json"))
+                    .map(str::to_owned);
+                futures::future::ok(id.filter(|i| valid_volume_id(i)))
+            })
+            .try_collect()
+            .await?;
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// A high-performance volume: the version's FSx file system, created (once per version)
+    /// and answered when AVAILABLE; until then ABORTED, which the external-provisioner retries.
+    async fn create_high_performance(
+        &self,
+        req: &pb::CreateVolumeRequest,
+        params: &CreateParams,
+        identity: BTreeMap<String, String>,
+        volume_id: String,
+    ) -> CsiResult<VolumeRecord> {
+        let hp = self.high_performance.clone().ok_or_else(|| {
+            CsiError::FailedPrecondition(
+                "type high-performance needs FSx for Lustre, which is not enabled on this controller (start it with --fsx)".into(),
+            )
+        })?;
+        let t = self.target(params).await?;
+        let store = self.stores.get(&t.store).await?;
+        let version = store.resolve_version(&t.datastore, t.version.number()).await?;
+        let info = store.version_info(&t.datastore, version).await?;
+        let mut fsx_params = params.fsx.clone();
+        for (annotation, key) in PVC_FSX_ANNOTATIONS {
+            if let Some(v) = t.annotations.get(*annotation) {
+                fsx_params.insert((*key).to_owned(), v.clone());
+            }
+        }
+        let spec = FsxSpec::parse(&fsx_params, &hp.defaults, info.bytes).map_err(param_error)?;
+        let owner = FsOwner {
+            store: t.store.clone(),
+            namespace: t.namespace.clone().unwrap_or_default(),
+            datastore: t.datastore.clone(),
+            version,
+        };
+        let key = owner.key();
+        let _fs_guard = self.locks.lock(&key).await;
+        let import_path = hp.export(&store, &owner)?;
+        let mut fs_rec = self.load_fs(&key).await?;
+        let request = CreateRequest {
+            owner,
+            spec: spec.clone(),
+            import_path,
+            volume_name: req.name.clone(),
+            attempt: fs_rec.attempt,
+        };
+        match hp.fsx.ensure(&request).await.map_err(fsx_error)? {
+            Ensured::Pending { id, lifecycle, what } => Err(CsiError::Aborted(format!(
+                "{what} {id} is {lifecycle}; FSx for Lustre takes minutes, the volume is returned once it is AVAILABLE"
+            ))),
+            Ensured::Failed { id, message } => {
+                fs_rec.attempt += 1;
+                self.save_fs(&key, &fs_rec).await?;
+                Err(CsiError::Internal(format!(
+                    "FSx file system {id} FAILED: {message}; it was deleted, and the next attempt creates a new one"
+                )))
+            }
+            Ensured::Broken { id, lifecycle, message } => Err(CsiError::FailedPrecondition(format!(
+                "FSx file system {id} is {lifecycle}: {message}"
+            ))),
+            Ensured::Ready { id, dns_name, mount_name } => {
+                let context = VolumeContext {
+                    datastore: t.datastore.clone(),
+                    version: Some(version),
+                    store: t.store.clone(),
+                    volume_type: VolumeType::HighPerformance,
+                    lustre: Some((dns_name, mount_name)),
+                    ephemeral: false,
+                };
+                let mut context: BTreeMap<String, String> = context.to_map().into_iter().collect();
+                context.insert(CONTEXT_FILE_SYSTEM_ID.into(), id.clone());
+                Ok(VolumeRecord {
+                    name: req.name.clone(),
+                    volume_id,
+                    params: identity,
+                    context,
+                    capacity_bytes: i64::from(spec.storage_capacity_gib) << 30,
+                    created: crate::store::now_rfc3339(),
+                    file_system_id: Some(id),
+                    fs_key: Some(key),
+                })
+            }
         }
     }
 
@@ -111,13 +357,19 @@ impl ControllerService {
     }
 
     /// Which datastore (and store) a CreateVolume means.
-    async fn target(&self, p: &CreateParams) -> CsiResult<(String, VersionSel, String)> {
+    async fn target(&self, p: &CreateParams) -> CsiResult<Target> {
         if let Some(ds) = &p.datastore {
             let store = match &p.store {
                 Some(s) => s.clone(),
                 None => self.stores.default_url().to_string(),
             };
-            return Ok((ds.clone(), p.version, store));
+            return Ok(Target {
+                datastore: ds.clone(),
+                version: p.version,
+                store,
+                namespace: p.pvc_namespace.clone(),
+                annotations: BTreeMap::new(),
+            });
         }
         let (Some(ns), Some(pvc)) = (&p.pvc_namespace, &p.pvc_name) else {
             return Err(CsiError::Invalid(
@@ -147,7 +399,13 @@ impl ControllerService {
             Some(s) => s.clone(),
             None => self.stores.namespace_url(ns).to_string(),
         };
-        Ok((ds, version, store))
+        Ok(Target {
+            datastore: ds,
+            version,
+            store,
+            namespace: Some(ns.clone()),
+            annotations,
+        })
     }
 
     async fn create(&self, req: pb::CreateVolumeRequest) -> CsiResult<pb::CreateVolumeResponse> {
@@ -181,11 +439,21 @@ impl ControllerService {
             )));
         }
         if params.volume_type == VolumeType::HighPerformance {
-            return Err(CsiError::FailedPrecondition(
-                "type high-performance needs FSx for Lustre provisioning, which is not enabled on this controller".into(),
-            ));
+            let rec = self
+                .create_high_performance(&req, &params, identity, volume_id)
+                .await?;
+            self.save(&rec).await?;
+            tracing::info!(volume = %rec.volume_id, name = %req.name, file_system = rec.file_system_id.as_deref().unwrap_or(""), "high-performance volume created");
+            return Ok(pb::CreateVolumeResponse {
+                volume: Some(rec.volume()),
+            });
         }
-        let (datastore, version, store_url) = self.target(&params).await?;
+        let Target {
+            datastore,
+            version,
+            store: store_url,
+            ..
+        } = self.target(&params).await?;
         let store = self.stores.get(&store_url).await?;
         let version = store.resolve_version(&datastore, version.number()).await?;
         let context = VolumeContext {
@@ -208,6 +476,8 @@ impl ControllerService {
             context: context.to_map().into_iter().collect(),
             capacity_bytes: capacity,
             created: crate::store::now_rfc3339(),
+            file_system_id: None,
+            fs_key: None,
         };
         self.save(&rec).await?;
         tracing::info!(volume = %rec.volume_id, name = %req.name, datastore, version, "volume created");
@@ -221,6 +491,11 @@ impl ControllerService {
             return Err(CsiError::Missing("volume_id"));
         }
         let _guard = self.locks.lock(&req.volume_id).await;
+        if let Some(rec) = self.load(&req.volume_id).await? {
+            if let (Some(fs), Some(key)) = (&rec.file_system_id, &rec.fs_key) {
+                self.release_file_system(&rec.volume_id, fs, key).await?;
+            }
+        }
         if valid_volume_id(&req.volume_id) {
             let store = self.stores.default_store().await?;
             store
@@ -229,6 +504,34 @@ impl ControllerService {
                 .await?;
         }
         Ok(pb::DeleteVolumeResponse {})
+    }
+
+    /// Deletes the file system `fs` unless another volume still uses it. The volume record
+    /// goes only after this succeeds, so a failed delete is retried and nothing leaks.
+    async fn release_file_system(&self, volume_id: &str, fs: &str, key: &str) -> CsiResult<()> {
+        let _fs_guard = self.locks.lock(key).await;
+        for other in self.volume_ids().await? {
+            if other == volume_id {
+                continue;
+            }
+            if self.load(&other).await?.is_some_and(|r| r.file_system_id.as_deref() == Some(fs)) {
+                tracing::info!(volume = volume_id, file_system = fs, still_used_by = %other, "file system kept");
+                return Ok(());
+            }
+        }
+        let hp = self.high_performance.clone().ok_or_else(|| {
+            CsiError::FailedPrecondition(format!(
+                "volume {volume_id} has FSx file system {fs}, and FSx is not enabled on this controller (start it with --fsx) to delete it"
+            ))
+        })?;
+        hp.fsx.delete(fs).await.map_err(fsx_error)?;
+        let store = self.stores.default_store().await?;
+        store
+            .objects()
+            .delete(&[format!("{FS_RECORDS}{key}.json")])
+            .await?;
+        tracing::info!(volume = volume_id, file_system = fs, "last volume of the version deleted; file system deleted");
+        Ok(())
     }
 
     async fn validate(
@@ -278,21 +581,7 @@ impl ControllerService {
                 req.starting_token
             )));
         }
-        let store = self.stores.default_store().await?;
-        let mut ids: Vec<String> = store
-            .objects()
-            .list(RECORDS)
-            .try_filter_map(|o| {
-                let id = o
-                    .key
-                    .strip_prefix(RECORDS)
-                    .and_then(|k| k.strip_suffix(".json"))
-                    .map(str::to_owned);
-                futures::future::ok(id.filter(|i| valid_volume_id(i)))
-            })
-            .try_collect()
-            .await?;
-        ids.sort();
+        let mut ids = self.volume_ids().await?;
         ids.retain(|i| req.starting_token.is_empty() || *i > req.starting_token);
         let limit = if req.max_entries == 0 {
             usize::MAX

@@ -27,6 +27,8 @@ pub enum CsiError {
     #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
     Internal(String),
     #[error("{0}")]
     Unimplemented(&'static str),
@@ -44,6 +46,7 @@ impl From<CsiError> for Status {
             CsiError::Unavailable(_) => Status::unavailable(msg),
             CsiError::PermissionDenied(_) => Status::permission_denied(msg),
             CsiError::ResourceExhausted(_) => Status::resource_exhausted(msg),
+            CsiError::OutOfRange(_) => Status::out_of_range(msg),
             CsiError::Internal(_) => Status::internal(msg),
             CsiError::Unimplemented(_) => Status::unimplemented(msg),
         }

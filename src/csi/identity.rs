@@ -55,11 +55,17 @@ impl IdentityService {
                 .write(true)
                 .open("/dev/fuse")
                 .is_ok();
-        if !(store_ok && fuse_ok) {
-            tracing::warn!(store_ok, fuse_ok, "probe: not ready");
+        // Probe feeds liveness probes: only what a restart can fix makes us "not ready". An
+        // unreachable store is not one of those (restarting would only churn while reads
+        // retry), so it is logged, not reported.
+        if !store_ok {
+            tracing::warn!("probe: the store does not answer (reads retry; not a reason to restart)");
         }
-        *last = Some((Instant::now(), store_ok && fuse_ok));
-        store_ok && fuse_ok
+        if !fuse_ok {
+            tracing::warn!("probe: /dev/fuse cannot be opened: not ready");
+        }
+        *last = Some((Instant::now(), fuse_ok));
+        fuse_ok
     }
 }
 

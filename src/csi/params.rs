@@ -17,6 +17,15 @@ pub const K8S_PREFIX: &str = "csi.storage.k8s.io/";
 pub const PVC_DATASTORE_ANNOTATION: &str = "datastores.grid.ai/datastore";
 /// PVC annotation naming the version a claim mounts (set by the operator).
 pub const PVC_VERSION_ANNOTATION: &str = "datastores.grid.ai/version";
+/// PVC annotations carrying a high-performance Datastore's own FSx options (set by the
+/// operator from `spec.highPerformance`); they override the StorageClass's parameter.
+pub const PVC_FSX_ANNOTATIONS: &[(&str, &str)] = &[
+    ("datastores.grid.ai/deployment-type", "deploymentType"),
+    ("datastores.grid.ai/throughput", "perUnitStorageThroughput"),
+    ("datastores.grid.ai/capacity", "storageCapacity"),
+];
+/// Volume context key naming a high-performance volume's file system (informational).
+pub const CONTEXT_FILE_SYSTEM_ID: &str = "fsx.fileSystemId";
 
 /// Which backend serves a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -212,6 +221,7 @@ impl VolumeContext {
                 "type" => volume_type = VolumeType::parse(v)?,
                 "fsx.dnsName" => dns = Some(v.clone()),
                 "fsx.mountName" => mount = Some(v.clone()),
+                CONTEXT_FILE_SYSTEM_ID => {}
                 "csi.storage.k8s.io/ephemeral" => ephemeral = v == "true",
                 k if k.starts_with(K8S_PREFIX) => {}
                 other => {

@@ -61,8 +61,10 @@ pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
 /// The real thing, with mount(2).
 #[derive(Debug, Default, Clone)]
 pub struct LinuxMounter {
-    /// The `mount` program used for Lustre (it needs the mount.lustre helper).
-    pub mount_program: Option<PathBuf>,
+    /// The command that mounts Lustre (program and leading arguments; default `mount`). It
+    /// needs the Lustre client's mount.lustre helper; in a container,
+    /// `nsenter --mount=/proc/1/ns/mnt -- mount` uses the host's.
+    pub mount_program: Option<Vec<String>>,
 }
 
 fn cstr(p: &Path) -> std::io::Result<CString> {
@@ -76,16 +78,17 @@ pub const RO_FLAGS: MsFlags = MsFlags::MS_RDONLY
     .union(MsFlags::MS_NOATIME);
 
 /// The command line that mounts a Lustre source read-only (exposed for tests of the seam).
-pub fn lustre_command(program: &Path, source: &LustreSource, target: &Path) -> Vec<String> {
-    vec![
-        program.display().to_string(),
+pub fn lustre_command(program: &[String], source: &LustreSource, target: &Path) -> Vec<String> {
+    let mut cmd = if program.is_empty() { vec!["mount".to_owned()] } else { program.to_vec() };
+    cmd.extend([
         "-t".into(),
         "lustre".into(),
         "-o".into(),
-        "ro,noatime,flock".into(),
+        "ro,noatime".into(),
         source.device(),
         target.display().to_string(),
-    ]
+    ]);
+    cmd
 }
 
 impl Mounter for LinuxMounter {
@@ -130,10 +133,7 @@ impl Mounter for LinuxMounter {
     }
 
     fn mount_lustre(&self, source: &LustreSource, target: &Path) -> std::io::Result<()> {
-        let program = self
-            .mount_program
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("mount"));
+        let program = self.mount_program.clone().unwrap_or_default();
         let args = lustre_command(&program, source, target);
         let out = std::process::Command::new(&args[0])
             .args(&args[1..])

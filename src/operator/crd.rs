@@ -250,6 +250,11 @@ pub struct FileSystemStatus {
 }
 
 impl Datastore {
+    /// Served by FSx for Lustre file systems.
+    pub fn is_high_performance(&self) -> bool {
+        self.spec.datastore_type == Some(DatastoreType::HighPerformance)
+    }
+
     /// The datastore's mount path in run pods.
     pub fn mount_path(&self) -> String {
         self.spec

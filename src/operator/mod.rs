@@ -42,6 +42,8 @@ pub enum Error {
     Invalid(String),
     #[error("{0}")]
     Csi(String),
+    #[error(transparent)]
+    Fsx(#[from] crate::fsx::FsxError),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
@@ -59,6 +61,7 @@ impl Error {
             Error::InUse(_) => Action::requeue(Duration::from_secs(15)),
             Error::Invalid(_) => Action::requeue(Duration::from_secs(300)),
             Error::Kube(_) | Error::Store(_) | Error::Csi(_) => Action::requeue(Duration::from_secs(10)),
+            Error::Fsx(_) => Action::requeue(Duration::from_secs(30)),
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e.action(),
                 kube::runtime::finalizer::Error::AddFinalizer(_)
@@ -80,6 +83,10 @@ pub struct Context {
     pub imports: ImportManager,
     pub recorder: Recorder,
     pub storage_class: String,
+    /// StorageClass of high-performance datastores' claims.
+    pub hp_storage_class: String,
+    /// FSx for Lustre (when enabled): file systems' status, cleanup, orphans.
+    pub fsx: Option<crate::fsx::Fsx>,
     pub driver_name: String,
     /// How often progress goes into the status while importing.
     pub progress_interval: Duration,
@@ -101,6 +108,8 @@ impl Context {
             s3,
             imports: ImportManager::new(4),
             storage_class: "datastore".into(),
+            hp_storage_class: "datastore-hp".into(),
+            fsx: None,
             driver_name: crate::csi::DRIVER_NAME.into(),
             progress_interval: Duration::from_secs(10),
             resync: Duration::from_secs(300),
@@ -132,6 +141,7 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let datastores: Api<Datastore> = Api::all(client.clone());
     let claims: Api<PersistentVolumeClaim> = Api::all(client);
     tracing::info!("datastore operator running");
+    let orphans = tokio::spawn(reconcile::report_orphans_forever(ctx.clone()));
     Controller::new(datastores, watcher::Config::default())
         .owns(claims, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
@@ -143,5 +153,6 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         })
         .await;
+    orphans.abort();
     ctx.imports.abort_all();
 }

@@ -29,10 +29,11 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::crd::{Condition, Datastore, DatastoreSpec, FINALIZER, ImportModeSpec, Phase, VersionStatus, labels};
+use super::crd::{Condition, Datastore, DatastoreSpec, FINALIZER, FileSystemStatus, ImportModeSpec, Phase, VersionStatus, labels};
 use super::imports::{ImportJob, ImportState};
 use super::{Context, Error};
 use crate::csi::params::{PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION};
+use crate::fsx::{self, FileSystemInfo, Fsx};
 use crate::store::Store;
 use crate::store::import::{ImportMode, ImportOptions, S3Source};
 use crate::store::s3::{S3Client, S3Options, StaticCredentials};
@@ -284,7 +285,7 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
                     if st.versions.is_empty() {
                         set_versions(&mut st, versions(&store, &name).await?);
                     }
-                    if st.latest_version.is_some() && st.phase != Some(Phase::Ready) {
+                    if st.latest_version.is_some() && !matches!(st.phase, Some(Phase::Ready) | Some(Phase::Provisioning)) {
                         set_phase(&mut st, Phase::Ready, "Ready", "", now);
                     }
                     if let (Some(s), Some(last)) = (&ds.spec.schedule, st.last_import.as_deref().and_then(parse_rfc3339)) {
@@ -298,7 +299,7 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
     } else {
         set_versions(&mut st, versions(&store, &name).await?);
         match st.latest_version {
-            Some(v) if old.latest_version != Some(v) || old.phase != Some(Phase::Ready) => {
+            Some(v) if old.latest_version != Some(v) || !matches!(old.phase, Some(Phase::Ready) | Some(Phase::Provisioning)) => {
                 set_phase(&mut st, Phase::Ready, "Uploaded", &format!("version {v} uploaded"), now);
                 events.push((EventType::Normal, "Ready", format!("version {v} is ready")));
             }
@@ -322,8 +323,158 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
     if let Some(latest) = st.latest_version {
         ensure_claim(&ds, &ns, &name, latest, ctx, &mut events).await?;
     }
+    if let Some(fsx) = &ctx.fsx {
+        if track_file_systems(&ds, fsx, ctx, &old, &mut st, &mut events, now).await? {
+            requeue = requeue.min(Duration::from_secs(30));
+        }
+    } else if ds.is_high_performance() && st.phase == Some(Phase::Ready) {
+        set_phase(&mut st, Phase::Failed, "FsxDisabled", "type high-performance needs FSx, which is not enabled on this operator (--fsx)", now);
+    }
     finish(&ds, ctx, &old, st, events).await?;
     Ok(Action::requeue(requeue))
+}
+
+/// The file systems tagged with this datastore.
+async fn datastore_file_systems(fsx: &Fsx, ns: &str, name: &str) -> Result<Vec<FileSystemInfo>, Error> {
+    Ok(fsx
+        .list_ours()
+        .await?
+        .into_iter()
+        .filter(|f| f.tag(fsx::TAG_NAMESPACE) == Some(ns) && f.tag(fsx::TAG_DATASTORE) == Some(name))
+        .collect())
+}
+
+/// Ids of the file systems our PersistentVolumes use.
+async fn file_systems_in_use(ctx: &Context) -> Result<Vec<String>, Error> {
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    Ok(pvs
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|pv| pv.spec?.csi)
+        .filter(|csi| csi.driver == ctx.driver_name)
+        .filter_map(|csi| csi.volume_attributes?.get(crate::csi::params::CONTEXT_FILE_SYSTEM_ID).cloned())
+        .collect())
+}
+
+/// Puts the datastore's file systems in the status (Provisioning until the latest version's
+/// is AVAILABLE), with an Event per lifecycle change, and deletes those no volume uses that
+/// serve nothing current: every one once the datastore is standard again, older versions'
+/// otherwise. Returns whether a file system is still settling (check again soon).
+async fn track_file_systems(
+    ds: &Datastore,
+    fsx: &Fsx,
+    ctx: &Context,
+    old: &super::crd::DatastoreStatus,
+    st: &mut super::crd::DatastoreStatus,
+    events: &mut Vec<(EventType, &'static str, String)>,
+    now: i64,
+) -> Result<bool, Error> {
+    let ns = ds.namespace().unwrap_or_default();
+    let name = ds.name_any();
+    let mut systems = datastore_file_systems(fsx, &ns, &name).await?;
+    let hp = ds.is_high_performance();
+    let latest = st.latest_version;
+    let version_of = |f: &FileSystemInfo| f.tag(fsx::TAG_VERSION).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let unwanted: Vec<&FileSystemInfo> = systems
+        .iter()
+        .filter(|f| f.lifecycle != "DELETING" && (!hp || Some(version_of(f)) != latest))
+        .collect();
+    if !unwanted.is_empty() {
+        let in_use = file_systems_in_use(ctx).await?;
+        let mut deleted = Vec::new();
+        for f in unwanted {
+            if in_use.contains(&f.id) {
+                continue;
+            }
+            fsx.delete(&f.id).await?;
+            let why = if hp { format!("version {} is no longer the latest", version_of(f)) } else { "the datastore is standard now".to_owned() };
+            events.push((EventType::Normal, "FileSystemDeleted", format!("FSx file system {} deleted: {why}, and no volume uses it", f.id)));
+            deleted.push(f.id.clone());
+        }
+        for f in systems.iter_mut().filter(|f| deleted.contains(&f.id)) {
+            f.lifecycle = "DELETING".into();
+        }
+    }
+    let mut statuses: Vec<FileSystemStatus> = systems
+        .iter()
+        .map(|f| FileSystemStatus { version: version_of(f), file_system_id: f.id.clone(), lifecycle: f.lifecycle.clone() })
+        .collect();
+    statuses.sort_by(|a, b| (a.version, &a.file_system_id).cmp(&(b.version, &b.file_system_id)));
+    for f in &statuses {
+        let before = old.file_systems.iter().find(|o| o.file_system_id == f.file_system_id);
+        if before.map(|b| &b.lifecycle) != Some(&f.lifecycle) {
+            let type_ = if f.lifecycle == "FAILED" || f.lifecycle.starts_with("MISCONFIGURED") { EventType::Warning } else { EventType::Normal };
+            events.push((type_, "FileSystem", format!("FSx file system {} (version {}) is {}", f.file_system_id, f.version, f.lifecycle)));
+        }
+    }
+    let settling = statuses.iter().any(|f| !fsx::is_settled(&f.lifecycle) && f.lifecycle != "DELETING")
+        || (hp && latest.is_some() && !statuses.iter().any(|f| Some(f.version) == latest));
+    if hp && matches!(st.phase, Some(Phase::Ready) | Some(Phase::Provisioning)) {
+        if let Some(v) = latest {
+            match statuses.iter().find(|f| f.version == v) {
+                Some(f) if f.lifecycle == "AVAILABLE" => {
+                    set_phase(st, Phase::Ready, "FileSystemAvailable", &format!("version {v} served by FSx file system {}", f.file_system_id), now);
+                }
+                Some(f) => {
+                    set_phase(st, Phase::Provisioning, "Provisioning", &format!("FSx file system {} for version {v} is {}", f.file_system_id, f.lifecycle), now);
+                }
+                None => {
+                    set_phase(st, Phase::Provisioning, "Provisioning", &format!("waiting for the FSx file system of version {v} (created when the claim is provisioned)"), now);
+                }
+            }
+        }
+    }
+    if !hp && st.phase == Some(Phase::Provisioning) {
+        set_phase(st, Phase::Ready, "Ready", "served from the store (standard)", now);
+    }
+    st.file_systems = statuses;
+    Ok(settling)
+}
+
+/// Every file system tagged with our cluster whose Datastore is gone: logged (with what to do)
+/// every resync. They cost money; the operator deletes only what it can attribute.
+pub async fn report_orphans_forever(ctx: Arc<Context>) {
+    let Some(fsx) = ctx.fsx.clone() else { return };
+    loop {
+        match find_orphans(&fsx, &ctx).await {
+            Ok(orphans) => {
+                for f in orphans {
+                    tracing::warn!(
+                        file_system = %f.id,
+                        namespace = f.tag(fsx::TAG_NAMESPACE).unwrap_or(""),
+                        datastore = f.tag(fsx::TAG_DATASTORE).unwrap_or(""),
+                        lifecycle = %f.lifecycle,
+                        "orphaned FSx file system: its Datastore is gone and no volume uses it; delete it with `aws fsx delete-file-system --file-system-id {}`",
+                        f.id
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not look for orphaned FSx file systems"),
+        }
+        tokio::time::sleep(ctx.resync).await;
+    }
+}
+
+/// File systems of our cluster with no Datastore and no volume.
+pub async fn find_orphans(fsx: &Fsx, ctx: &Context) -> Result<Vec<FileSystemInfo>, Error> {
+    let in_use = file_systems_in_use(ctx).await?;
+    let mut orphans = Vec::new();
+    for f in fsx.list_ours().await? {
+        if f.lifecycle == "DELETING" || in_use.contains(&f.id) {
+            continue;
+        }
+        let (Some(ns), Some(name)) = (f.tag(fsx::TAG_NAMESPACE), f.tag(fsx::TAG_DATASTORE)) else {
+            orphans.push(f);
+            continue;
+        };
+        let api: Api<Datastore> = Api::namespaced(ctx.client.clone(), ns);
+        if api.get_opt(name).await?.is_none() {
+            orphans.push(f);
+        }
+    }
+    Ok(orphans)
 }
 
 /// Writes the status (when it changed) and publishes the events.
@@ -352,6 +503,23 @@ async fn finish(
 
 /// The PVC run pods mount.
 pub fn desired_claim(ds: &Datastore, name: &str, version: u64, storage_class: &str) -> PersistentVolumeClaim {
+    let mut annotations = serde_json::json!({
+        PVC_DATASTORE_ANNOTATION: name,
+        PVC_VERSION_ANNOTATION: version.to_string(),
+        "datastores.grid.ai/mount-path": ds.mount_path(),
+    });
+    if let Some(hp) = ds.spec.high_performance.as_ref().filter(|_| ds.is_high_performance()) {
+        let values = [
+            hp.deployment_type.clone(),
+            hp.per_unit_storage_throughput.map(|t| t.to_string()),
+            hp.storage_capacity.map(|c| c.to_string()),
+        ];
+        for ((annotation, _), value) in crate::csi::params::PVC_FSX_ANNOTATIONS.iter().zip(values) {
+            if let Some(v) = value {
+                annotations[*annotation] = serde_json::Value::String(v);
+            }
+        }
+    }
     let mut pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
@@ -359,11 +527,7 @@ pub fn desired_claim(ds: &Datastore, name: &str, version: u64, storage_class: &s
             "name": name,
             "namespace": ds.namespace(),
             "labels": labels(name),
-            "annotations": {
-                PVC_DATASTORE_ANNOTATION: name,
-                PVC_VERSION_ANNOTATION: version.to_string(),
-                "datastores.grid.ai/mount-path": ds.mount_path(),
-            },
+            "annotations": annotations,
         },
         "spec": {
             "accessModes": ["ReadOnlyMany"],
@@ -388,9 +552,10 @@ async fn ensure_claim(
     events: &mut Vec<(EventType, &'static str, String)>,
 ) -> Result<(), Error> {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let class = if ds.is_high_performance() { &ctx.hp_storage_class } else { &ctx.storage_class };
     match pvcs.get_opt(name).await? {
         None => {
-            pvcs.create(&PostParams::default(), &desired_claim(ds, name, latest, &ctx.storage_class)).await?;
+            pvcs.create(&PostParams::default(), &desired_claim(ds, name, latest, class)).await?;
             events.push((EventType::Normal, "ClaimCreated", format!("PersistentVolumeClaim {name} mounts version {latest}")));
         }
         Some(pvc) => {
@@ -404,10 +569,13 @@ async fn ensure_claim(
                 return Ok(());
             }
             let pinned = pvc.annotations().get(PVC_VERSION_ANNOTATION).and_then(|v| v.parse::<u64>().ok());
-            if pinned != Some(latest) && pods_using(ctx, ns, name).await?.is_empty() {
-                // Unused and pinned to an older version: replace it, so new pods get the latest.
+            let class_now = pvc.spec.as_ref().and_then(|s| s.storage_class_name.as_deref());
+            let stale = pinned != Some(latest) || class_now.is_some_and(|c| c != class.as_str());
+            if stale && pods_using(ctx, ns, name).await?.is_empty() {
+                // Unused and pinned to an older version (or the other type): replace it, so new
+                // pods get the latest; the old volume (and its file system) goes with it.
                 pvcs.delete(name, &DeleteParams::default()).await?;
-                events.push((EventType::Normal, "ClaimReplaced", format!("PersistentVolumeClaim {name} moves to version {latest}")));
+                events.push((EventType::Normal, "ClaimReplaced", format!("PersistentVolumeClaim {name} moves to version {latest} ({class})")));
             }
         }
     }
@@ -491,9 +659,19 @@ async fn cleanup(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
+    let mut fs_events = Vec::new();
+    if let Some(fsx) = &ctx.fsx {
+        for f in datastore_file_systems(fsx, &ns, &name).await? {
+            if f.lifecycle != "DELETING" {
+                fsx.delete(&f.id).await?;
+                fs_events.push((EventType::Normal, "FileSystemDeleted", format!("FSx file system {} (version {}) deleted", f.id, f.tag(fsx::TAG_VERSION).unwrap_or("?"))));
+            }
+        }
+    }
     let store = ctx.namespace_store(&ns).await?;
     let removed = store.delete_datastore(&name).await?;
     tracing::info!(namespace = %ns, datastore = %name, objects = removed, "deleted datastore data");
-    finish(&ds, ctx, &old, old.clone(), vec![(EventType::Normal, "Deleted", format!("removed {removed} objects"))]).await?;
+    fs_events.push((EventType::Normal, "Deleted", format!("removed {removed} objects")));
+    finish(&ds, ctx, &old, old.clone(), fs_events).await?;
     Ok(Action::await_change())
 }

@@ -32,6 +32,17 @@ pub fn info_key(name: &str, version: u64) -> String {
     format!("{ROOT}{name}/versions/{version}/version.json")
 }
 
+/// A version's files as plain objects under their paths: what an FSx for Lustre file system
+/// imports (written only for high-performance volumes; see `fsx::export`).
+pub fn tree_prefix(name: &str, version: u64) -> String {
+    format!("{ROOT}{name}/trees/{version}/")
+}
+
+/// Written once a version's tree is complete.
+pub fn tree_marker_key(name: &str, version: u64) -> String {
+    format!("{ROOT}{name}/versions/{version}/tree.json")
+}
+
 pub fn objects_prefix(name: &str) -> String {
     format!("{ROOT}{name}/objects/")
 }

@@ -384,8 +384,16 @@ impl Store {
             .delete(&[layout::manifest_key(name, version)])
             .await?;
         self.objects
-            .delete(&[layout::info_key(name, version)])
+            .delete(&[layout::info_key(name, version), layout::tree_marker_key(name, version)])
             .await?;
+        // The exported tree of a high-performance version, if one was made.
+        let tree: Vec<String> = self
+            .objects
+            .list(&layout::tree_prefix(name, version))
+            .map_ok(|o| o.key)
+            .try_collect()
+            .await?;
+        self.objects.delete(&tree).await?;
         let keys: Vec<String> = owned
             .keys()
             .map(|id| layout::object_key(name, id))

@@ -4,6 +4,8 @@
 //! s3-test-server crate), real kernel FUSE mounts, real files.
 #![allow(dead_code)]
 
+pub mod moto;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};

@@ -22,6 +22,8 @@ pub struct Driver {
     pub store_url: String,
     pub bucket: String,
     pub store: Store,
+    /// More command-line arguments of the plugin.
+    pub extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -41,6 +43,11 @@ impl Driver {
 
     /// Starts a driver on a new bucket of the shared S3 server.
     pub fn start() -> Driver {
+        Driver::start_with(&[])
+    }
+
+    /// Starts a driver with more arguments.
+    pub fn start_with(extra: &[&str]) -> Driver {
         init_logging();
         let (store, bucket) = s3_store();
         let dir = tempfile::Builder::new()
@@ -53,6 +60,7 @@ impl Driver {
             store_url: format!("s3://{bucket}/pfx"),
             bucket,
             store,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
         };
         d.spawn();
@@ -85,6 +93,7 @@ impl Driver {
             .arg("--fd-holder-socket")
             .arg(self.holder_socket())
             .args(["--read-timeout", "10s"])
+            .args(&self.extra)
             .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY)
             .env("AWS_REGION", "us-east-1")
@@ -142,14 +151,28 @@ impl Driver {
         NodeClient::new(rt().block_on(channel(&self.socket())))
     }
 
+    /// Creates datastore `name` of namespace `ns` (in `<store>/namespaces/<ns>`, where pods'
+    /// inline volumes and PVC-named datastores live).
+    pub fn create_namespaced_datastore(&self, ns: &str, name: &str, files: &[(&str, Vec<u8>)]) -> u64 {
+        let url = datastore::csi::namespace_store(self.store.url(), ns);
+        let store = rt()
+            .block_on(Store::open(&url, s3_options(server(), fast_timeouts())))
+            .expect("namespace store");
+        Self::upload(&store, name, files)
+    }
+
     /// Creates datastore `name` in the driver's store from `files` (path, bytes).
     pub fn create_datastore(&self, name: &str, files: &[(&str, Vec<u8>)]) -> u64 {
+        Self::upload(&self.store, name, files)
+    }
+
+    fn upload(store: &Store, name: &str, files: &[(&str, Vec<u8>)]) -> u64 {
         let src = tempfile::tempdir().expect("tempdir");
         for (p, data) in files {
             write_file(&src.path().join(p), data, 0o644);
         }
         rt().block_on(create_from_dir(
-            &self.store,
+            store,
             name,
             src.path(),
             &UploadOptions::default(),

@@ -6,5 +6,6 @@ mod common;
 
 mod conformance;
 mod driver;
+mod fsx;
 mod mounts;
 mod restart;

@@ -176,7 +176,8 @@ fn stage_publish_read_and_tear_down_without_leaks() {
         lifecycle(&d, &files, &ctx, round);
     }
     let mut after = fds_and_threads(d.pid());
-    for _ in 0..50 {
+    // Idle blocking-pool threads retire after tokio's 10 s keep-alive: wait that out.
+    for _ in 0..150 {
         if after.0 <= warm.0 && after.1 <= warm.1 {
             break;
         }
@@ -281,8 +282,9 @@ fn stats_report_a_broken_mount() {
 #[test]
 fn inline_ephemeral_volume() {
     let d = Driver::start();
-    d.create_datastore("inline", &[("v1.txt", b"one".to_vec())]);
-    d.create_datastore("inline", &[("v2.txt", b"two".to_vec())]);
+    // A pod's inline volume reads its namespace's datastores.
+    d.create_namespaced_datastore("default", "inline", &[("v1.txt", b"one".to_vec())]);
+    d.create_namespaced_datastore("default", "inline", &[("v2.txt", b"two".to_vec())]);
     let mut n = d.node();
     let target = d.kpath("pods/p9/volumes/kubernetes.io~csi/data/mount");
     std::fs::create_dir_all(std::path::Path::new(&target).parent().expect("parent"))

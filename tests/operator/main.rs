@@ -5,6 +5,7 @@
 mod common;
 
 mod apiserver;
+mod high_performance;
 mod plugin;
 
 use std::sync::Arc;
@@ -54,9 +55,14 @@ impl Env {
     }
 
     fn ctx(&self, client: kube::Client) -> Arc<Context> {
+        self.ctx_with(client, |_| {})
+    }
+
+    fn ctx_with(&self, client: kube::Client, f: impl FnOnce(&mut Context)) -> Arc<Context> {
         let mut ctx = Context::new(client, self.cluster.clone(), s3_options(server(), fast_timeouts()));
         ctx.progress_interval = Duration::from_secs(1);
         ctx.clock = Arc::new(|| NOW);
+        f(&mut ctx);
         Arc::new(ctx)
     }
 
