@@ -251,3 +251,45 @@ fn a_node_without_the_lustre_client_says_so() {
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     assert!(s.message().contains("Lustre client is not installed"), "{}", s.message());
 }
+
+#[test]
+fn a_version_tree_for_fsx_is_exported_once_and_resumes() {
+    use datastore::fsx::export::{ExportProgress, export_tree};
+    let (store, bucket) = s3_store();
+    let src = tempfile::tempdir().expect("tempdir");
+    write_file(&src.path().join("a.txt"), b"alpha", 0o644);
+    write_file(&src.path().join("sub/b.bin"), &bytes(9, 200_000), 0o644);
+    std::fs::create_dir_all(src.path().join("hollow")).expect("empty dir");
+    std::os::unix::fs::symlink("a.txt", src.path().join("link")).expect("symlink");
+    rt().block_on(datastore::store::upload::create_from_dir(&store, "t", src.path(), &Default::default(), &Default::default()))
+        .expect("upload");
+    let progress = ExportProgress::default();
+    server().reset_counts(&bucket);
+    let url = rt().block_on(export_tree(&store, "t", 1, &progress)).expect("export");
+    // Two copies, the empty directory's marker (`hollow/`; the test server keeps such a key as a
+    // directory, so it is counted here rather than listed) and the completion marker.
+    assert_eq!(server().counts(&bucket).put, 4);
+    assert_eq!(url, format!("s3://{bucket}/pfx/datastores/t/trees/1/"));
+    let tree = "datastores/t/trees/1/";
+    let get = |k: &str| rt().block_on(store.objects().get(&format!("{tree}{k}")));
+    assert_eq!(&get("a.txt").expect("a.txt")[..], b"alpha");
+    assert_eq!(&get("sub/b.bin").expect("b.bin")[..], &bytes(9, 200_000)[..]);
+    assert!(get("link").is_err(), "symlinks are not exported");
+    assert_eq!(progress.files_done.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+    // Complete: a second export copies nothing.
+    server().reset_counts(&bucket);
+    rt().block_on(export_tree(&store, "t", 1, &ExportProgress::default())).expect("again");
+    assert_eq!(server().counts(&bucket).put, 0, "nothing copied again");
+
+    // Interrupted (no marker, one file missing): only the missing file is copied.
+    rt().block_on(store.objects().delete(&["datastores/t/versions/1/tree.json".into(), format!("{tree}a.txt")])).expect("delete");
+    server().reset_counts(&bucket);
+    rt().block_on(export_tree(&store, "t", 1, &ExportProgress::default())).expect("resume");
+    assert_eq!(server().counts(&bucket).put, 3, "a.txt, the empty directory's marker and the completion marker");
+    assert_eq!(&get("a.txt").expect("a.txt")[..], b"alpha");
+
+    // Deleting the version removes its tree.
+    rt().block_on(store.delete_version("t", 1)).expect("delete version");
+    assert!(get("sub/b.bin").is_err());
+}
