@@ -335,7 +335,10 @@ impl NodeVolumes {
                     "volume {volume_id} is staged with another datastore or version"
                 )));
             }
-            if healthy {
+            // The session thread notices an aborted connection only when it next reads
+            // /dev/fuse: the mount itself (stat answers ENOTCONN) is the truth.
+            let mounted = matches!(self.state_of(&st.staging).await?, MountState::Mounted(_));
+            if healthy && mounted {
                 return Ok(());
             }
             tracing::warn!(

@@ -268,7 +268,11 @@ fn stats_report_a_broken_mount() {
     rt().block_on(n.node_stage_volume(stage_req("vol-brk", &staging, &ctx)))
         .expect("restage");
     assert_eq!(
-        std::fs::read(format!("{staging}/a")).expect("read after repair"),
+        std::fs::read(format!("{staging}/a")).unwrap_or_else(|e| panic!(
+            "read after repair: {e}\nmounts: {:?}\n{}",
+            our_mounts(d.dir.path()),
+            d.log()
+        )),
         b"a"
     );
     rt().block_on(n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
