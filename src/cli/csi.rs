@@ -214,7 +214,7 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
             stores.clone(),
             cache,
             Arc::new(LinuxMounter {
-                mount_program: Some(a.mount_program.split_whitespace().map(str::to_owned).collect()),
+                mount_program: a.mount_program.split_whitespace().map(str::to_owned).collect(),
             }),
             holder,
             tokio::runtime::Handle::current(),

@@ -61,10 +61,10 @@ pub trait Mounter: Send + Sync + std::fmt::Debug + 'static {
 /// The real thing, with mount(2).
 #[derive(Debug, Default, Clone)]
 pub struct LinuxMounter {
-    /// The command that mounts Lustre (program and leading arguments; default `mount`). It
+    /// The command that mounts Lustre (program and leading arguments; empty: `mount`). It
     /// needs the Lustre client's mount.lustre helper; in a container,
     /// `nsenter --mount=/proc/1/ns/mnt -- mount` uses the host's.
-    pub mount_program: Option<Vec<String>>,
+    pub mount_program: Vec<String>,
 }
 
 fn cstr(p: &Path) -> std::io::Result<CString> {
@@ -133,8 +133,7 @@ impl Mounter for LinuxMounter {
     }
 
     fn mount_lustre(&self, source: &LustreSource, target: &Path) -> std::io::Result<()> {
-        let program = self.mount_program.clone().unwrap_or_default();
-        let args = lustre_command(&program, source, target);
+        let args = lustre_command(&self.mount_program, source, target);
         let out = std::process::Command::new(&args[0])
             .args(&args[1..])
             .output()?;

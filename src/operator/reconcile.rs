@@ -323,7 +323,10 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
     if let Some(latest) = st.latest_version {
         ensure_claim(&ds, &ns, &name, latest, ctx, &mut events).await?;
     }
-    if let Some(fsx) = &ctx.fsx {
+    // Only datastores that are, or were, high-performance have file systems to follow (one
+    // DescribeFileSystems each); the orphan report covers everything else.
+    let has_file_systems = ds.is_high_performance() || !old.file_systems.is_empty();
+    if let Some(fsx) = ctx.fsx.as_ref().filter(|_| has_file_systems) {
         if track_file_systems(&ds, fsx, ctx, &old, &mut st, &mut events, now).await? {
             requeue = requeue.min(Duration::from_secs(30));
         }

@@ -206,6 +206,39 @@ impl Drop for Driver {
     }
 }
 
+/// NodeStageVolume of `id` at `staging`, read-only mount access.
+pub fn stage_req(
+    id: &str,
+    staging: &str,
+    ctx: &std::collections::HashMap<String, String>,
+) -> pb::NodeStageVolumeRequest {
+    pb::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.into(),
+        volume_capability: Some(ro_cap()),
+        volume_context: ctx.clone(),
+        ..Default::default()
+    }
+}
+
+/// NodePublishVolume of `id` from `staging` to `target`.
+pub fn publish_req(
+    id: &str,
+    staging: &str,
+    target: &str,
+    ctx: &std::collections::HashMap<String, String>,
+) -> pb::NodePublishVolumeRequest {
+    pb::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.into(),
+        target_path: target.into(),
+        volume_capability: Some(ro_cap()),
+        readonly: false,
+        volume_context: ctx.clone(),
+        ..Default::default()
+    }
+}
+
 /// A gRPC channel over a Unix socket.
 pub async fn channel(path: &Path) -> Channel {
     let path = path.to_path_buf();

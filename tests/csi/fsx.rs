@@ -200,29 +200,15 @@ fn lustre_volumes_mount_with_the_lustre_command_line() {
     let staging = d.kpath("plugins/staging/hp");
     let target = d.kpath("pods/p1/volumes/hp");
     let mut n = d.node();
-    rt().block_on(n.node_stage_volume(pb::NodeStageVolumeRequest {
-        volume_id: "hp-vol".into(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(ro_cap()),
-        volume_context: ctx.clone(),
-        ..Default::default()
-    }))
-    .unwrap_or_else(|s| panic!("stage: {s:?}\n{}", d.log()));
+    rt().block_on(n.node_stage_volume(stage_req("hp-vol", &staging, &ctx)))
+        .unwrap_or_else(|s| panic!("stage: {s:?}\n{}", d.log()));
     let log = std::fs::read_to_string(tools.path().join("mount.log")).expect("mount log");
     assert_eq!(
         log.trim(),
         format!("-t lustre -o ro,noatime fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com@tcp:/abcdefgh {staging}")
     );
-    rt().block_on(n.node_publish_volume(pb::NodePublishVolumeRequest {
-        volume_id: "hp-vol".into(),
-        staging_target_path: staging.clone(),
-        target_path: target.clone(),
-        volume_capability: Some(ro_cap()),
-        readonly: true,
-        volume_context: ctx,
-        ..Default::default()
-    }))
-    .unwrap_or_else(|s| panic!("publish: {s:?}\n{}", d.log()));
+    rt().block_on(n.node_publish_volume(publish_req("hp-vol", &staging, &target, &ctx)))
+        .unwrap_or_else(|s| panic!("publish: {s:?}\n{}", d.log()));
     assert_eq!(std::fs::read(format!("{target}/data/x.txt")).expect("read"), b"from lustre");
     let err = std::fs::write(format!("{target}/data/new"), b"x").expect_err("read-only");
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
@@ -240,13 +226,7 @@ fn a_node_without_the_lustre_client_says_so() {
     let script = fake_mount(tools.path(), tools.path(), false);
     let d = Driver::start_with(&["--mount-program", script.to_str().expect("utf8")]);
     let s = rt()
-        .block_on(d.node().node_stage_volume(pb::NodeStageVolumeRequest {
-            volume_id: "hp-vol".into(),
-            staging_target_path: d.kpath("plugins/staging/hp"),
-            volume_capability: Some(ro_cap()),
-            volume_context: hp_context(&d),
-            ..Default::default()
-        }))
+        .block_on(d.node().node_stage_volume(stage_req("hp-vol", &d.kpath("plugins/staging/hp"), &hp_context(&d))))
         .expect_err("no Lustre client");
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     assert!(s.message().contains("Lustre client is not installed"), "{}", s.message());

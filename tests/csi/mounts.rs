@@ -21,37 +21,6 @@ fn files() -> Vec<(String, Vec<u8>)> {
     f
 }
 
-fn stage_req(
-    id: &str,
-    staging: &str,
-    ctx: &std::collections::HashMap<String, String>,
-) -> pb::NodeStageVolumeRequest {
-    pb::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.into(),
-        volume_capability: Some(ro_cap()),
-        volume_context: ctx.clone(),
-        ..Default::default()
-    }
-}
-
-fn publish_req(
-    id: &str,
-    staging: &str,
-    target: &str,
-    ctx: &std::collections::HashMap<String, String>,
-) -> pb::NodePublishVolumeRequest {
-    pb::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.into(),
-        target_path: target.into(),
-        volume_capability: Some(ro_cap()),
-        readonly: false,
-        volume_context: ctx.clone(),
-        ..Default::default()
-    }
-}
-
 /// One full volume lifecycle: stage, publish to three pods, read everything through each,
 /// writes refused, stats, unpublish, unstage, nothing of ours left mounted.
 fn lifecycle(

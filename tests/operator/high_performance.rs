@@ -30,16 +30,23 @@ fn exists(id: &str) -> bool {
 
 const PVCS: &str = "/api/v1/namespaces/ml/persistentvolumeclaims";
 
-#[test]
-fn a_high_performance_datastore_follows_its_file_system_and_cleans_up() {
-    let env = Env::new();
-    let store = env.ns_store();
+/// Uploads version 1 of `name` to the namespace's store; returns an FSx seam on moto for a
+/// fresh cluster and the spec of a high-performance Datastore of that upload.
+fn hp_setup(env: &Env, name: &str) -> (Fsx, DatastoreSpec) {
     let src = tempfile::tempdir().expect("tempdir");
     write_file(&src.path().join("x.bin"), &bytes(1, 1000), 0o644);
-    run(datastore::store::upload::create_from_dir(&store, "fast", src.path(), &Default::default(), &Default::default())).expect("upload");
+    run(datastore::store::upload::create_from_dir(&env.ns_store(), name, src.path(), &Default::default(), &Default::default()))
+        .expect("upload");
     let fsx = Fsx::new(fsx_client(moto()), unique("cluster"));
     let mut spec = DatastoreSpec { source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) }, ..env.s3_spec("") };
     spec.datastore_type = Some(DatastoreType::HighPerformance);
+    (fsx, spec)
+}
+
+#[test]
+fn a_high_performance_datastore_follows_its_file_system_and_cleans_up() {
+    let env = Env::new();
+    let (fsx, mut spec) = hp_setup(&env, "fast");
     spec.high_performance = Some(HighPerformanceSpec {
         deployment_type: Some("PERSISTENT_2".into()),
         per_unit_storage_throughput: Some(250),
@@ -136,14 +143,8 @@ fn a_high_performance_datastore_follows_its_file_system_and_cleans_up() {
 #[test]
 fn switching_back_to_standard_deletes_the_unused_file_system() {
     let env = Env::new();
-    let store = env.ns_store();
-    let src = tempfile::tempdir().expect("tempdir");
-    write_file(&src.path().join("x.bin"), &bytes(2, 1000), 0o644);
-    run(datastore::store::upload::create_from_dir(&store, "back", src.path(), &Default::default(), &Default::default())).expect("upload");
-    let fsx = Fsx::new(fsx_client(moto()), unique("cluster"));
+    let (fsx, hp_spec) = hp_setup(&env, "back");
     let id = create_fs(&fsx, "back", 1);
-    let mut hp_spec = DatastoreSpec { source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) }, ..env.s3_spec("") };
-    hp_spec.datastore_type = Some(DatastoreType::HighPerformance);
     let hp = object("back", hp_spec.clone(), None);
     let hp_claim = serde_json::to_value(datastore::operator::reconcile::desired_claim(&hp, "back", 1, "datastore-hp")).expect("json");
     let mut status = DatastoreStatus { phase: Some(Phase::Ready), latest_version: Some(1), ..Default::default() };
