@@ -5,6 +5,9 @@
 mod common;
 
 mod apiserver;
+// The cluster end-to-end suite (its own target for e2e/run.sh, `test = false` in Cargo.toml).
+#[path = "../../e2e/lifecycle.rs"]
+mod e2e;
 mod high_performance;
 mod plugin;
 
