@@ -161,9 +161,10 @@ impl ControlPlane {
     }
 }
 
-/// Both ring and aws-lc-rs are compiled in; pick one as `main()` does.
+/// The process-wide rustls provider, as `datastore::cli::main` installs it (an error only means
+/// one is installed already).
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Polls `f` until it returns `Some`, at most `timeout`; panics with `what` on the deadline.
