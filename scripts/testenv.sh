@@ -91,27 +91,36 @@ wait_ready() {
 
 port_clash() { grep -q "address already in use" "$DIR/$1.log" 2>/dev/null; }
 
-# Stops one component: SIGTERM to its process group, SIGKILL after a grace period.
-stop_one() {
-  local name=$1 pid i
-  pid=$(pid_of "$name")
-  ours "$pid" || { rm -f "$DIR/pids/$name"; return 0; }
-  [ "$pid" != "$$" ] || return 0 # the watchdog running this stop
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 50); do
-    kill -0 "$pid" 2>/dev/null || break
+# Stops components: SIGTERM to each one's process group at once, SIGKILL to what is left after
+# a grace period. All pids are read before anything is signalled.
+stop_components() {
+  local name pid pids=() i alive
+  for name in "$@"; do
+    pid=$(pid_of "$name")
+    [ "$pid" != "$$" ] || continue # the watchdog running this stop
+    ours "$pid" && pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  done
+  for i in $(seq 1 25); do
+    alive=0
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    [ "$alive" = 1 ] || break
     sleep 0.2
   done
-  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$DIR/pids/$name"
-}
-
-stop_all() {
-  local name
-  for name in watchdog kube-controller-manager kube-apiserver etcd; do
-    stop_one "$name"
+  for pid in "${pids[@]}"; do
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  done
+  for name in "$@"; do
+    rm -f "$DIR/pids/$name"
   done
 }
+
+stop_one() { stop_components "$1"; }
+stop_all() { stop_components watchdog kube-controller-manager kube-apiserver etcd; }
 
 fail() {
   local name=$1

@@ -76,8 +76,17 @@ impl ControlPlane {
     fn start() -> ControlPlane {
         super::init_logging();
         ensure_tools(&CONTROL_PLANE_TOOLS);
-        // Short path: etcd and the API server keep files there; the script removes it on stop.
-        let dir = super::process_dir("k8s").join("testenv");
+        // Not under `process_dir`: its clean-up of dead processes' directories would race with
+        // the watchdog stopping that environment (it reads the pids from there). The watchdog
+        // removes this directory.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("k8s-testenv")
+            .join(std::process::id().to_string());
+        if dir.exists() {
+            // A previous process with our pid whose environment was not stopped (its watchdog
+            // was killed): stop it now.
+            let _ = Command::new("bash").arg(script("testenv.sh")).arg("stop").arg(&dir).status();
+        }
         let began = Instant::now();
         let out = Command::new("bash")
             .arg(script("testenv.sh"))

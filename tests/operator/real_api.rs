@@ -26,7 +26,15 @@ impl Operator {
     fn start(cp: &ControlPlane, env: &Env) -> Operator {
         let log = process_dir("operator").join(format!("{}.log", unique("operator")));
         let file = std::fs::File::create(&log).expect("operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_datastore"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_datastore"));
+        // SAFETY: prctl is async-signal-safe and only affects the child. It dies with this test
+        // process, even when that is killed (the control plane's watchdog does the same).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .args(["operator", "--no-leader-election", "--progress-interval", "1"])
             .arg("--store")
             .arg(env.cluster.to_string())
