@@ -308,9 +308,23 @@ pub fn capability_problem(
     match mode {
         Mode::MultiNodeReaderOnly | Mode::SingleNodeReaderOnly => None,
         other => Some(format!(
-            "access mode {} is not supported: datastores are read-only; use MULTI_NODE_READER_ONLY (ReadOnlyMany) or SINGLE_NODE_READER_ONLY",
-            other.as_str_name()
+            "access mode {}{} is not supported: datastores are read-only; use ReadOnlyMany (MULTI_NODE_READER_ONLY) or SINGLE_NODE_READER_ONLY",
+            other.as_str_name(),
+            kubernetes_mode(other).map(|k| format!(" (a {k} claim)")).unwrap_or_default(),
         )),
+    }
+}
+
+/// The PVC access mode the external-provisioner turns into `mode`: its ProvisioningFailed
+/// event shows our message on the claim, where users know only the Kubernetes names.
+fn kubernetes_mode(mode: pb::volume_capability::access_mode::Mode) -> Option<&'static str> {
+    use pb::volume_capability::access_mode::Mode;
+    match mode {
+        Mode::SingleNodeWriter | Mode::SingleNodeMultiWriter => Some("ReadWriteOnce"),
+        Mode::SingleNodeSingleWriter => Some("ReadWriteOncePod"),
+        Mode::MultiNodeMultiWriter => Some("ReadWriteMany"),
+        Mode::MultiNodeReaderOnly => Some("ReadOnlyMany"),
+        Mode::SingleNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::Unknown => None,
     }
 }
 

@@ -8,4 +8,5 @@ mod conformance;
 mod driver;
 mod fsx;
 mod mounts;
+mod provisioning;
 mod restart;
