@@ -255,6 +255,27 @@ pub async fn channel(path: &Path) -> Channel {
         .expect("connect to the CSI socket")
 }
 
+/// Live (not zombie) `datastore fd-holder` processes serving `socket`.
+pub fn holder_pids(socket: &Path) -> Vec<i32> {
+    let needle = socket.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'));
+        if cmd.contains("fd-holder") && cmd.contains(&needle) && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// Kills every process whose command line contains `needle`.
 pub fn kill_matching(needle: &str) {
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
