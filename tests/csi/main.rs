@@ -4,6 +4,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod authority;
 mod conformance;
 mod driver;
 mod fsx;
