@@ -54,10 +54,34 @@ impl Driver {
             .prefix("csi")
             .tempdir()
             .expect("tempdir");
+        Driver::launch(dir, store, format!("s3://{bucket}/pfx"), bucket, extra)
+    }
+
+    /// Starts a driver whose store is a local directory (inside its own directory).
+    pub fn start_local(extra: &[&str]) -> Driver {
+        init_logging();
+        let dir = tempfile::Builder::new()
+            .prefix("csi")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(&root).expect("store dir");
+        let store = local_store(&root);
+        let url = root.display().to_string();
+        Driver::launch(dir, store, url, String::new(), extra)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        store: Store,
+        store_url: String,
+        bucket: String,
+        extra: &[&str],
+    ) -> Driver {
         std::fs::create_dir_all(dir.path().join("kubelet")).expect("kubelet dir");
         let mut d = Driver {
             dir,
-            store_url: format!("s3://{bucket}/pfx"),
+            store_url,
             bucket,
             store,
             extra: extra.iter().map(|s| s.to_string()).collect(),

@@ -10,3 +10,4 @@ mod driver;
 mod fsx;
 mod mounts;
 mod restart;
+mod sanity;
