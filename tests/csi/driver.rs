@@ -288,12 +288,17 @@ pub fn holder_pids(socket: &Path) -> Vec<i32> {
             continue;
         };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
         let zombie = stat
             .rsplit_once(") ")
             .is_some_and(|(_, rest)| rest.starts_with('Z'));
-        if cmd.contains("fd-holder") && cmd.contains(&needle) && !zombie {
+        // `datastore fd-holder --socket PATH ...` (the plugin's own command line names the
+        // socket too, after --fd-holder-socket).
+        if args.get(1).is_some_and(|a| a == "fd-holder") && args.contains(&needle) && !zombie {
             pids.push(pid);
         }
     }
