@@ -10,6 +10,7 @@ mod apiserver;
 mod e2e;
 mod high_performance;
 mod plugin;
+mod real_api;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
