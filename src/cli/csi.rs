@@ -66,6 +66,10 @@ pub struct CsiArgs {
     /// Start the fd holder if none answers (off when it runs as its own container).
     #[arg(long, default_value_t = true, action = ArgAction::Set)]
     pub spawn_fd_holder: bool,
+    /// A holder this plugin starts exits after this long without a descriptor to keep and
+    /// without a plugin attached (never while it keeps one: a restarted plugin finds it).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub fd_holder_idle_exit: Duration,
     /// The command that mounts Lustre volumes, split at spaces (needs the Lustre client's
     /// mount.lustre helper; in a container, `nsenter --mount=/proc/1/ns/mnt -- mount` runs the
     /// host's, with hostPID).
@@ -140,6 +144,11 @@ pub struct FdHolderArgs {
     /// The socket to serve.
     #[arg(long)]
     pub socket: PathBuf,
+    /// Exit once no descriptor is held and no plugin has been attached for this long, or at
+    /// once when the socket path is removed while nothing is held (a holder started by the
+    /// plugin; the fd-holder container runs without it, forever).
+    #[arg(long, value_parser = parse_duration)]
+    pub exit_when_idle: Option<Duration>,
 }
 
 pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
@@ -189,8 +198,8 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
         );
         let holder = if a.spawn_fd_holder {
             let exe = std::env::current_exe()?;
-            let h = holder.clone();
-            match tokio::task::spawn_blocking(move || h.ensure_running(&exe)).await? {
+            let (h, idle) = (holder.clone(), a.fd_holder_idle_exit);
+            match tokio::task::spawn_blocking(move || h.ensure_running(&exe, idle)).await? {
                 Ok(()) => Some(holder),
                 Err(e) => {
                     tracing::error!(error = %e, "no fd holder: mounts will not survive a restart of this plugin");
@@ -238,6 +247,11 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
 }
 
 pub fn fd_holder(a: FdHolderArgs) -> anyhow::Result<()> {
-    crate::mount::holder::serve(&a.socket)?;
+    crate::mount::holder::serve(
+        &a.socket,
+        crate::mount::holder::HolderOptions {
+            exit_when_idle: a.exit_when_idle,
+        },
+    )?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::{CsiError, CsiResult};
 use super::params::{
-    CONTEXT_FILE_SYSTEM_ID, CreateParams, PVC_DATASTORE_ANNOTATION, PVC_FSX_ANNOTATIONS,
+    CONTEXT_FILE_SYSTEM_ID, CapacityRange, CreateParams, PVC_DATASTORE_ANNOTATION, PVC_FSX_ANNOTATIONS,
     PVC_VERSION_ANNOTATION, VersionSel, VolumeContext, VolumeType, capability_problem,
     check_capability,
 };
@@ -257,6 +257,7 @@ impl ControllerService {
         &self,
         req: &pb::CreateVolumeRequest,
         params: &CreateParams,
+        range: CapacityRange,
         identity: BTreeMap<String, String>,
         volume_id: String,
     ) -> CsiResult<VolumeRecord> {
@@ -276,6 +277,15 @@ impl ControllerService {
             }
         }
         let spec = FsxSpec::parse(&fsx_params, &hp.defaults, info.bytes).map_err(param_error)?;
+        // The file system's size is the volume's capacity: it must fit the range asked for, or
+        // an identical retry would find an incompatible volume.
+        let capacity = i64::from(spec.storage_capacity_gib) << 30;
+        if range.limit > 0 && capacity > range.limit {
+            return Err(CsiError::OutOfRange(format!(
+                "the file system needs {} GiB, more than capacity_range.limit_bytes {}",
+                spec.storage_capacity_gib, range.limit
+            )));
+        }
         let owner = FsOwner {
             store: t.store.clone(),
             namespace: t.namespace.clone().unwrap_or_default(),
@@ -323,7 +333,7 @@ impl ControllerService {
                     volume_id,
                     params: identity,
                     context,
-                    capacity_bytes: i64::from(spec.storage_capacity_gib) << 30,
+                    capacity_bytes: capacity,
                     created: crate::store::now_rfc3339(),
                     file_system_id: Some(id),
                     fs_key: Some(key),
@@ -423,24 +433,33 @@ impl ControllerService {
                 "volume_content_source is not supported: a volume shows a datastore version".into(),
             ));
         }
+        let range = CapacityRange::parse(req.capacity_range.as_ref())?;
         let params = CreateParams::parse(&req.parameters)?;
         let identity = CreateParams::identity(&req.parameters);
         let volume_id = volume_id_for(&req.name);
         let _guard = self.locks.lock(&volume_id).await;
         if let Some(rec) = self.load(&volume_id).await? {
-            if rec.params == identity && rec.name == req.name {
-                return Ok(pb::CreateVolumeResponse {
-                    volume: Some(rec.volume()),
-                });
+            // Idempotency: the same name answers the existing volume only if the request is
+            // compatible with it: same parameters, and a capacity within the new range.
+            if rec.params != identity || rec.name != req.name {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {} exists with other parameters ({:?})",
+                    req.name, rec.params
+                )));
             }
-            return Err(CsiError::AlreadyExists(format!(
-                "volume {} exists with other parameters ({:?})",
-                req.name, rec.params
-            )));
+            if !range.fits(rec.capacity_bytes) {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {} exists with capacity {} bytes, outside the requested capacity_range {range}",
+                    req.name, rec.capacity_bytes
+                )));
+            }
+            return Ok(pb::CreateVolumeResponse {
+                volume: Some(rec.volume()),
+            });
         }
         if params.volume_type == VolumeType::HighPerformance {
             let rec = self
-                .create_high_performance(&req, &params, identity, volume_id)
+                .create_high_performance(&req, &params, range, identity, volume_id)
                 .await?;
             self.save(&rec).await?;
             tracing::info!(volume = %rec.volume_id, name = %req.name, file_system = rec.file_system_id.as_deref().unwrap_or(""), "high-performance volume created");
@@ -464,17 +483,12 @@ impl ControllerService {
             lustre: None,
             ephemeral: false,
         };
-        let capacity = req
-            .capacity_range
-            .as_ref()
-            .map(|c| c.required_bytes.max(0))
-            .unwrap_or(0);
         let rec = VolumeRecord {
             name: req.name.clone(),
             volume_id,
             params: identity,
             context: context.to_map().into_iter().collect(),
-            capacity_bytes: capacity,
+            capacity_bytes: range.capacity(),
             created: crate::store::now_rfc3339(),
             file_system_id: None,
             fs_key: None,

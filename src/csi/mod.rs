@@ -6,6 +6,7 @@
 //! one place. Requests carry secrets, so they are never logged whole: [`observe`] logs the RPC,
 //! its subject (volume id or name), outcome and duration.
 
+pub mod authority;
 pub mod controller;
 pub mod error;
 pub mod identity;
@@ -181,6 +182,8 @@ pub fn socket_path(endpoint: &str) -> CsiResult<PathBuf> {
 }
 
 /// Serves the given services on a Unix socket (owner-only permissions) until `shutdown`.
+/// Every connection goes through [`authority::AuthorityFix`], so that clients that send the
+/// socket path as the HTTP/2 authority (grpc-core, grpc-java) are served too.
 pub async fn serve(
     socket: &Path,
     identity: identity::IdentityService,
@@ -201,7 +204,10 @@ pub async fn serve(
     let listener = tokio::net::UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     tracing::info!(socket = %socket.display(), controller = controller.is_some(), node = node.is_some(), "serving CSI");
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |conn| conn.map(authority::AuthorityFix::new),
+    );
     tonic::transport::Server::builder()
         .add_service(pb::identity_server::IdentityServer::new(identity))
         .add_optional_service(controller.map(pb::controller_server::ControllerServer::new))

@@ -280,6 +280,63 @@ impl VolumeContext {
     }
 }
 
+/// A CreateVolume's `capacity_range`, checked once. A datastore volume takes no space, so the
+/// capacity it reports is the one asked for; the range matters for idempotency: CreateVolume of
+/// an existing name answers the existing volume only when its capacity is *compatible* with
+/// the new range (CSI spec: otherwise ALREADY_EXISTS), as the AWS EBS driver does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapacityRange {
+    /// At least this many bytes (0: no lower bound).
+    pub required: i64,
+    /// At most this many bytes (0: no upper bound).
+    pub limit: i64,
+}
+
+impl CapacityRange {
+    /// Parses an optional range: negative values or `required > limit` are INVALID_ARGUMENT.
+    pub fn parse(r: Option<&pb::CapacityRange>) -> CsiResult<CapacityRange> {
+        let Some(r) = r else {
+            return Ok(CapacityRange::default());
+        };
+        if r.required_bytes < 0 || r.limit_bytes < 0 {
+            return Err(CsiError::Invalid(
+                "capacity_range: required_bytes and limit_bytes must not be negative".into(),
+            ));
+        }
+        if r.limit_bytes > 0 && r.required_bytes > r.limit_bytes {
+            return Err(CsiError::Invalid(format!(
+                "capacity_range: required_bytes {} exceeds limit_bytes {}",
+                r.required_bytes, r.limit_bytes
+            )));
+        }
+        Ok(CapacityRange {
+            required: r.required_bytes,
+            limit: r.limit_bytes,
+        })
+    }
+
+    /// The capacity a new standard volume reports: what was asked for (0: unknown).
+    pub fn capacity(&self) -> i64 {
+        self.required
+    }
+
+    /// Whether a volume of `capacity` bytes satisfies the range. Capacity 0 means unknown (a
+    /// volume created without a range), which no range can be shown to contradict.
+    pub fn fits(&self, capacity: i64) -> bool {
+        capacity == 0
+            || (capacity >= self.required && (self.limit == 0 || capacity <= self.limit))
+    }
+}
+
+impl std::fmt::Display for CapacityRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.limit {
+            0 => write!(f, "[{}, unbounded] bytes", self.required),
+            l => write!(f, "[{}, {l}] bytes", self.required),
+        }
+    }
+}
+
 /// Checks a capability: mount access (not block) with a read-only access mode.
 pub fn check_capability(cap: Option<&pb::VolumeCapability>, field: &'static str) -> CsiResult<()> {
     let cap = cap.ok_or(CsiError::Missing(field))?;
@@ -443,6 +500,29 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn capacity_ranges() {
+        let r = |required_bytes, limit_bytes| pb::CapacityRange {
+            required_bytes,
+            limit_bytes,
+        };
+        assert_eq!(CapacityRange::parse(None).unwrap(), CapacityRange::default());
+        assert!(matches!(CapacityRange::parse(Some(&r(-1, 0))), Err(CsiError::Invalid(_))));
+        assert!(matches!(CapacityRange::parse(Some(&r(0, -1))), Err(CsiError::Invalid(_))));
+        assert!(matches!(CapacityRange::parse(Some(&r(10, 5))), Err(CsiError::Invalid(_))));
+        let exact = CapacityRange::parse(Some(&r(1 << 30, 1 << 30))).unwrap();
+        assert_eq!(exact.capacity(), 1 << 30);
+        assert!(exact.fits(1 << 30));
+        assert!(!exact.fits(2 << 30), "larger than the limit");
+        assert!(!exact.fits((1 << 30) - 1), "smaller than required");
+        let at_least = CapacityRange::parse(Some(&r(5, 0))).unwrap();
+        assert!(at_least.fits(5) && at_least.fits(i64::MAX) && !at_least.fits(4));
+        assert!(at_least.fits(0), "unknown capacity contradicts no range");
+        let at_most = CapacityRange::parse(Some(&r(0, 7))).unwrap();
+        assert!(at_most.fits(7) && !at_most.fits(8));
+        assert_eq!(at_most.capacity(), 0);
     }
 
     #[test]

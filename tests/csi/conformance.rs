@@ -330,6 +330,58 @@ fn controller_service() {
     );
 }
 
+/// CreateVolume of an existing name answers the existing volume only when its capacity fits
+/// the new capacity_range; otherwise ALREADY_EXISTS (CSI spec; csi-sanity's "already existing
+/// name and different capacity").
+#[test]
+fn create_volume_honours_capacity_range_of_an_existing_name() {
+    let d = Driver::start();
+    d.create_datastore("sized", &[("a", b"a".to_vec())]);
+    let mut c = d.controller();
+    let req = |required_bytes: i64, limit_bytes: i64| {
+        let mut r = create_req("pvc-sized", &[("datastore", "sized")], Mode::MultiNodeReaderOnly);
+        r.capacity_range = Some(pb::CapacityRange {
+            required_bytes,
+            limit_bytes,
+        });
+        r
+    };
+    const GIB: i64 = 1 << 30;
+    let first = rt()
+        .block_on(c.create_volume(req(GIB, GIB)))
+        .expect("create")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(first.capacity_bytes, GIB);
+    // Incompatible: the existing 1 GiB is below the new minimum, or above the new limit.
+    assert_code(rt().block_on(c.create_volume(req(2 * GIB, 2 * GIB))), Code::AlreadyExists);
+    assert_code(rt().block_on(c.create_volume(req(2 * GIB, 0))), Code::AlreadyExists);
+    assert_code(rt().block_on(c.create_volume(req(0, GIB / 2))), Code::AlreadyExists);
+    // Compatible: the existing volume, unchanged.
+    for (required, limit) in [(GIB, GIB), (GIB / 2, 2 * GIB), (0, GIB), (GIB, 0)] {
+        let again = rt()
+            .block_on(c.create_volume(req(required, limit)))
+            .expect("compatible range")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(again, first, "range [{required}, {limit}]");
+    }
+    let mut no_range = req(0, 0);
+    no_range.capacity_range = None;
+    let again = rt()
+        .block_on(c.create_volume(no_range))
+        .expect("no range")
+        .into_inner()
+        .volume
+        .expect("volume");
+    assert_eq!(again, first);
+    // A range that cannot be satisfied at all is the caller's mistake.
+    assert_code(rt().block_on(c.create_volume(req(2 * GIB, GIB))), Code::InvalidArgument);
+    assert_code(rt().block_on(c.create_volume(req(-1, 0))), Code::InvalidArgument);
+}
+
 #[test]
 fn pvc_metadata_names_the_datastore() {
     let d = Driver::start();

@@ -54,10 +54,34 @@ impl Driver {
             .prefix("csi")
             .tempdir()
             .expect("tempdir");
+        Driver::launch(dir, store, format!("s3://{bucket}/pfx"), bucket, extra)
+    }
+
+    /// Starts a driver whose store is a local directory (inside its own directory).
+    pub fn start_local(extra: &[&str]) -> Driver {
+        init_logging();
+        let dir = tempfile::Builder::new()
+            .prefix("csi")
+            .tempdir()
+            .expect("tempdir");
+        let root = dir.path().join("store");
+        std::fs::create_dir_all(&root).expect("store dir");
+        let store = local_store(&root);
+        let url = root.display().to_string();
+        Driver::launch(dir, store, url, String::new(), extra)
+    }
+
+    fn launch(
+        dir: tempfile::TempDir,
+        store: Store,
+        store_url: String,
+        bucket: String,
+        extra: &[&str],
+    ) -> Driver {
         std::fs::create_dir_all(dir.path().join("kubelet")).expect("kubelet dir");
         let mut d = Driver {
             dir,
-            store_url: format!("s3://{bucket}/pfx"),
+            store_url,
             bucket,
             store,
             extra: extra.iter().map(|s| s.to_string()).collect(),
@@ -253,6 +277,32 @@ pub async fn channel(path: &Path) -> Channel {
         }))
         .await
         .expect("connect to the CSI socket")
+}
+
+/// Live (not zombie) `datastore fd-holder` processes serving `socket`.
+pub fn holder_pids(socket: &Path) -> Vec<i32> {
+    let needle = socket.display().to_string();
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'));
+        // `datastore fd-holder --socket PATH ...` (the plugin's own command line names the
+        // socket too, after --fd-holder-socket).
+        if args.get(1).is_some_and(|a| a == "fd-holder") && args.contains(&needle) && !zombie {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Kills every process whose command line contains `needle`.

@@ -4,9 +4,11 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod authority;
 mod conformance;
 mod driver;
 mod fsx;
 mod mounts;
 mod provisioning;
 mod restart;
+mod sanity;

@@ -167,3 +167,75 @@ fn restart_without_holder_remounts_broken_volumes() {
         d.log()
     );
 }
+
+/// Polls until no fd holder serves `socket`, or panics after `within`.
+fn wait_holder_gone(socket: &std::path::Path, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    while !holder_pids(socket).is_empty() {
+        assert!(Instant::now() < deadline, "{what}: the fd holder is still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Asserts the fd holder keeps running during the whole `window`.
+fn holder_stays(socket: &std::path::Path, window: Duration, what: &str) {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        assert!(!holder_pids(socket).is_empty(), "{what}: the fd holder exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Issue 15 item 18: a holder the driver started, holding nothing, goes once the driver is
+/// gone and its directory deleted (before: it ran forever).
+#[test]
+fn holder_without_descriptors_goes_with_driver_and_directory() {
+    let mut d = Driver::start();
+    let socket = d.holder_socket();
+    assert_eq!(holder_pids(&socket).len(), 1, "the driver starts one holder");
+    d.kill9();
+    // The default grace (30 s) has not passed: the socket path going is what ends it.
+    std::fs::remove_dir_all(d.dir.path()).expect("delete the driver's directory");
+    wait_holder_gone(&socket, Duration::from_secs(10), "driver killed, directory deleted");
+}
+
+/// The holder never goes while it keeps a FUSE descriptor: a restarted driver finds it and
+/// the mount lives on; once it keeps none and no driver is attached, it goes after the grace.
+#[test]
+fn holder_stays_while_it_holds_a_descriptor_and_goes_when_idle() {
+    let mut d = Driver::start_with(&["--fd-holder-idle-exit", "1s"]);
+    let socket = d.holder_socket();
+    let v = d.create_datastore("held", &[("a.txt", b"alpha".to_vec())]);
+    let ctx = params(&[
+        ("datastore", "held"),
+        ("version", &v.to_string()),
+        ("store", &d.store_url),
+    ]);
+    let staging = d.kpath("plugins/staging/held");
+    std::fs::create_dir_all(&staging).expect("staging");
+    rt().block_on(d.node().node_stage_volume(stage_req("vol-held", &staging, &ctx)))
+        .expect("stage");
+    d.kill9();
+    // Three times the grace with no driver: the descriptor keeps it.
+    holder_stays(&socket, Duration::from_secs(3), "holding a descriptor, no driver");
+    d.spawn();
+    assert_eq!(
+        std::fs::read(format!("{staging}/a.txt")).expect("read after restart"),
+        b"alpha"
+    );
+    assert!(
+        d.log().contains("resumed serving the existing FUSE connection"),
+        "log:\n{}",
+        d.log()
+    );
+    assert_eq!(holder_pids(&socket).len(), 1, "the restarted driver uses the same holder");
+    rt().block_on(d.node().node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: "vol-held".into(),
+        staging_target_path: staging,
+    }))
+    .expect("unstage");
+    // Nothing held, but a driver is attached: it stays.
+    holder_stays(&socket, Duration::from_secs(3), "a driver attached");
+    d.kill9();
+    wait_holder_gone(&socket, Duration::from_secs(10), "nothing held, no driver");
+}
