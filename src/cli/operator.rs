@@ -40,6 +40,9 @@ pub struct OperatorArgs {
     /// Namespace of the leader-election Lease (default: the pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE")]
     pub leader_namespace: Option<String>,
+    /// Reconcile only the Datastores of this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Run without leader election (a single replica).
     #[arg(long)]
     pub no_leader_election: bool,
@@ -62,6 +65,7 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
     ctx.imports = crate::operator::imports::ImportManager::new(a.max_imports);
     ctx.import_concurrency = a.import_concurrency.max(1);
     ctx.progress_interval = Duration::from_secs(a.progress_interval.max(1));
+    ctx.watch_namespace = a.watch_namespace.filter(|n| !n.is_empty());
     ctx.retry_min = a.import_retry_min.max(Duration::from_secs(1));
     ctx.retry_max = a.import_retry_max.max(ctx.retry_min);
     let ctx = Arc::new(ctx);

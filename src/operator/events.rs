@@ -69,7 +69,9 @@ struct Key {
 }
 
 struct Published {
-    event: KubeEvent,
+    /// The Event's name, how often it was published, and when first.
+    name: String,
+    count: i32,
     at: Instant,
 }
 
@@ -109,16 +111,25 @@ impl Publisher {
         let previous = {
             let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
             published.retain(|_, p| p.at.elapsed() < SERIES_TTL);
-            published.get(&key).map(|p| p.event.clone())
+            published.get(&key).map(|p| (p.name.clone(), p.count, p.at))
         };
-        let event = match previous {
-            Some(mut event) => {
-                let count = event.series.as_ref().map_or(2, |s| s.count + 1);
-                event.series = Some(EventSeries { count, last_observed_time: MicroTime(now) });
-                api.patch(&event.name_any(), &PatchParams::default(), &Patch::Merge(&event)).await?;
-                event
+        let mut repeated = None;
+        if let Some((name, count, at)) = previous {
+            let series = EventSeries { count: count + 1, last_observed_time: MicroTime(now) };
+            let patch = serde_json::json!({ "series": series });
+            match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                Ok(_) => repeated = Some((name, count + 1, at)),
+                // Expired on the server (its event TTL) or deleted: start a new one.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
             }
-            None => api.create(&PostParams::default(), &self.new_event(note, regarding, &ns, now)).await?,
+        }
+        let (name, count, at) = match repeated {
+            Some(r) => r,
+            None => {
+                let created = api.create(&PostParams::default(), &self.new_event(note, regarding, &ns, now)).await?;
+                (created.name_any(), 1, Instant::now())
+            }
         };
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
         if published.len() >= MAX_CACHED {
@@ -126,7 +137,7 @@ impl Publisher {
                 published.remove(&oldest);
             }
         }
-        published.insert(key, Published { event, at: Instant::now() });
+        published.insert(key, Published { name, count, at });
         Ok(())
     }
 

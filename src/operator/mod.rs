@@ -131,6 +131,8 @@ pub struct Context {
     pub progress_interval: Duration,
     /// Periodic re-check of idle datastores.
     pub resync: Duration,
+    /// Reconcile only this namespace's Datastores (None: every namespace).
+    pub watch_namespace: Option<String>,
     /// Objects copied at once by one import.
     pub import_concurrency: usize,
     /// Backoff of failed imports: the first retry after `retry_min`, doubling up to `retry_max`.
@@ -154,6 +156,7 @@ impl Context {
             driver_name: crate::csi::DRIVER_NAME.into(),
             progress_interval: Duration::from_secs(10),
             resync: Duration::from_secs(300),
+            watch_namespace: None,
             import_concurrency: 16,
             retry_min: Duration::from_secs(10),
             retry_max: Duration::from_secs(600),
@@ -190,12 +193,13 @@ fn error_policy(ds: Arc<Datastore>, err: &Error, _ctx: Arc<Context>) -> Action {
 /// Runs the controller until `shutdown`; only while this replica holds the leader lease.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let datastores: Api<Datastore> = Api::all(client.clone());
-    let claims: Api<PersistentVolumeClaim> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client);
+    let (datastores, claims, pods): (Api<Datastore>, Api<PersistentVolumeClaim>, Api<Pod>) = match &ctx.watch_namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+    };
     let driver = ctx.driver_name.clone();
     let finished = ctx.imports.finished().map(|(ns, name)| ObjectRef::<Datastore>::new(&name).within(&ns));
-    tracing::info!("datastore operator running");
+    tracing::info!(namespace = ctx.watch_namespace.as_deref().unwrap_or("(all)"), "datastore operator running");
     let orphans = tokio::spawn(reconcile::report_orphans_forever(ctx.clone()));
     Controller::new(datastores, watcher::Config::default())
         .owns(claims, watcher::Config::default())

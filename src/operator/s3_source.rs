@@ -8,9 +8,9 @@
 //! status patch causes.
 //!
 //! A failed import is recorded in `status.importFailure` (attempts, when the next one starts,
-//! why) and retried with capped exponential backoff; until then the phase says Failed with the
-//! cause (or stays Ready when the failing import was a re-import of the version being served).
-//! One Warning Event per failed attempt. A source without objects is such a failure: no empty
+//! why) and retried with capped exponential backoff; the phase says Failed with the cause, also
+//! while a retry runs (or stays Ready when the failing import was a re-import of the version
+//! being served). One Warning Event per failed attempt. A source without objects is such a failure: no empty
 //! version is made, since a mistyped bucket or prefix is far more likely than a wanted empty
 //! dataset, and a run pod is better off not starting than mounting nothing.
 //!
@@ -124,7 +124,7 @@ pub async fn reconcile_source(ds: &Datastore, ctx: &Context, store: &Store, st: 
             let msg = format!("importing ({why}): {}/{} files, {} of {}", p.files_done, p.files_total, bytesize::ByteSize(p.bytes_done), bytesize::ByteSize(p.bytes_total));
             st.progress = Some(p);
             set_importing(st, true, reason, &msg, now);
-            if !(pass.serving && started.trigger != Trigger::Source) {
+            if !pass.keeps_phase(st, &started) {
                 set_phase(st, Phase::Importing, "Importing", &msg, now);
             }
             Ok(ctx.progress_interval)
@@ -179,6 +179,14 @@ pub async fn reconcile_source(ds: &Datastore, ctx: &Context, store: &Store, st: 
 }
 
 impl Pass<'_> {
+    /// Whether the phase stays as it is while this import runs: a re-import of the served
+    /// version keeps Ready, and a retry of a failing source keeps Failed with the last cause
+    /// (the `Importing` condition shows the attempt), so neither flaps.
+    fn keeps_phase(&self, st: &DatastoreStatus, started: &Started) -> bool {
+        let retrying = st.import_failure.as_ref().is_some_and(|f| f.source_hash == started.source_hash) && st.phase == Some(Phase::Failed);
+        (self.serving && started.trigger != Trigger::Source) || retrying
+    }
+
     async fn start(&self, st: &mut DatastoreStatus, notes: &mut Vec<Note>, started: Started, changed: bool) -> Result<(), Error> {
         let source = s3_source(&self.ds.spec).ok_or_else(|| Error::Invalid("spec.source.s3 is not a valid source".into()))?;
         let job = ImportJob {
@@ -197,12 +205,12 @@ impl Pass<'_> {
             },
         };
         let (reason, why) = why(started.trigger);
-        let keeps_ready = self.serving && started.trigger != Trigger::Source;
+        let keeps_phase = self.keeps_phase(st, &started);
         self.ctx.imports.start(&self.ns, &self.name, job, started);
         st.progress = Some(Default::default());
         let msg = format!("import of {} started ({why})", self.url);
         set_importing(st, true, reason, &msg, self.now);
-        if !keeps_ready {
+        if !keeps_phase {
             set_phase(st, Phase::Importing, "ImportStarted", &msg, self.now);
         }
         notes.push(Note::normal("ImportStarted", format!("importing {} ({why})", self.url)));

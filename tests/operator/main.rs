@@ -5,6 +5,7 @@
 mod common;
 
 mod apiserver;
+mod cluster;
 mod high_performance;
 mod plugin;
 mod real_api;
