@@ -91,6 +91,17 @@ impl From<crate::csi::error::CsiError> for Error {
 }
 
 impl Error {
+    /// The error itself, out of the finalizer's wrapping.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.cause(),
+                _ => self,
+            },
+            e => e,
+        }
+    }
+
     /// How the controller reacts to this error.
     pub fn action(&self) -> Action {
         match self {
@@ -178,7 +189,8 @@ impl Context {
 
 fn error_policy(ds: Arc<Datastore>, err: &Error, _ctx: Arc<Context>) -> Action {
     let action = err.action();
-    match err {
+    match err.cause() {
+        // Expected, and said in the status and an Event.
         Error::InUse(pods) => tracing::info!(datastore = %ds.metadata.name.as_deref().unwrap_or(""), pods = %pods, "deletion waits for pods"),
         _ => tracing::warn!(
             namespace = %ds.metadata.namespace.as_deref().unwrap_or(""),

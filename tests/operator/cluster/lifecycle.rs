@@ -224,7 +224,8 @@ fn an_operator_restarted_mid_import_finishes_without_copying_twice() {
     rt().block_on(async {
         let c = Cluster::new(cp).await;
         let args = ["--progress-interval", "1", "--import-concurrency", "4"];
-        server().set_faults(&env.source_bucket, s3_test_server::Faults { stall: 1.0, stall_for: Duration::from_millis(15), ..Default::default() });
+        // About 6 s of copying (240 objects, 4 at a time, 100 ms each).
+        server().set_faults(&env.source_bucket, s3_test_server::Faults { stall: 1.0, stall_for: Duration::from_millis(100), ..Default::default() });
         let mut op = Operator::start(cp, &env, &c.ns, &args);
         c.create("resume", env.s3_spec("big/")).await;
         c.wait_status("resume", "the import to be under way", Duration::from_secs(60), &mut op, |st| {

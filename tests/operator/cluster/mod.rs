@@ -51,7 +51,7 @@ impl Operator {
 
     fn start_logging_to(cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str], log: PathBuf) -> Operator {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_datastore"))
+        let child = Command::new(binary())
             .args(["operator", "--no-leader-election", "--watch-namespace", ns])
             .arg("--store")
             .arg(env.cluster.to_string())
@@ -93,6 +93,19 @@ impl Drop for Operator {
             eprintln!("--- operator log ({}):\n{}", self.log.display(), self.log_text());
         }
     }
+}
+
+/// The binary under test (DATASTORE_TEST_BIN overrides cargo's), copied once per test process:
+/// the target directory may be shared, and a build elsewhere must not swap the binary between
+/// two operator starts of one test.
+fn binary() -> &'static std::path::Path {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = std::env::var_os("DATASTORE_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_datastore").into());
+        let copy = process_dir("operator").join("datastore");
+        std::fs::copy(&built, &copy).unwrap_or_else(|e| panic!("copy {}: {e}", built.display()));
+        copy
+    })
 }
 
 /// One test's view of the cluster: a client, its namespace, its Datastores.
