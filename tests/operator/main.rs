@@ -6,6 +6,9 @@ mod common;
 
 mod apiserver;
 mod cluster;
+// The cluster end-to-end suite (its own target for e2e/run.sh, `test = false` in Cargo.toml).
+#[path = "../../e2e/lifecycle.rs"]
+mod e2e;
 mod high_performance;
 mod plugin;
 mod real_api;
