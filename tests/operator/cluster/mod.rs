@@ -42,6 +42,12 @@ impl Operator {
         Self::start_logging_to(cp, env, ns, extra, log)
     }
 
+    /// Kills the process (SIGKILL: no graceful shutdown), as a crash or an evicted pod would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Starts another operator process appending to the same log (a restart).
     pub fn restart(self, cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str]) -> Operator {
         let log = self.log.clone();
