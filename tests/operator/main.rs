@@ -7,6 +7,7 @@ mod common;
 mod apiserver;
 mod high_performance;
 mod plugin;
+mod real_api;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,0 +1,187 @@
+//! A real Kubernetes control plane for tests: etcd, kube-apiserver and kube-controller-manager
+//! on 127.0.0.1, built from source by `scripts/k8s-tools.sh` (cached per version on the machine)
+//! and started by `scripts/testenv.sh`, the way controller-runtime's envtest works.
+//!
+//! One control plane per test process, started by the first test that asks for it
+//! ([`control_plane`]). The script's watchdog stops it when this process exits, however it exits,
+//! so nothing is torn down here. Tests share it: each works in its own namespace
+//! ([`namespace`]). There is no kubelet and no scheduler (pods are stored, never run); the
+//! controller-manager binds PVs to PVCs, collects garbage (ownerReferences) and empties deleted
+//! namespaces.
+//!
+//! Nothing falls back to a mock: when the tools cannot be built or the control plane does not
+//! start, the test fails with the scripts' output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+
+/// The tools the control plane needs (the CSI tools are built on demand by their tests).
+pub const CONTROL_PLANE_TOOLS: [&str; 3] = ["etcd", "kube-apiserver", "kube-controller-manager"];
+
+/// A running control plane; lives until the test process exits.
+pub struct ControlPlane {
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
+}
+
+/// Builds the tools if this machine has not yet (minutes, once; progress on stderr).
+pub fn ensure_tools(tools: &[&str]) {
+    let status = Command::new("bash")
+        .arg(script("k8s-tools.sh"))
+        .arg("ensure")
+        .args(tools)
+        .stdin(Stdio::null())
+        .status()
+        .expect("run scripts/k8s-tools.sh");
+    assert!(
+        status.success(),
+        "scripts/k8s-tools.sh ensure {} failed ({status}); its output above says why. \
+         The Kubernetes test tools are built from the Go module proxy with Go (see README.md, Development)",
+        tools.join(" ")
+    );
+}
+
+/// The absolute path of a tool's binary, building it first if needed.
+pub fn tool_path(tool: &str) -> PathBuf {
+    let out = Command::new("bash")
+        .arg(script("k8s-tools.sh"))
+        .args(["path", tool])
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/k8s-tools.sh");
+    assert!(out.status.success(), "scripts/k8s-tools.sh path {tool} failed ({})", out.status);
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// The control plane of this test process, started on first use.
+pub fn control_plane() -> &'static ControlPlane {
+    static CP: OnceLock<ControlPlane> = OnceLock::new();
+    CP.get_or_init(ControlPlane::start)
+}
+
+impl ControlPlane {
+    fn start() -> ControlPlane {
+        super::init_logging();
+        ensure_tools(&CONTROL_PLANE_TOOLS);
+        // Short path: etcd and the API server keep files there; the script removes it on stop.
+        let dir = super::process_dir("k8s").join("testenv");
+        let began = Instant::now();
+        let out = Command::new("bash")
+            .arg(script("testenv.sh"))
+            .arg("start")
+            .arg(&dir)
+            .arg("--owner-pid")
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run scripts/testenv.sh");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "scripts/testenv.sh start {} failed ({}):\n{stderr}",
+            dir.display(),
+            out.status
+        );
+        let kubeconfig = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(kubeconfig.is_file(), "testenv.sh printed {kubeconfig:?}, not a kubeconfig:\n{stderr}");
+        eprintln!("k8s test control plane up in {:.1?} ({})", began.elapsed(), kubeconfig.display());
+        ControlPlane { dir, kubeconfig }
+    }
+
+    /// The admin kubeconfig (client certificate in system:masters).
+    pub fn kubeconfig(&self) -> &Path {
+        &self.kubeconfig
+    }
+
+    /// Where the components' logs (`*.log`) are.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A client for the admin kubeconfig, built the way `kubectl datastore --kubeconfig` does.
+    pub async fn client(&self) -> Client {
+        install_crypto_provider();
+        let kc = Kubeconfig::read_from(&self.kubeconfig).expect("read the test kubeconfig");
+        let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .expect("kube config from the test kubeconfig");
+        config.connect_timeout = Some(Duration::from_secs(5));
+        config.read_timeout = Some(Duration::from_secs(60));
+        Client::try_from(config).expect("kube client")
+    }
+
+    /// The end of a component's log (for failure messages).
+    pub fn log_tail(&self, component: &str, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.dir.join(format!("{component}.log"))).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// Both ring and aws-lc-rs are compiled in; pick one as `main()` does.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Polls `f` until it returns `Some`, at most `timeout`; panics with `what` on the deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a fresh namespace (a unique name starting with `prefix`) and returns its name.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let name = super::unique(prefix);
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("create namespace {name}: {e}"));
+    name
+}
+
+/// Applies the checked-in Datastore CRD (manifests/crd.yaml) and waits until it is Established.
+/// Idempotent: tests sharing the control plane may all call it.
+pub async fn apply_crd(client: &Client) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/crd.yaml");
+    let text = std::fs::read_to_string(&path).expect("read manifests/crd.yaml");
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("manifests/crd.yaml is a CRD");
+    let name = crd.metadata.name.clone().expect("the CRD has a name");
+    let api = Api::<CustomResourceDefinition>::all(client.clone());
+    api.patch(&name, &PatchParams::apply("datastore-tests").force(), &Patch::Apply(&crd))
+        .await
+        .unwrap_or_else(|e| panic!("apply CRD {name}: {e}"));
+    wait_for(&format!("CRD {name} to be Established"), Duration::from_secs(30), || async {
+        let crd = api.get(&name).await.ok()?;
+        let established = crd
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+}
