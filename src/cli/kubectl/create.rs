@@ -252,8 +252,12 @@ pub async fn create(cl: &Cluster, api: &Api<Datastore>, c: &CreateArgs) -> anyho
     }
     let mut spec = desired_spec(current.as_ref().map(|d| &d.spec), source, c);
     validate(&spec).map_err(|problem| anyhow!("{problem}"))?;
-    // The same S3 source (and mode) again: the spec alone would not start an import.
-    let reimport = spec.source.s3.is_some() && current.as_ref().is_some_and(|d| d.spec.source.s3.is_some() && source_hash(&d.spec) == source_hash(&spec));
+    // The same S3 source (and mode) again: the spec alone would not start an import. Back to S3
+    // from uploads: the operator may still hold the fingerprint of that S3 source from before.
+    let same_source = spec.source.s3.is_some()
+        && current.as_ref().is_some_and(|d| d.spec.source.s3.is_some() && source_hash(&d.spec) == source_hash(&spec));
+    let from_upload = spec.source.s3.is_some() && current.as_ref().is_some_and(|d| d.spec.source.s3.is_none());
+    let reimport = same_source || from_upload;
     // Everything the server would refuse, refused now, before an upload makes a version.
     write(cl, api, &c.name, &spec, reimport, true).await?;
     if spec.source.upload.is_some() {
@@ -265,7 +269,7 @@ pub async fn create(cl: &Cluster, api: &Api<Datastore>, c: &CreateArgs) -> anyho
     } else {
         write(cl, api, &c.name, &spec, reimport, false).await?;
     }
-    if reimport {
+    if same_source {
         eprintln!("{}: the source is unchanged; asked the operator to import it again (a new version only if the data changed)", c.name);
     }
     let verb = if current.is_some() { "configured" } else { "created" };
