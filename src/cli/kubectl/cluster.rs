@@ -91,10 +91,11 @@ fn io_problem(e: &std::io::Error) -> String {
 fn kubeconfig_problem(e: &KubeconfigError) -> String {
     match e {
         KubeconfigError::ReadConfig(io, _) => io_problem(io),
-        KubeconfigError::Parse(_) => format!("not a kubeconfig (YAML): {}", first_line(&root_cause(e))),
+        KubeconfigError::Parse(p) => format!("not a kubeconfig (YAML): {}", first_line(&p.to_string())),
         KubeconfigError::LoadContext(c) => format!("context {c:?} not found"),
         KubeconfigError::CurrentContextNotSet => "no current context (use --context)".into(),
-        other => first_line(&root_cause(other)),
+        // The rest say what failed and why in one message, with paths debug-quoted ('"/x"').
+        other => first_line(&other.to_string()).replace("'\"", "'").replace("\"'", "'"),
     }
 }
 
