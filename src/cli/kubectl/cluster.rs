@@ -91,7 +91,7 @@ fn io_problem(e: &std::io::Error) -> String {
 fn kubeconfig_problem(e: &KubeconfigError) -> String {
     match e {
         KubeconfigError::ReadConfig(io, _) => io_problem(io),
-        KubeconfigError::Parse(p) => format!("not a kubeconfig (YAML): {}", first_line(&p.to_string())),
+        KubeconfigError::Parse(p) => format!("not a kubeconfig (YAML): {}", first_line(&p.to_string()).trim_start_matches("error: ")),
         KubeconfigError::LoadContext(c) => format!("context {c:?} not found"),
         KubeconfigError::CurrentContextNotSet => "no current context (use --context)".into(),
         // The rest say what failed and why in one message, with paths debug-quoted ('"/x"').
