@@ -13,8 +13,9 @@
 # failing component's log, stops what it started and keeps DIR for inspection.
 #
 # The controller-manager runs only the controllers the tests need: PV/PVC binding (dynamic
-# provisioning by an external provisioner), the garbage collector (ownerReferences) and the
-# namespace controller. There is no kubelet or scheduler: pods are stored, never run. The
+# provisioning by an external provisioner), PV/PVC protection (their finalizers, which would
+# otherwise keep deleted claims and namespaces forever), the garbage collector (ownerReferences)
+# and the namespace controller. There is no kubelet or scheduler: pods are stored, never run. The
 # ServiceAccount admission plugin is off (there is no token controller), as in envtest.
 #
 # With --owner-pid, a watchdog in its own session stops the environment when that process exits,
@@ -238,7 +239,7 @@ start_controller_manager() {
     launch kube-controller-manager "$KCM" --kubeconfig "$DIR/kubeconfig" \
       --authentication-kubeconfig "$DIR/kubeconfig" --authorization-kubeconfig "$DIR/kubeconfig" \
       --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --cert-dir "$DIR/controller-manager" \
-      --controllers persistentvolume-binder-controller,garbage-collector-controller,namespace-controller \
+      --controllers persistentvolume-binder-controller,persistentvolumeclaim-protection-controller,persistentvolume-protection-controller,garbage-collector-controller,namespace-controller \
       --use-service-account-credentials=false --leader-elect=false --profiling=false --v=1
     wait_ready kube-controller-manager kcm_healthy && return 0
     port_clash kube-controller-manager || fail kube-controller-manager
