@@ -263,7 +263,8 @@ fn status_watch_follows_an_import_to_the_settled_status() {
     assert!(!listing.contains('=') && !listing.contains("100%"), "{listing}");
     let last = lines.wait_for("from the settled status", |l| l.contains("Ready"));
     server().set_faults(&w.source_bucket, Default::default());
-    assert_eq!(last, "slow: Ready, version 1: 6 files, 120.0 KB", "all lines:\n{}", lines.seen.join("\n"));
+    let size = bytesize::ByteSize(6 * 20_000);
+    assert_eq!(last, format!("slow: Ready, version 1: 6 files, {size}"), "all lines:\n{}", lines.seen.join("\n"));
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -28,10 +28,12 @@ use kube::api::{Api, PostParams};
 use common::k8s::{self, ControlPlane};
 use common::*;
 
-/// The binary as `kubectl-datastore` (what `kubectl datastore …` runs).
+/// The binary as `kubectl-datastore` (what `kubectl datastore …` runs). KUBECTL_DATASTORE_BIN
+/// runs these tests against another build of it (e.g. the one before a fix, to see them fail).
 fn plugin() -> PathBuf {
     let link = process_dir("kubectl-plugin").join("kubectl-datastore");
-    match std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_datastore"), &link) {
+    let bin = std::env::var_os("KUBECTL_DATASTORE_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_datastore").into());
+    match std::os::unix::fs::symlink(bin, &link) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => panic!("symlink {}: {e}", link.display()),
@@ -201,12 +203,6 @@ impl World {
         let mut args = vec!["create", name, source, "--config-namespace", self.ns.as_str()];
         args.extend_from_slice(extra);
         self.run(&args)
-    }
-
-    /// The namespace's part of the cluster store.
-    fn ns_store(&self) -> datastore::store::Store {
-        let url = datastore::csi::namespace_store(cluster_store(), &self.ns);
-        rt().block_on(datastore::store::Store::open(&url, s3_options(server(), fast_timeouts()))).expect("store")
     }
 
     /// Polls the Datastore until `f` says yes (the operator's log on timeout).

@@ -1,7 +1,9 @@
 //! `delete`: request the deletion, then (like `kubectl delete --wait`) wait until the Datastore
 //! is gone. The operator's finalizer holds it while pods use it and says so in the status (phase
 //! Deleting, a condition with reason InUse, a message naming the pods): that is reported at once,
-//! with the pods, and a non-zero exit, instead of a "deleted" that is not true yet.
+//! with the pods, and a non-zero exit, instead of a "deleted" that is not true yet. (When the
+//! deletion was already pending, the "in use" status may be older than the pods' end, so it is
+//! reported only if it still holds when the wait ends.)
 
 use std::time::{Duration, Instant};
 
@@ -43,6 +45,14 @@ pub async fn delete(cl: &Cluster, api: &Api<Datastore>, d: &DeleteArgs) -> anyho
     let name = d.name.as_str();
     let full = format!("datastore.{}/{name}", Datastore::group(&()));
     let what = format!("datastore {name:?} in namespace {:?}", cl.namespace);
+    // Whether a deletion was already pending: then a status that says "in use" may be from
+    // before the pods went (the operator retries every few seconds), so it is trusted only when
+    // the wait ends. A deletion requested now is followed by a fresh status.
+    let already_deleting = match api.get_opt(name).await {
+        Ok(Some(ds)) => ds.metadata.deletion_timestamp.is_some(),
+        Ok(None) => return Err(datastore_not_found(cl, name).await),
+        Err(e) => return Err(api_error(e, &format!("reading {what}"))),
+    };
     match api.delete(name, &DeleteParams::default()).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 404 => return Err(datastore_not_found(cl, name).await),
@@ -62,10 +72,11 @@ pub async fn delete(cl: &Cluster, api: &Api<Datastore>, d: &DeleteArgs) -> anyho
             }
             Err(e) => return Err(api_error(e, &format!("waiting for the deletion of {what}"))),
         };
-        if let Some(why) = blocked_by_pods(&ds) {
+        let timed_out = !d.timeout.is_zero() && started.elapsed() >= d.timeout;
+        if let Some(why) = blocked_by_pods(&ds).filter(|_| !already_deleting || timed_out) {
             bail!("{what} is not deleted: {why}; it goes once they stop (the deletion stays requested)");
         }
-        if !d.timeout.is_zero() && started.elapsed() >= d.timeout {
+        if timed_out {
             let st = ds.status.unwrap_or_default();
             let phase = st.phase.map(|p| p.as_str()).unwrap_or("-");
             let msg = st.message.map(|m| format!(", {m}")).unwrap_or_default();

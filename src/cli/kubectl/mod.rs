@@ -25,7 +25,8 @@ pub use create::REIMPORT_ANNOTATION;
 
 /// Manage datastores: versioned, read-only datasets that pods mount at /datastores/<name>.
 #[derive(Debug, Parser)]
-#[command(name = "kubectl-datastore", bin_name = "kubectl datastore", version, max_term_width = 100)]
+// A flag given twice takes the last value, as in kubectl (scripts append `-n NS` to a base command).
+#[command(name = "kubectl-datastore", bin_name = "kubectl datastore", version, max_term_width = 100, args_override_self = true)]
 pub struct KubectlCli {
     #[command(flatten)]
     pub args: KubectlArgs,
