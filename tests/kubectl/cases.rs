@@ -110,8 +110,7 @@ fn create_refused_by_the_server_uploads_nothing() {
     let w = World::new("refused");
     let dir = w.local_dir("up", 2);
     let o = w
-        .command(&["create", "orphan", dir.to_str().expect("utf8"), "--config-namespace", &w.ns])
-        .args(["-n", "no-such-namespace"])
+        .command_in("no-such-namespace", &["create", "orphan", dir.to_str().expect("utf8"), "--config-namespace", &w.ns])
         .output()
         .expect("run");
     let line = one_line_error(&o);
@@ -279,9 +278,12 @@ fn status_watch_follows_an_import_to_the_settled_status() {
 #[test]
 fn missing_namespace_and_bad_kubeconfig_are_one_clear_line() {
     let w = World::new("errors");
-    let o = w.command(&["list"]).args(["-n", "nosuchns"]).output().expect("run");
+    let o = w.command_in("nosuchns", &["list"]).output().expect("run");
     assert_eq!(one_line_error(&o), "error: namespace \"nosuchns\" not found");
-    let o = w.command(&["get", "x"]).args(["-n", "nosuchns"]).output().expect("run");
+    let o = w.command_in("nosuchns", &["get", "x"]).output().expect("run");
+    // (the repeated flag takes the last value, as in kubectl)
+    let o2 = w.command(&["get", "x"]).args(["-n", "nosuchns"]).output().expect("run");
+    assert_eq!(one_line_error(&o2), "error: namespace \"nosuchns\" not found");
     assert_eq!(one_line_error(&o), "error: namespace \"nosuchns\" not found");
     // An empty namespace that exists: as kubectl says it, exit 0.
     let o = w.run(&["list"]);

@@ -180,10 +180,15 @@ impl World {
 
     /// The plugin's command in this namespace, with the test kubeconfig and S3 credentials.
     fn command(&self, args: &[&str]) -> Command {
+        self.command_in(&self.ns, args)
+    }
+
+    /// The same in namespace `ns`.
+    fn command_in(&self, ns: &str, args: &[&str]) -> Command {
         let mut c = Command::new(plugin());
         c.args(args)
             .arg("-n")
-            .arg(&self.ns)
+            .arg(ns)
             .arg("--kubeconfig")
             .arg(self.cp.kubeconfig())
             .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
