@@ -194,7 +194,7 @@ fn datastore_lifecycle_on_a_real_cluster() {
             return;
         }
     };
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     rt.block_on(lifecycle(s));
 }
 

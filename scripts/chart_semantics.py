@@ -355,16 +355,14 @@ def check_rbac(r: Rendered) -> None:
     }
     if v["controller"]["operatorEnabled"]:
         need.update({
-            ("datastores.grid.ai", "datastores"): {"list", "watch", "patch"},
+            ("datastores.grid.ai", "datastores"): {"get", "list", "watch", "patch"},
             ("datastores.grid.ai", "datastores/status"): {"patch"},
-            ("", "pods"): {"list"},
+            ("", "pods"): {"list", "watch"},
             ("events.k8s.io", "events"): {"create", "patch"},
         })
         need[("", "persistentvolumeclaims")] |= {"create", "delete"}
         if v["controller"]["readSourceSecrets"]:
             need[("", "secrets")] = {"get"}
-        if v["fsx"]["enabled"]:
-            need[("datastores.grid.ai", "datastores")] |= {"get"}
     for key, verbs in need.items():
         missing_verbs = verbs - granted.get(key, set())
         assert not missing_verbs, f"{key} lacks {sorted(missing_verbs)}"

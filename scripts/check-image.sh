@@ -51,13 +51,14 @@ esac
 bin=$(grep -o -- '--bin [A-Za-z0-9_-]*' <<<"$build_cmd" | awk '{print $2}')
 
 # --- 1. the build ---------------------------------------------------------------------------------
-if [ "${CHECK_IMAGE_SKIP_BUILD:-}" = 1 ] && [ -x "target/release/$bin" ]; then
+target_dir=${CARGO_TARGET_DIR:-target}
+if [ "${CHECK_IMAGE_SKIP_BUILD:-}" = 1 ] && [ -x "$target_dir/release/$bin" ]; then
   echo "     CHECK_IMAGE_SKIP_BUILD=1: not running $build_cmd (checking the existing binary)"
 else
   echo "     running: $build_cmd"
   $build_cmd
 fi
-binary="target/release/$bin"
+binary="$target_dir/release/$bin"
 [ -x "$binary" ] && ok "built $binary" || { fail "no $binary"; exit 1; }
 
 # The runtime stage's packages: the apt list, their dependencies (recursively), the base image.

@@ -5,8 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --locked --quiet --bin datastore
-bin="$PWD/target/debug/datastore"
+# Only the binary and its own dependencies (no test crates), in the dev profile: dependencies
+# optimized, generated API bindings not (Cargo.toml); a first build takes a few minutes on 2 cores.
+echo "== cargo build --locked --bin datastore"
+cargo build --locked --bin datastore
+bin="${CARGO_TARGET_DIR:-$PWD/target}/debug/datastore"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -1,6 +1,7 @@
 //! datastore-csi: versioned, read-only datasets mounted into Kubernetes pods.
 //!
 //! The crate is one library and one binary (`datastore`). Layers, bottom up:
+//! - [`aws`]: the HTTP client the AWS SDK clients share (one TLS stack with kube's).
 //! - [`store`]: versions in an object store (S3 or a local directory): manifest, layout,
 //!   uploads and imports.
 //! - [`cache`]: the node-wide, bounded, checksummed block cache.
@@ -11,6 +12,7 @@
 //! - [`operator`]: the Datastore custom resource and its controller.
 //! - [`cli`]: the command line (and kubectl plugin), wiring the layers together.
 
+pub mod aws;
 pub mod cache;
 pub mod cli;
 pub mod csi;

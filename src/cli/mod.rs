@@ -116,8 +116,11 @@ fn init_logging(format: LogFormat, filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: a log file or a log collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -135,10 +138,10 @@ fn invoked_as_kubectl_plugin() -> bool {
 
 /// Parses the command line and runs the command; returns the process exit code.
 pub fn main() -> std::process::ExitCode {
-    // Two TLS crypto providers are linked (kube brings ring, the AWS SDK aws-lc-rs); rustls
-    // refuses to guess, so pick one for the process before any client is built. An error only
-    // means one is already installed.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // rustls is built with ring only (kube and the AWS SDKs share it, see `crate::aws`); installing
+    // it explicitly keeps a dependency that enables another provider from making rustls guess.
+    // An error only means one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = if invoked_as_kubectl_plugin() {
         let args = kubectl::parse();
         Cli { log_format: LogFormat::Text, log: std::env::var("DATASTORE_LOG").unwrap_or_else(|_| "warn,kube_client=off".into()), command: Command::Kubectl(args) }

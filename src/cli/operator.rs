@@ -31,9 +31,18 @@ pub struct OperatorArgs {
     /// Seconds between progress updates in the status while importing.
     #[arg(long, default_value_t = 10)]
     pub progress_interval: u64,
+    /// First retry of a failed import after this long; the delay doubles per failure.
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    pub import_retry_min: Duration,
+    /// Longest delay between retries of a failed import.
+    #[arg(long, default_value = "10m", value_parser = super::parse_duration)]
+    pub import_retry_max: Duration,
     /// Namespace of the leader-election Lease (default: the pod's namespace, else "default").
     #[arg(long, env = "POD_NAMESPACE")]
     pub leader_namespace: Option<String>,
+    /// Reconcile only the Datastores of this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
     /// Run without leader election (a single replica).
     #[arg(long)]
     pub no_leader_election: bool,
@@ -56,6 +65,9 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
     ctx.imports = crate::operator::imports::ImportManager::new(a.max_imports);
     ctx.import_concurrency = a.import_concurrency.max(1);
     ctx.progress_interval = Duration::from_secs(a.progress_interval.max(1));
+    ctx.watch_namespace = a.watch_namespace.filter(|n| !n.is_empty());
+    ctx.retry_min = a.import_retry_min.max(Duration::from_secs(1));
+    ctx.retry_max = a.import_retry_max.max(ctx.retry_min);
     let ctx = Arc::new(ctx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {

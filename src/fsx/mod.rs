@@ -176,7 +176,7 @@ impl Fsx {
     /// A client from the standard AWS chain (IRSA, instance role, env), `endpoint` for a local
     /// FSx endpoint.
     pub async fn from_env(endpoint: Option<String>, region: Option<String>, cluster: impl Into<String>) -> Fsx {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(crate::aws::http_client());
         if let Some(r) = region {
             loader = loader.region(aws_config::Region::new(r));
         }

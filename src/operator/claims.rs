@@ -19,7 +19,7 @@ impl ClaimLookup for KubeClaims {
         match pvcs.get_opt(name).await {
             Ok(Some(pvc)) => Ok(pvc.metadata.annotations.unwrap_or_default()),
             Ok(None) => Ok(BTreeMap::new()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(super::describe_kube_error(&e)),
         }
     }
 }

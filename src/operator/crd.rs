@@ -17,6 +17,11 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "datastores.grid.ai";
 /// Finalizer that holds deletion until pods stop using the datastore and its data is removed.
 pub const FINALIZER: &str = "datastores.grid.ai/cleanup";
+/// Annotation asking for a re-import of an S3 source: an opaque token (`kubectl datastore
+/// reimport` writes the current RFC 3339 time). When it differs from `status.observedReimport`
+/// the operator imports now (a new version only if the content changed, like a schedule tick),
+/// then records the token there.
+pub const REIMPORT_ANNOTATION: &str = "datastores.grid.ai/reimport";
 
 /// A versioned, read-only dataset that pods mount at `mountPath`.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -161,7 +166,9 @@ pub struct DatastoreStatus {
     pub size: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub versions: Vec<VersionStatus>,
-    /// Progress of the import in flight.
+    /// Progress of the import in flight (absent when none runs). A scheduled or requested
+    /// re-import of an unchanged source runs while the phase stays Ready; the `Importing`
+    /// condition says why it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -182,6 +189,31 @@ pub struct DatastoreStatus {
     /// High-performance file systems (FSx), by version.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub file_systems: Vec<FileSystemStatus>,
+    /// The last `datastores.grid.ai/reimport` token acted on: its import has finished (see the
+    /// phase, message and `Importing` condition for the outcome) or was not possible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_reimport: Option<String>,
+    /// Consecutive failed imports of the current source, and when the next attempt starts
+    /// (exponential backoff, capped). Cleared by a successful import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import_failure: Option<ImportFailure>,
+}
+
+/// Failed import attempts of one source (see `DatastoreStatus::import_failure`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportFailure {
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// When the last attempt failed (RFC 3339).
+    pub last_attempt: String,
+    /// When the next attempt starts (RFC 3339); a spec change or a re-import request starts one
+    /// at once.
+    pub next_attempt: String,
+    /// Why the last attempt failed.
+    pub message: String,
+    /// The source fingerprint (`sourceHash`) the attempts were for.
+    pub source_hash: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -231,7 +263,8 @@ pub struct Progress {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// Ready or Importing.
+    /// `Ready`: the latest version of the current source is served. `Importing`: an import runs
+    /// (True), or how the last one ended (False: Imported, Unchanged, ImportFailed, EmptySource).
     #[serde(rename = "type")]
     pub type_: String,
     /// True, False or Unknown.

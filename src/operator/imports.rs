@@ -1,15 +1,22 @@
 //! Imports running in the background, at most `max_concurrent` at a time.
 //!
 //! The reconciler starts an import and returns; later reconciles read its progress and, once it
-//! is done, its result. Nothing is persisted: imports are idempotent (content-addressed copies
-//! skip what is already in the store), so after an operator restart the reconciler simply starts
-//! the import again and only the missing objects are copied.
+//! is done, its result. An import that ends announces it on a channel that the controller turns
+//! into a reconcile of its Datastore, so that Ready follows the commit at once instead of at the
+//! next progress check. Its result is stored before the announcement, so the reconcile that the
+//! announcement causes always finds it.
+//!
+//! Nothing is persisted: imports are idempotent (content-addressed copies skip what is already in
+//! the store), so after an operator restart the reconciler simply starts the import again and
+//! only the missing objects are copied.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Semaphore;
+use futures::StreamExt;
+use thiserror::Error;
+use tokio::sync::{Semaphore, broadcast};
 use tokio::task::JoinHandle;
 
 use crate::store::Store;
@@ -21,23 +28,58 @@ use super::crd::Progress as ProgressStatus;
 
 type Key = (String, String);
 
+/// Why an import did not make (or confirm) a version.
+#[derive(Debug, Error, Clone)]
+pub enum ImportError {
+    /// The source listed no objects at all: nothing to make a version of, most likely a wrong
+    /// bucket or prefix. No version is made.
+    #[error("{0} has no objects; check the bucket and prefix")]
+    EmptySource(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why an import was started; it decides whether the phase leaves Ready while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// No version yet, or the source or mode in the spec changed.
+    Source,
+    /// The schedule is due.
+    Schedule,
+    /// The reimport annotation asked for it.
+    Requested,
+}
+
+/// What a running or finished import was started for.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub trigger: Trigger,
+    /// The reimport token it answers, if any.
+    pub token: Option<String>,
+    /// The fingerprint of the source it reads (the spec may change while it runs).
+    pub source_hash: String,
+}
+
 struct Running {
+    started: Started,
     progress: Arc<Progress>,
-    task: JoinHandle<Result<Report, String>>,
+    result: Arc<Mutex<Option<Result<Report, ImportError>>>>,
+    task: JoinHandle<()>,
 }
 
 /// What is known about a datastore's import.
 pub enum ImportState {
     /// None is running or finished unread.
     Idle,
-    Running(ProgressStatus),
-    /// Finished: the report, or an error message.
-    Done(Result<Report, String>),
+    Running(ProgressStatus, Started),
+    /// Finished: the report, or why it failed.
+    Done(Result<Report, ImportError>, Started),
 }
 
 pub struct ImportManager {
     running: Mutex<HashMap<Key, Running>>,
     slots: Arc<Semaphore>,
+    finished: broadcast::Sender<Key>,
 }
 
 /// Everything an import needs.
@@ -51,53 +93,79 @@ pub struct ImportJob {
 
 impl ImportManager {
     pub fn new(max_concurrent: usize) -> ImportManager {
-        ImportManager { running: Mutex::new(HashMap::new()), slots: Arc::new(Semaphore::new(max_concurrent.max(1))) }
+        ImportManager {
+            running: Mutex::new(HashMap::new()),
+            slots: Arc::new(Semaphore::new(max_concurrent.max(1))),
+            // Announcements are hints: a lagging receiver loses some, and the progress requeue
+            // still finds those imports done.
+            finished: broadcast::channel(256).0,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Running>> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// (namespace, name) of every import that ends from now on.
+    pub fn finished(&self) -> impl futures::Stream<Item = (String, String)> + Send + 'static {
+        futures::stream::unfold(self.finished.subscribe(), |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(key) => return Some((key, rx)),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed()
+    }
+
     /// Starts an import unless one is running for this datastore.
-    pub fn start(&self, namespace: &str, name: &str, job: ImportJob) {
+    pub fn start(&self, namespace: &str, name: &str, job: ImportJob, started: Started) {
         let key = (namespace.to_owned(), name.to_owned());
         let mut running = self.lock();
         if running.contains_key(&key) {
             return;
         }
         let progress = Arc::new(Progress::default());
-        let p = progress.clone();
-        let slots = self.slots.clone();
+        let result = Arc::new(Mutex::new(None));
+        let (p, r, slots, finished, k) = (progress.clone(), result.clone(), self.slots.clone(), self.finished.clone(), key.clone());
         let task = tokio::spawn(async move {
-            let _slot = slots.acquire_owned().await.map_err(|e| e.to_string())?;
-            import_from_s3(&job.store, &job.source_client, &job.datastore, &job.source, &job.options, &p)
-                .await
-                .map_err(|e| e.to_string())
+            let out = match slots.acquire_owned().await {
+                Ok(_slot) => run(&job, &p).await,
+                Err(e) => Err(ImportError::Failed(e.to_string())),
+            };
+            *r.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
+            let _ = finished.send(k);
         });
-        running.insert(key, Running { progress, task });
+        running.insert(key, Running { started, progress, result, task });
     }
 
     /// The state of a datastore's import; a finished one is handed out once.
-    pub async fn state(&self, namespace: &str, name: &str) -> ImportState {
+    pub fn state(&self, namespace: &str, name: &str) -> ImportState {
         let key = (namespace.to_owned(), name.to_owned());
-        let finished = {
-            let mut running = self.lock();
-            match running.get(&key) {
-                None => return ImportState::Idle,
-                Some(r) if !r.task.is_finished() => {
-                    let p = &r.progress;
-                    return ImportState::Running(ProgressStatus {
+        let mut running = self.lock();
+        let Some(r) = running.get(&key) else { return ImportState::Idle };
+        let result = r.result.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let result = match result {
+            Some(result) => result,
+            // Finished without a result: the task panicked.
+            None if r.task.is_finished() => Err(ImportError::Failed("the import task failed".into())),
+            None => {
+                let p = &r.progress;
+                return ImportState::Running(
+                    ProgressStatus {
                         files_done: p.files_done.load(Ordering::Relaxed),
                         files_total: p.files_total.load(Ordering::Relaxed),
                         bytes_done: p.bytes_done.load(Ordering::Relaxed),
                         bytes_total: p.bytes_total.load(Ordering::Relaxed),
-                    });
-                }
-                Some(_) => running.remove(&key),
+                    },
+                    r.started.clone(),
+                );
             }
         };
-        match finished {
-            Some(r) => ImportState::Done(r.task.await.unwrap_or_else(|e| Err(format!("import task failed: {e}")))),
+        match running.remove(&key) {
+            Some(r) => ImportState::Done(result, r.started),
             None => ImportState::Idle,
         }
     }
@@ -125,4 +193,27 @@ impl ImportManager {
             r.task.abort();
         }
     }
+}
+
+/// One import: refuses a source without files (looking at its first LIST page), then imports.
+async fn run(job: &ImportJob, progress: &Progress) -> Result<Report, ImportError> {
+    // Directory markers ("prefix/", "prefix/sub/") are not data: a prefix holding only those
+    // is as empty as a mistyped one.
+    const LOOK_AT: usize = 1000;
+    let mut listing = job.source_client.list(&job.source.bucket, &job.source.prefix).take(LOOK_AT);
+    let (mut seen, mut has_file) = (0, false);
+    while let Some(o) = listing.next().await {
+        let o = o.map_err(|e| ImportError::Failed(e.to_string()))?;
+        seen += 1;
+        if !o.key.ends_with('/') {
+            has_file = true;
+            break;
+        }
+    }
+    if !has_file && seen < LOOK_AT {
+        return Err(ImportError::EmptySource(job.source.url()));
+    }
+    import_from_s3(&job.store, &job.source_client, &job.datastore, &job.source, &job.options, progress)
+        .await
+        .map_err(|e| ImportError::Failed(e.to_string()))
 }

@@ -76,7 +76,7 @@ impl LeaderElection {
             match self.try_acquire().await {
                 Ok(true) => break,
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+                Err(e) => tracing::warn!(error = %super::describe_kube_error(&e), "leader election failed; retrying"),
             }
             tokio::time::sleep(self.duration / 3).await;
         }
@@ -90,7 +90,7 @@ impl LeaderElection {
                         tracing::error!("lost the leader lease");
                         return;
                     }
-                    Err(e) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+                    Err(e) => tracing::warn!(error = %super::describe_kube_error(&e), "renewing the leader lease failed"),
                 }
             }
         }

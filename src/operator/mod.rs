@@ -5,21 +5,32 @@
 //! where `kubectl datastore create` uploads too and where the CSI controller looks for datastores
 //! that a PVC names. Errors are split once ([`Error::action`]): transient ones requeue with
 //! backoff, a bad spec waits for the next change, a datastore in use is retried.
+//!
+//! Besides Datastores, the controller reacts to their claims (owned), to pods that mount a
+//! datastore (a pod going away moves a claim or lets a deletion proceed at once), and to imports
+//! ending (Ready follows the commit at once). Errors are logged with the API's message and code,
+//! never the whole response.
 
 pub mod claims;
 pub mod crd;
+pub mod events;
+pub mod file_systems;
 pub mod imports;
 pub mod leader;
+pub mod pvc;
 pub mod reconcile;
+pub mod s3_source;
+pub mod status;
+pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::PersistentVolumeClaim;
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{finalizer, watcher};
 use kube::{Api, Client};
 use thiserror::Error;
 
@@ -32,7 +43,7 @@ use imports::ImportManager;
 /// What can go wrong in a reconcile.
 #[derive(Debug, Error)]
 pub enum Error {
-    #[error("kubernetes API: {0}")]
+    #[error("kubernetes API: {}", describe_kube_error(.0))]
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Store(#[from] crate::store::Error),
@@ -44,8 +55,33 @@ pub enum Error {
     Csi(String),
     #[error(transparent)]
     Fsx(#[from] crate::fsx::FsxError),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("{}", describe_finalizer_error(.0))]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+}
+
+/// An API error as its message, reason and code (kube's Display adds the whole response).
+pub fn describe_kube_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} ({}, {})", s.message, s.reason, s.code),
+        e => e.to_string(),
+    }
+}
+
+fn describe_watch_error(e: &watcher::Error) -> String {
+    match e {
+        watcher::Error::InitialListFailed(e) | watcher::Error::WatchStartFailed(e) | watcher::Error::WatchFailed(e) => describe_kube_error(e),
+        watcher::Error::WatchError(s) => format!("{} ({}, {})", s.message, s.reason, s.code),
+        e @ watcher::Error::NoResourceVersion => e.to_string(),
+    }
+}
+
+fn describe_finalizer_error(e: &finalizer::Error<Error>) -> String {
+    match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.to_string(),
+        finalizer::Error::AddFinalizer(e) => format!("adding the finalizer: {}", describe_kube_error(e)),
+        finalizer::Error::RemoveFinalizer(e) => format!("removing the finalizer: {}", describe_kube_error(e)),
+        e @ (finalizer::Error::UnnamedObject | finalizer::Error::InvalidFinalizer) => e.to_string(),
+    }
 }
 
 impl From<crate::csi::error::CsiError> for Error {
@@ -55,19 +91,32 @@ impl From<crate::csi::error::CsiError> for Error {
 }
 
 impl Error {
+    /// The error itself, out of the finalizer's wrapping.
+    pub fn cause(&self) -> &Error {
+        match self {
+            Error::Finalizer(inner) => match inner.as_ref() {
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.cause(),
+                _ => self,
+            },
+            e => e,
+        }
+    }
+
     /// How the controller reacts to this error.
     pub fn action(&self) -> Action {
         match self {
-            Error::InUse(_) => Action::requeue(Duration::from_secs(15)),
+            // Pods are watched: the last one going triggers the next attempt. This is the
+            // safety net for a missed watch event.
+            Error::InUse(_) => Action::requeue(Duration::from_secs(60)),
             Error::Invalid(_) => Action::requeue(Duration::from_secs(300)),
             Error::Kube(_) | Error::Store(_) | Error::Csi(_) => Action::requeue(Duration::from_secs(10)),
             Error::Fsx(_) => Action::requeue(Duration::from_secs(30)),
             Error::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e.action(),
-                kube::runtime::finalizer::Error::AddFinalizer(_)
-                | kube::runtime::finalizer::Error::RemoveFinalizer(_)
-                | kube::runtime::finalizer::Error::UnnamedObject
-                | kube::runtime::finalizer::Error::InvalidFinalizer => Action::requeue(Duration::from_secs(10)),
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.action(),
+                finalizer::Error::AddFinalizer(_)
+                | finalizer::Error::RemoveFinalizer(_)
+                | finalizer::Error::UnnamedObject
+                | finalizer::Error::InvalidFinalizer => Action::requeue(Duration::from_secs(10)),
             },
         }
     }
@@ -81,7 +130,8 @@ pub struct Context {
     /// Defaults for S3 sources (endpoint, region, credentials).
     pub s3: S3Options,
     pub imports: ImportManager,
-    pub recorder: Recorder,
+    /// Events about Datastores.
+    pub events: events::Publisher,
     pub storage_class: String,
     /// StorageClass of high-performance datastores' claims.
     pub hp_storage_class: String,
@@ -92,17 +142,21 @@ pub struct Context {
     pub progress_interval: Duration,
     /// Periodic re-check of idle datastores.
     pub resync: Duration,
+    /// Reconcile only this namespace's Datastores (None: every namespace).
+    pub watch_namespace: Option<String>,
     /// Objects copied at once by one import.
     pub import_concurrency: usize,
+    /// Backoff of failed imports: the first retry after `retry_min`, doubling up to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
     /// Current time, Unix seconds (tests use a fixed clock).
     pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
 }
 
 impl Context {
     pub fn new(client: Client, cluster_store: StoreUrl, s3: S3Options) -> Context {
-        let reporter = Reporter { controller: reconcile::MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Context {
-            recorder: Recorder::new(client.clone(), reporter),
+            events: events::Publisher::new(client.clone(), reconcile::MANAGER, std::env::var("POD_NAME").ok()),
             client,
             stores: Arc::new(Stores::new(cluster_store, s3.clone())),
             s3,
@@ -113,7 +167,10 @@ impl Context {
             driver_name: crate::csi::DRIVER_NAME.into(),
             progress_interval: Duration::from_secs(10),
             resync: Duration::from_secs(300),
+            watch_namespace: None,
             import_concurrency: 16,
+            retry_min: Duration::from_secs(10),
+            retry_max: Duration::from_secs(600),
             clock: Arc::new(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -130,26 +187,46 @@ impl Context {
     }
 }
 
-fn error_policy(_ds: Arc<Datastore>, err: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(error = %err, "reconcile failed");
-    err.action()
+fn error_policy(ds: Arc<Datastore>, err: &Error, _ctx: Arc<Context>) -> Action {
+    let action = err.action();
+    match err.cause() {
+        // Expected, and said in the status and an Event.
+        Error::InUse(pods) => tracing::info!(datastore = %ds.metadata.name.as_deref().unwrap_or(""), pods = %pods, "deletion waits for pods"),
+        _ => tracing::warn!(
+            namespace = %ds.metadata.namespace.as_deref().unwrap_or(""),
+            datastore = %ds.metadata.name.as_deref().unwrap_or(""),
+            error = %err,
+            "reconcile failed"
+        ),
+    }
+    action
 }
 
 /// Runs the controller until `shutdown`; only while this replica holds the leader lease.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let datastores: Api<Datastore> = Api::all(client.clone());
-    let claims: Api<PersistentVolumeClaim> = Api::all(client);
-    tracing::info!("datastore operator running");
+    let (datastores, claims, pods): (Api<Datastore>, Api<PersistentVolumeClaim>, Api<Pod>) = match &ctx.watch_namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+    };
+    let driver = ctx.driver_name.clone();
+    let finished = ctx.imports.finished().map(|(ns, name)| ObjectRef::<Datastore>::new(&name).within(&ns));
+    tracing::info!(namespace = ctx.watch_namespace.as_deref().unwrap_or("(all)"), "datastore operator running");
     let orphans = tokio::spawn(reconcile::report_orphans_forever(ctx.clone()));
     Controller::new(datastores, watcher::Config::default())
         .owns(claims, watcher::Config::default())
+        .watches(pods, watcher::Config::default(), move |pod| pvc::pod_to_datastores(pod, &driver))
+        .reconcile_on(finished)
         .graceful_shutdown_on(shutdown)
         .run(reconcile::reconcile, error_policy, ctx.clone())
         .for_each(|r| async move {
             match r {
                 Ok((obj, _)) => tracing::debug!(datastore = %obj.name, "reconciled"),
-                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+                // Logged by error_policy.
+                Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(controller::Error::ObjectNotFound(obj)) => tracing::debug!(datastore = %obj.name, "gone before its reconcile"),
+                Err(controller::Error::QueueError(e)) => tracing::warn!(error = %describe_watch_error(&e), "watching the API failed; retrying"),
+                Err(e @ controller::Error::RunnerError(_)) => tracing::warn!(error = %e, "controller runner failed"),
             }
         })
         .await;

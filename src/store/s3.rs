@@ -98,7 +98,7 @@ impl std::fmt::Debug for StaticCredentials {
 impl S3Client {
     /// Builds a client from the standard AWS configuration chain plus `opts`.
     pub async fn new(opts: &S3Options) -> S3Client {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(crate::aws::http_client());
         if let Some(ep) = &opts.endpoint {
             loader = loader.endpoint_url(ep);
         }

@@ -131,9 +131,9 @@ impl ControlPlane {
     }
 }
 
-/// Both ring and aws-lc-rs are compiled in; pick one as `main()` does.
+/// One TLS provider (ring) for the process, as `main()` picks it.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Polls `f` until it returns `Some`, at most `timeout`; panics with `what` on the deadline.

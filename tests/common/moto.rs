@@ -43,6 +43,7 @@ pub fn fsx_client(endpoint: &str) -> aws_sdk_fsx::Client {
         .region(aws_sdk_fsx::config::Region::new("us-east-1"))
         .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_fsx::config::Credentials::new("test", "test", None, None, "test"))
+        .http_client(datastore::aws::http_client())
         .build();
     aws_sdk_fsx::Client::from_conf(conf)
 }

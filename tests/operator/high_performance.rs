@@ -130,6 +130,7 @@ fn a_high_performance_datastore_follows_its_file_system_and_cleans_up() {
     run(async {
         let (client, mut api) = mock_client();
         let task = tokio::spawn(reconcile(Arc::new(gone.clone()), ctx_for(client)));
+        api.expect(Method::GET, &ds_path("fast"), 200, serde_json::to_value(&gone).expect("json")).await;
         api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/pods"), 200, empty_list("PodList")).await;
         api.expect(Method::DELETE, &pvc_path("fast"), 200, json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {}})).await;
         assert_eq!(api.expect_event(NS).await, "FileSystemDeleted");

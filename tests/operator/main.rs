@@ -5,6 +5,10 @@
 mod common;
 
 mod apiserver;
+mod cluster;
+// The cluster end-to-end suite (its own target for e2e/run.sh, `test = false` in Cargo.toml).
+#[path = "../../e2e/lifecycle.rs"]
+mod e2e;
 mod high_performance;
 mod plugin;
 mod real_api;
@@ -118,18 +122,37 @@ fn pvc_path(name: &str) -> String {
     format!("/api/v1/namespaces/{NS}/persistentvolumeclaims/{name}")
 }
 
-/// Expects the status patch; answers with the object carrying the new status; returns the status.
+/// Applies a JSON merge patch (RFC 7386) the way the API server does.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("an object");
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// Expects the status patch (a merge patch); answers with the object carrying the patched
+/// status; returns that status.
 async fn expect_status(api: &mut ApiServer, ds: &Datastore) -> DatastoreStatus {
     let name = ds.metadata.name.clone().unwrap_or_default();
     let obj = serde_json::to_value(ds).expect("json");
-    let seen = api
-        .expect_fn(Method::PATCH, &format!("{}/status", ds_path(&name)), 200, |body| {
-            let mut o = obj.clone();
-            o["status"] = body["status"].clone();
-            o
-        })
-        .await;
-    serde_json::from_value(seen.body["status"].clone()).expect("a status in the patch")
+    let mut patched = obj.clone();
+    api.expect_fn(Method::PATCH, &format!("{}/status", ds_path(&name)), 200, |body| {
+        merge(&mut patched, body);
+        patched.clone()
+    })
+    .await;
+    serde_json::from_value(patched["status"].clone()).expect("a status in the patch")
 }
 
 fn empty_list(kind: &str) -> Value {
@@ -188,8 +211,11 @@ fn import_round(env: &Env, ds: &Datastore, claim: Option<u64>) -> (DatastoreStat
             api.expect(Method::GET, &pvc_path(&name), 200, pvc).await;
         }
         let st = expect_status(&mut api, ds).await;
-        assert_eq!(st.phase, Some(Phase::Importing));
+        // A re-import of the served source keeps it Ready; a new source does not.
+        let served = ds.status.as_ref().is_some_and(|s| s.latest_version.is_some() && s.source_hash.as_deref() == Some(source_hash(&ds.spec).as_str()));
+        assert_eq!(st.phase, Some(if served { Phase::Ready } else { Phase::Importing }));
         assert!(st.progress.is_some());
+        assert!(st.conditions.iter().any(|c| c.type_ == "Importing" && c.status == "True"), "{:?}", st.conditions);
         assert_eq!(api.expect_event(NS).await, "ImportStarted");
         let action = task.await.expect("join").expect("reconcile");
         assert_eq!(action, Action::requeue(Duration::from_secs(1)), "progress is reported at the progress interval");
@@ -340,6 +366,8 @@ fn delete_waits_for_pods_then_removes_data_and_finalizer() {
         let (client, mut api) = mock_client();
         let ctx = env.ctx(client);
         let task = tokio::spawn(reconcile(Arc::new(ds.clone()), ctx));
+        // The cached object may be stale: the cleanup reads it again first.
+        api.expect(Method::GET, &ds_path("gone"), 200, serde_json::to_value(&ds).expect("json")).await;
         let pods = json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod_using("trainer-0", "gone"), pod_inline("inline-1", "gone"), pod_using("other", "unrelated"), pod_inline("other-inline", "unrelated")]});
         api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/pods"), 200, pods).await;
         let st = expect_status(&mut api, &ds).await;
@@ -348,7 +376,7 @@ fn delete_waits_for_pods_then_removes_data_and_finalizer() {
         assert!(msg.contains("trainer-0") && msg.contains("inline-1") && !msg.contains("other"), "{msg}");
         assert_eq!(api.expect_event(NS).await, "DeleteBlocked");
         let err = task.await.expect("join").expect_err("deletion is blocked");
-        assert!(matches!(err.action(), a if a == Action::requeue(Duration::from_secs(15))), "{err}");
+        assert!(matches!(err.action(), a if a == Action::requeue(Duration::from_secs(60))), "pods are watched; the requeue is a safety net: {err}");
         assert!(err.to_string().contains("trainer-0"), "{err}");
     });
     assert!(!run(store.object_ids("gone")).expect("ids").is_empty(), "data stays while in use");
@@ -358,6 +386,7 @@ fn delete_waits_for_pods_then_removes_data_and_finalizer() {
         let (client, mut api) = mock_client();
         let ctx = env.ctx(client);
         let task = tokio::spawn(reconcile(Arc::new(ds.clone()), ctx));
+        api.expect(Method::GET, &ds_path("gone"), 200, serde_json::to_value(&ds).expect("json")).await;
         api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/pods"), 200, empty_list("PodList")).await;
         api.expect(Method::DELETE, &pvc_path("gone"), 200, json!({"apiVersion": "v1", "kind": "Status", "status": "Success", "metadata": {}})).await;
         assert_eq!(api.expect_event(NS).await, "Deleted");

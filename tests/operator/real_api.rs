@@ -23,11 +23,12 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(cp: &ControlPlane, env: &Env) -> Operator {
+    /// Reconciles only `ns`: tests share the control plane, each with its own operator.
+    fn start(cp: &ControlPlane, env: &Env, ns: &str) -> Operator {
         let log = process_dir("operator").join(format!("{}.log", unique("operator")));
         let file = std::fs::File::create(&log).expect("operator log");
         let child = Command::new(env!("CARGO_BIN_EXE_datastore"))
-            .args(["operator", "--no-leader-election", "--progress-interval", "1"])
+            .args(["operator", "--no-leader-election", "--progress-interval", "1", "--watch-namespace", ns])
             .arg("--store")
             .arg(env.cluster.to_string())
             .arg("--s3-endpoint")
@@ -92,12 +93,15 @@ fn operator_imports_an_s3_source_into_version_1_with_a_claim() {
     }
     env.put("train/labels.txt", b"cat\ndog\n");
     let cp = k8s::control_plane();
-    let mut operator = Operator::start(cp, &env);
-    rt().block_on(async {
+    let (client, ns) = rt().block_on(async {
         let client = cp.client().await;
         k8s::apply_crd(&client).await;
         storage_class(&client).await;
         let ns = k8s::namespace(&client, "op").await;
+        (client, ns)
+    });
+    let mut operator = Operator::start(cp, &env, &ns);
+    rt().block_on(async {
 
         let datastores: Api<Datastore> = Api::namespaced(client.clone(), &ns);
         let created = datastores

@@ -26,13 +26,12 @@ use crate::csi::namespace_store;
 use crate::operator::crd::{
     Datastore, DatastoreSpec, DatastoreType, HighPerformanceSpec, ImportModeSpec, S3SourceSpec, SecretRef, Source, UploadSpec,
 };
-use crate::operator::reconcile::{source_hash, validate};
+use crate::operator::validate::{source_hash, validate};
 use crate::store::s3::{ReadTimeouts, S3Options};
 use crate::store::upload::{Progress, UploadOptions, create_from_dir};
 use crate::store::{Store, StoreUrl};
 
-/// Annotation whose change asks the operator to import the S3 source again.
-pub const REIMPORT_ANNOTATION: &str = "datastores.grid.ai/reimport";
+pub use crate::operator::crd::REIMPORT_ANNOTATION;
 
 /// Field manager of the plugin's writes (shown in managedFields).
 const MANAGER: &str = "kubectl-datastore";

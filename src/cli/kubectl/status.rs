@@ -16,7 +16,7 @@ use kube::api::Api;
 
 use super::cluster::{Cluster, get_datastore};
 use super::show::{claim_line, print_detail};
-use crate::operator::crd::{Datastore, Phase, Progress};
+use crate::operator::crd::{Datastore, Phase, Progress, REIMPORT_ANNOTATION};
 
 /// How often the Datastore is read while watching (the operator reports every few seconds).
 const POLL: Duration = Duration::from_secs(1);
@@ -100,10 +100,14 @@ pub fn final_frame(ds: &Datastore) -> String {
     }
 }
 
-/// Still on its way: the operator has not seen the latest spec, or an import runs.
+/// Settled: the operator has seen the latest spec and re-import request, and no import runs.
 fn settled(ds: &Datastore) -> bool {
     let Some(st) = &ds.status else { return false };
     if st.observed_generation < ds.metadata.generation {
+        return false;
+    }
+    let requested = ds.annotations().get(REIMPORT_ANNOTATION);
+    if requested.is_some() && requested != st.observed_reimport.as_ref() && ds.spec.source.s3.is_some() {
         return false;
     }
     !matches!(st.phase, None | Some(Phase::Importing))
