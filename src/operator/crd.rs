@@ -1,4 +1,7 @@
-//! The `Datastore` custom resource (`datastores.grid.ai/v1alpha1`, short name `ds`).
+//! The `Datastore` custom resource (`datastores.grid.ai/v1alpha1`, short name `dstore`).
+//!
+//! The short name must not be one a built-in resource uses: kubectl resolves those first, so
+//! `ds` (DaemonSets) never reached Datastores.
 //!
 //! The Rust types are the source of truth: the CRD YAML in `manifests/` and in the chart is
 //! generated from them (`datastore crd > …`) and a test fails when the checked-in copies drift.
@@ -28,7 +31,7 @@ pub const REIMPORT_ANNOTATION: &str = "datastores.grid.ai/reimport";
     kind = "Datastore",
     plural = "datastores",
     singular = "datastore",
-    shortname = "ds",
+    shortname = "dstore",
     namespaced,
     status = "DatastoreStatus",
     printcolumn = r#"{"name":"Version","type":"integer","jsonPath":".status.latestVersion"}"#,
@@ -333,7 +336,7 @@ mod tests {
     fn crd_shape() {
         let crd = Datastore::crd();
         assert_eq!(crd.spec.group, GROUP);
-        assert_eq!(crd.spec.names.short_names, Some(vec!["ds".to_string()]));
+        assert_eq!(crd.spec.names.short_names, Some(vec!["dstore".to_string()]));
         let v = &crd.spec.versions[0];
         assert_eq!(v.name, "v1alpha1");
         let columns: Vec<String> = v.additional_printer_columns.iter().flatten().map(|c| c.name.to_uppercase()).collect();

@@ -93,7 +93,7 @@ fn help_is_clear_for_every_subcommand() {
     assert!(o.status.success());
     let help = String::from_utf8_lossy(&o.stdout);
     assert!(help.contains("Usage: kubectl datastore"), "{help}");
-    for cmd in ["create", "list", "get", "status", "delete", "versions"] {
+    for cmd in ["create", "list", "get", "status", "delete", "versions", "reimport"] {
         assert!(help.contains(cmd), "{cmd} missing from help");
         let o = run(&[cmd, "--help"], &kc);
         assert!(o.status.success(), "{cmd} --help");
@@ -115,8 +115,13 @@ fn bad_input_gets_one_line_and_a_failure() {
     // A bad name (refused before any request).
     let line = one_line_error(&run(&["get", "Not_A_Name"], &kc));
     assert!(line.contains("DNS-1123"), "{line}");
-    // An unknown datastore.
-    let api = fake_api(Arc::default(), Arc::default());
+    // An unknown datastore (in namespaces that exist).
+    let routes: Routes = Arc::default();
+    for ns in ["team", "other"] {
+        let body = json!({"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": ns}});
+        routes.lock().expect("routes").insert(("GET".into(), format!("/api/v1/namespaces/{ns}")), (200, body));
+    }
+    let api = fake_api(routes, Arc::default());
     let kc = kubeconfig(dir.path(), &api);
     let line = one_line_error(&run(&["get", "nope"], &kc));
     assert!(line.contains("\"nope\"") && line.contains("not found") && line.contains("team"), "{line}");
@@ -148,7 +153,11 @@ fn create_from_a_directory_uploads_then_creates_the_datastore() {
     assert_eq!(rt().block_on(s.versions("photos")).expect("versions"), vec![1]);
     // And the Datastore names it.
     let seen = seen.lock().expect("seen");
-    let created = seen.iter().find(|(m, p, _)| m == "POST" && p == path).expect("POST datastore");
+    // The first POST is the dry run (before the upload, without a version); the last one creates.
+    let posts: Vec<_> = seen.iter().filter(|(m, p, _)| m == "POST" && p == path).collect();
+    assert_eq!(posts.len(), 2, "a dry run, then the create: {posts:?}");
+    assert_eq!(posts[0].2["spec"]["source"]["upload"], json!({}));
+    let created = posts[1];
     assert_eq!(created.2["spec"]["source"]["upload"]["version"], 1);
     assert_eq!(created.2["metadata"]["name"], "photos");
 }
