@@ -100,8 +100,44 @@ fn create_switches_between_s3_and_upload() {
     assert!(ds.spec.source.upload.is_none(), "{:?}", ds.spec);
     assert_eq!(ds.spec.source.s3.as_ref().map(|s| s.bucket.as_str()), Some(w.source_bucket.as_str()));
     // Back from an upload, the import is asked for explicitly (the operator may remember the S3
-    // source's fingerprint from before).
-    assert!(ds.annotations().contains_key(REIMPORT_ANNOTATION), "{:?}", ds.annotations());
+    // source's fingerprint from before), and the operator makes version 3 from S3.
+    let token = ds.annotations().get(REIMPORT_ANNOTATION).cloned().expect("re-import requested");
+    let ds = w.wait_for("mixed Ready at version 3", Duration::from_secs(60), ready_at(3));
+    let st = ds.status.expect("status");
+    assert_eq!(st.files, Some(2));
+    assert_eq!(st.observed_reimport, Some(token));
+}
+
+/// Item 8, end to end: `create` with the same source after the bucket changed makes a new
+/// version; `reimport` of an unchanged source is observed without one; `status --watch` waits
+/// for the requested import.
+#[test]
+fn forced_reimport_end_to_end() {
+    let w = World::with_operator("force");
+    w.put("p/a.txt", b"alpha");
+    let endpoint = server().endpoint();
+    ok(&w.create("daily", &w.s3_url("p/"), &["--endpoint", &endpoint]));
+    w.wait_for("daily Ready at version 1", Duration::from_secs(60), ready_at(1));
+
+    // The bucket changes; the spec does not: re-running create asks for the import.
+    w.put("p/b.txt", b"beta");
+    let o = w.create("daily", &w.s3_url("p/"), &["--endpoint", &endpoint]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("import it again"));
+    let out = ok(&w.run(&["status", "daily", "--watch"]));
+    assert!(out.contains("Latest:        2"), "status --watch waits for the re-import:\n{out}");
+    let ds = w.wait_for("daily Ready at version 2", Duration::from_secs(60), ready_at(2));
+    assert_eq!(ds.status.as_ref().and_then(|s| s.files), Some(2));
+    assert_eq!(ds.status.as_ref().and_then(|s| s.observed_reimport.clone()).as_ref(), ds.annotations().get(REIMPORT_ANNOTATION));
+
+    // Nothing changed: the request is answered, no new version.
+    ok(&w.run(&["reimport", "daily"]));
+    let token = rt().block_on(w.datastores().get("daily")).expect("get").annotations().get(REIMPORT_ANNOTATION).cloned();
+    let ds = w.wait_for("daily re-import observed", Duration::from_secs(60), |ds| {
+        let st = ds.status.as_ref()?;
+        (st.observed_reimport == token && st.phase == Some(Phase::Ready)).then(|| ds.clone())
+    });
+    assert_eq!(ds.status.and_then(|s| s.latest_version), Some(2));
 }
 
 /// Item 7: what the server refuses is refused before the upload, so nothing is left behind.
