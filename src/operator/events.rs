@@ -132,10 +132,10 @@ impl Publisher {
             }
         };
         let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
-        if published.len() >= MAX_CACHED {
-            if let Some(oldest) = published.iter().min_by_key(|(_, p)| p.at).map(|(k, _)| k.clone()) {
-                published.remove(&oldest);
-            }
+        if published.len() >= MAX_CACHED
+            && let Some(oldest) = published.iter().min_by_key(|(_, p)| p.at).map(|(k, _)| k.clone())
+        {
+            published.remove(&oldest);
         }
         published.insert(key, Published { name, count, at });
         Ok(())

@@ -92,10 +92,10 @@ impl From<crate::csi::error::CsiError> for Error {
 
 impl Error {
     /// The error itself, out of the finalizer's wrapping.
-    pub fn cause(&self) -> &Error {
+    pub fn innermost(&self) -> &Error {
         match self {
             Error::Finalizer(inner) => match inner.as_ref() {
-                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.cause(),
+                finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e.innermost(),
                 _ => self,
             },
             e => e,
@@ -189,7 +189,7 @@ impl Context {
 
 fn error_policy(ds: Arc<Datastore>, err: &Error, _ctx: Arc<Context>) -> Action {
     let action = err.action();
-    match err.cause() {
+    match err.innermost() {
         // Expected, and said in the status and an Event.
         Error::InUse(pods) => tracing::info!(datastore = %ds.metadata.name.as_deref().unwrap_or(""), pods = %pods, "deletion waits for pods"),
         _ => tracing::warn!(

@@ -126,15 +126,15 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
         }
     }
 
-    if st.phase == Some(Phase::Ready) && !ctx.imports.is_running(&ns, &name) {
-        if let Some(retain) = ds.spec.retain_versions {
-            if st.versions.len() > retain as usize {
-                let pruned = prune(&store, &ns, &name, &st.versions, retain as usize, ctx).await?;
-                if !pruned.is_empty() {
-                    set_versions(&mut st, versions(&store, &name).await?);
-                    notes.push(Note::normal("Pruned", format!("removed versions {pruned:?} (retainVersions {retain})")));
-                }
-            }
+    if st.phase == Some(Phase::Ready)
+        && !ctx.imports.is_running(&ns, &name)
+        && let Some(retain) = ds.spec.retain_versions
+        && st.versions.len() > retain as usize
+    {
+        let pruned = prune(&store, &ns, &name, &st.versions, retain as usize, ctx).await?;
+        if !pruned.is_empty() {
+            set_versions(&mut st, versions(&store, &name).await?);
+            notes.push(Note::normal("Pruned", format!("removed versions {pruned:?} (retainVersions {retain})")));
         }
     }
 
@@ -166,10 +166,11 @@ async fn prune(store: &Store, ns: &str, name: &str, versions: &[VersionStatus], 
             continue;
         }
         let attrs: BTreeMap<String, String> = csi.volume_attributes.unwrap_or_default();
-        if attrs.get("datastore").map(String::as_str) == Some(name) && attrs.get("store") == Some(&store_url) {
-            if let Some(v) = attrs.get("version").and_then(|v| v.parse().ok()) {
-                in_use.push(v);
-            }
+        if attrs.get("datastore").map(String::as_str) == Some(name)
+            && attrs.get("store") == Some(&store_url)
+            && let Some(v) = attrs.get("version").and_then(|v| v.parse().ok())
+        {
+            in_use.push(v);
         }
     }
     let mut pruned = Vec::new();

@@ -38,10 +38,10 @@ pub fn validate(spec: &DatastoreSpec) -> Result<(), String> {
     if spec.retain_versions == Some(0) {
         return Err("spec.retainVersions must be at least 1".into());
     }
-    if let Some(p) = &spec.mount_path {
-        if !p.starts_with('/') || p.split('/').any(|c| c == "..") {
-            return Err(format!("spec.mountPath {p:?} must be an absolute path without '..'"));
-        }
+    if let Some(p) = &spec.mount_path
+        && (!p.starts_with('/') || p.split('/').any(|c| c == ".."))
+    {
+        return Err(format!("spec.mountPath {p:?} must be an absolute path without '..'"));
     }
     Ok(())
 }

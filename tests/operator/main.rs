@@ -470,3 +470,32 @@ fn upload_source_reads_versions_made_by_the_cli() {
         assert_eq!(reasons, ["Ready", "ClaimCreated"]);
     });
 }
+
+/// Item 13: a cleanup that starts from a cached object older than a finished cleanup reads the
+/// Datastore again and, finding it gone, does nothing (before: it listed pods, deleted again,
+/// published "Deleted" again and failed removing the finalizer with NotFound); and a Datastore
+/// that goes between the cleanup and the finalizer's removal is not an error.
+#[test]
+fn a_cleanup_of_a_datastore_that_is_gone_does_nothing_and_is_no_error() {
+    let env = Env::new();
+    let mut ds = object("stale", env.s3_spec("d/"), None);
+    ds.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+    run(async {
+        let (client, mut api) = mock_client();
+        let task = tokio::spawn(reconcile(Arc::new(ds.clone()), env.ctx(client)));
+        api.expect_not_found(Method::GET, &ds_path("stale")).await;
+        assert_eq!(task.await.expect("join").expect("nothing to do"), Action::await_change());
+        api.expect_nothing().await;
+    });
+    run(async {
+        let (client, mut api) = mock_client();
+        let task = tokio::spawn(reconcile(Arc::new(ds.clone()), env.ctx(client)));
+        api.expect(Method::GET, &ds_path("stale"), 200, serde_json::to_value(&ds).expect("json")).await;
+        api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/pods"), 200, empty_list("PodList")).await;
+        api.expect_not_found(Method::DELETE, &pvc_path("stale")).await;
+        assert_eq!(api.expect_event(NS).await, "Deleted");
+        api.expect_not_found(Method::PATCH, &ds_path("stale")).await;
+        assert_eq!(task.await.expect("join").expect("gone is done"), Action::await_change());
+        api.expect_nothing().await;
+    });
+}
