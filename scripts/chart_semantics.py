@@ -269,15 +269,15 @@ def check_storageclasses(r: Rendered) -> None:
 
 
 def check_configmap(r: Rendered) -> None:
-    kubectl_rs = src("src/cli/kubectl.rs")
-    m = re.search(r'Api<ConfigMap> = Api::namespaced\(client\.clone\(\), &c\.config_namespace\);\s*'
-                  r'let cm = cms\.get\("([^"]+)"\)', kubectl_rs)
-    assert m, "could not find the ConfigMap lookup in src/cli/kubectl.rs"
+    kubectl_rs = src("src/cli/kubectl/create.rs")
+    m = re.search(r'ConfigMap> = Api::namespaced\(.*?, &c\.config_namespace\);\s*'
+                  r'let cm = match cms\.get_opt\("([^"]+)"\)', kubectl_rs)
+    assert m, "could not find the ConfigMap lookup in src/cli/kubectl/create.rs"
     name = m.group(1)
     ns_default = re.search(r'#\[arg\(long, default_value = "([^"]+)"\)\]\s*pub config_namespace', kubectl_rs)
-    assert ns_default, "could not find --config-namespace's default in src/cli/kubectl.rs"
+    assert ns_default, "could not find --config-namespace's default in src/cli/kubectl/create.rs"
     keys = set(re.findall(r'data\.get\("([^"]+)"\)', kubectl_rs))
-    assert keys == {"store", "s3Endpoint", "s3Region"}, f"kubectl.rs reads keys {keys}; update this check and the chart"
+    assert keys == {"store", "s3Endpoint", "s3Region"}, f"kubectl/create.rs reads keys {keys}; update this check and the chart"
     cm = r.one("ConfigMap", name)
     assert cm["metadata"]["namespace"] == r.namespace
     if r.release == render_manifests.RELEASE:
