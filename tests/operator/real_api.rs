@@ -27,7 +27,7 @@ impl Operator {
     fn start(cp: &ControlPlane, env: &Env, ns: &str) -> Operator {
         let log = process_dir("operator").join(format!("{}.log", unique("operator")));
         let file = std::fs::File::create(&log).expect("operator log");
-        let child = Command::new(env!("CARGO_BIN_EXE_datastore"))
+        let child = Command::new(crate::cluster::binary())
             .args(["operator", "--no-leader-election", "--progress-interval", "1", "--watch-namespace", ns])
             .arg("--store")
             .arg(env.cluster.to_string())

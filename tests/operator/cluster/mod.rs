@@ -104,7 +104,7 @@ impl Drop for Operator {
 /// The binary under test (DATASTORE_TEST_BIN overrides cargo's), copied once per test process:
 /// the target directory may be shared, and a build elsewhere must not swap the binary between
 /// two operator starts of one test.
-fn binary() -> &'static std::path::Path {
+pub fn binary() -> &'static std::path::Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let built = std::env::var_os("DATASTORE_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_datastore").into());
