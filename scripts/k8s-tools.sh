@@ -21,7 +21,7 @@
 # v0.<minor>.<patch> matching the pinned v1.<minor>.<patch>, a list read from the pinned
 # go.mod itself. Other tools' replace directives to published versions are copied as they are.
 #
-# Measured on 2 cores (Go 1.26, empty Go build cache; see README.md for the figures).
+# First builds take minutes (about 12 on 2 cores for all five; README.md, Development).
 set -euo pipefail
 
 # Pinned versions. kube-apiserver and kube-controller-manager come from one module and share
@@ -160,6 +160,8 @@ ensure() {
   [ ${#missing[@]} -gt 0 ] || return 0
   find_go
   with_cache_lock
+  # Leftovers of builds that were killed (nobody else builds while we hold the lock).
+  rm -rf "$CACHE"/.building-*
   for t in "${missing[@]}"; do
     is_cached "$t" || (build_tool "$t") # another caller may have built it while we waited
   done

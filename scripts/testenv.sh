@@ -13,9 +13,9 @@
 # failing component's log, stops what it started and keeps DIR for inspection.
 #
 # The controller-manager runs only the controllers the tests need: PV/PVC binding (dynamic
-# provisioning by an external provisioner), PVC/PV protection (the finalizers that hold a deleted
-# claim until no scheduled pod uses it: without the controller a deleted claim never goes), the
-# garbage collector (ownerReferences) and the namespace controller. There is no kubelet or scheduler: pods are stored, never run. The
+# provisioning by an external provisioner), PV/PVC protection (their finalizers, which would
+# otherwise keep deleted claims and namespaces forever), the garbage collector (ownerReferences)
+# and the namespace controller. There is no kubelet or scheduler: pods are stored, never run. The
 # ServiceAccount admission plugin is off (there is no token controller), as in envtest.
 #
 # With --owner-pid, a watchdog in its own session stops the environment when that process exits,
@@ -32,13 +32,14 @@ need() { command -v "$1" >/dev/null || die "'$1' is needed (Debian package: $2)"
 
 # Listening TCP ports on this machine, from /proc (no ss/netstat needed).
 listening_ports() {
-  local f sl local_addr rem st rest
+  local f local_addr st
   for f in /proc/net/tcp /proc/net/tcp6; do
     [ -r "$f" ] || continue
-    while read -r sl local_addr rem st rest; do
-      [ "$st" = 0A ] && echo $((16#${local_addr##*:}))
+    while read -r _ local_addr _ st _; do
+      if [ "$st" = 0A ]; then echo $((16#${local_addr##*:})); fi
     done < <(tail -n +2 "$f")
   done
+  return 0
 }
 
 # A port nobody listens on, below the ephemeral range; a rare race is handled by retrying.
@@ -91,27 +92,36 @@ wait_ready() {
 
 port_clash() { grep -q "address already in use" "$DIR/$1.log" 2>/dev/null; }
 
-# Stops one component: SIGTERM to its process group, SIGKILL after a grace period.
-stop_one() {
-  local name=$1 pid i
-  pid=$(pid_of "$name")
-  ours "$pid" || { rm -f "$DIR/pids/$name"; return 0; }
-  [ "$pid" != "$$" ] || return 0 # the watchdog running this stop
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 50); do
-    kill -0 "$pid" 2>/dev/null || break
+# Stops components: SIGTERM to each one's process group at once, SIGKILL to what is left after
+# a grace period. All pids are read before anything is signalled.
+stop_components() {
+  local name pid pids=() alive
+  for name in "$@"; do
+    pid=$(pid_of "$name")
+    [ "$pid" != "$$" ] || continue # the watchdog running this stop
+    ours "$pid" && pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  done
+  for _ in $(seq 1 25); do
+    alive=0
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    [ "$alive" = 1 ] || break
     sleep 0.2
   done
-  kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$DIR/pids/$name"
-}
-
-stop_all() {
-  local name
-  for name in watchdog kube-controller-manager kube-apiserver etcd; do
-    stop_one "$name"
+  for pid in "${pids[@]}"; do
+    kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+  done
+  for name in "$@"; do
+    rm -f "$DIR/pids/$name"
   done
 }
+
+stop_one() { stop_components "$1"; }
+stop_all() { stop_components watchdog kube-controller-manager kube-apiserver etcd; }
 
 fail() {
   local name=$1
@@ -196,8 +206,7 @@ api_ready() {
 kcm_healthy() { curl -sfk "https://127.0.0.1:$KCM_PORT/healthz" | grep -qx ok; }
 
 start_etcd() {
-  local attempt
-  for attempt in 1 2 3 4 5; do
+  for _ in 1 2 3 4 5; do
     ETCD_PORT=$(free_port)
     local peer
     peer=$(free_port)
@@ -214,8 +223,8 @@ start_etcd() {
 }
 
 start_apiserver() {
-  local attempt pki=$DIR/pki
-  for attempt in 1 2 3 4 5; do
+  local pki=$DIR/pki
+  for _ in 1 2 3 4 5; do
     API_PORT=$(free_port)
     launch kube-apiserver "$APISERVER" --bind-address 127.0.0.1 --advertise-address 127.0.0.1 \
       --secure-port "$API_PORT" --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
@@ -233,8 +242,7 @@ start_apiserver() {
 }
 
 start_controller_manager() {
-  local attempt
-  for attempt in 1 2 3 4 5; do
+  for _ in 1 2 3 4 5; do
     KCM_PORT=$(free_port)
     launch kube-controller-manager "$KCM" --kubeconfig "$DIR/kubeconfig" \
       --authentication-kubeconfig "$DIR/kubeconfig" --authorization-kubeconfig "$DIR/kubeconfig" \
@@ -282,6 +290,7 @@ start() {
   if [ -n "$owner" ]; then
     kill -0 "$owner" 2>/dev/null || die "owner process $owner is not running"
     # tail --pid returns when the owner exits; then this environment goes with it.
+    # shellcheck disable=SC2016 # expanded by that bash, from its arguments
     launch watchdog bash -c 'tail --pid="$1" -f /dev/null; exec bash "$2" stop "$3"' \
       watchdog "$owner" "$HERE/testenv.sh" "$DIR"
   fi

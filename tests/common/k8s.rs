@@ -12,6 +12,8 @@
 //! Nothing falls back to a mock: when the tools cannot be built or the control plane does not
 //! start, the test fails with the scripts' output.
 
+use std::ffi::OsStr;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -36,34 +38,63 @@ fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts").join(name)
 }
 
+/// What a script printed: stdout whole, stderr's last lines (stderr is also shown live).
+struct ScriptRun {
+    ok: bool,
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr_tail: String,
+}
+
+/// Runs `bash scripts/NAME ARGS...`; stderr goes straight to this process's stderr (not captured
+/// by the test harness, so a long first build shows its progress) and is kept for the message.
+fn run_script(name: &str, args: &[&OsStr]) -> ScriptRun {
+    let mut child = Command::new("bash")
+        .arg(script(name))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run scripts/{name}: {e}"));
+    let stderr = child.stderr.take().expect("piped stderr");
+    let forward = std::thread::spawn(move || {
+        let mut tail = std::collections::VecDeque::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = writeln!(std::io::stderr(), "{line}");
+            tail.push_back(line);
+            if tail.len() > 60 {
+                tail.pop_front();
+            }
+        }
+        Vec::from(tail).join("\n")
+    });
+    let mut stdout = String::new();
+    let _ = child.stdout.take().expect("piped stdout").read_to_string(&mut stdout);
+    let status = child.wait().unwrap_or_else(|e| panic!("wait for scripts/{name}: {e}"));
+    let stderr_tail = forward.join().unwrap_or_default();
+    ScriptRun { ok: status.success(), status, stdout, stderr_tail }
+}
+
 /// Builds the tools if this machine has not yet (minutes, once; progress on stderr).
 pub fn ensure_tools(tools: &[&str]) {
-    let status = Command::new("bash")
-        .arg(script("k8s-tools.sh"))
-        .arg("ensure")
-        .args(tools)
-        .stdin(Stdio::null())
-        .status()
-        .expect("run scripts/k8s-tools.sh");
+    let args: Vec<&OsStr> = std::iter::once("ensure").chain(tools.iter().copied()).map(OsStr::new).collect();
+    let run = run_script("k8s-tools.sh", &args);
     assert!(
-        status.success(),
-        "scripts/k8s-tools.sh ensure {} failed ({status}); its output above says why. \
-         The Kubernetes test tools are built from the Go module proxy with Go (see README.md, Development)",
-        tools.join(" ")
+        run.ok,
+        "scripts/k8s-tools.sh ensure {} failed ({}). The Kubernetes test tools are built with Go from \
+         the Go module proxy (README.md, Development):\n{}",
+        tools.join(" "),
+        run.status,
+        run.stderr_tail
     );
 }
 
 /// The absolute path of a tool's binary, building it first if needed.
 pub fn tool_path(tool: &str) -> PathBuf {
-    let out = Command::new("bash")
-        .arg(script("k8s-tools.sh"))
-        .args(["path", tool])
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/k8s-tools.sh");
-    assert!(out.status.success(), "scripts/k8s-tools.sh path {tool} failed ({})", out.status);
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    let run = run_script("k8s-tools.sh", &[OsStr::new("path"), OsStr::new(tool)]);
+    assert!(run.ok, "scripts/k8s-tools.sh path {tool} failed ({}):\n{}", run.status, run.stderr_tail);
+    PathBuf::from(run.stdout.trim())
 }
 
 /// The control plane of this test process, started on first use.
@@ -76,27 +107,26 @@ impl ControlPlane {
     fn start() -> ControlPlane {
         super::init_logging();
         ensure_tools(&CONTROL_PLANE_TOOLS);
-        // Short path: etcd and the API server keep files there; the script removes it on stop.
-        let dir = super::process_dir("k8s").join("testenv");
+        // Not under `process_dir`: its clean-up of dead processes' directories would race with
+        // the watchdog stopping that environment (it reads the pids from there). The watchdog
+        // removes this directory.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join("k8s-testenv")
+            .join(std::process::id().to_string());
+        if dir.exists() {
+            // A previous process with our pid whose environment was not stopped (its watchdog
+            // was killed): stop it now.
+            let _ = Command::new("bash").arg(script("testenv.sh")).arg("stop").arg(&dir).status();
+        }
         let began = Instant::now();
-        let out = Command::new("bash")
-            .arg(script("testenv.sh"))
-            .arg("start")
-            .arg(&dir)
-            .arg("--owner-pid")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run scripts/testenv.sh");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "scripts/testenv.sh start {} failed ({}):\n{stderr}",
-            dir.display(),
-            out.status
+        let owner = std::process::id().to_string();
+        let run = run_script(
+            "testenv.sh",
+            &[OsStr::new("start"), dir.as_os_str(), OsStr::new("--owner-pid"), OsStr::new(&owner)],
         );
-        let kubeconfig = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        assert!(kubeconfig.is_file(), "testenv.sh printed {kubeconfig:?}, not a kubeconfig:\n{stderr}");
+        assert!(run.ok, "scripts/testenv.sh start {} failed ({}):\n{}", dir.display(), run.status, run.stderr_tail);
+        let kubeconfig = PathBuf::from(run.stdout.trim());
+        assert!(kubeconfig.is_file(), "testenv.sh printed {kubeconfig:?}, not a kubeconfig:\n{}", run.stderr_tail);
         eprintln!("k8s test control plane up in {:.1?} ({})", began.elapsed(), kubeconfig.display());
         ControlPlane { dir, kubeconfig }
     }
@@ -131,7 +161,8 @@ impl ControlPlane {
     }
 }
 
-/// One TLS provider (ring) for the process, as `main()` picks it.
+/// The process-wide rustls provider, as `datastore::cli::main` installs it (an error only means
+/// one is installed already).
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }

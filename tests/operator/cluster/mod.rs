@@ -57,7 +57,15 @@ impl Operator {
 
     fn start_logging_to(cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str], log: PathBuf) -> Operator {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("operator log");
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        // SAFETY: prctl is async-signal-safe and only affects the child. It dies with this test
+        // process, even when that is killed.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .args(["operator", "--no-leader-election", "--watch-namespace", ns])
             .arg("--store")
             .arg(env.cluster.to_string())
