@@ -251,7 +251,9 @@ impl Pass<'_> {
         let hash = started.source_hash;
         let attempts = st.import_failure.as_ref().filter(|f| f.source_hash == hash).map_or(1, |f| f.attempts.saturating_add(1));
         let delay = retry_delay(self.ctx.retry_min, self.ctx.retry_max, attempts);
-        let next = self.now + delay.as_secs().max(1) as i64;
+        // The clock counts whole seconds: the failure happened in [now, now + 1), so the next
+        // attempt at now + 1 + delay is never sooner than the delay.
+        let next = self.now + 1 + delay.as_secs().max(1) as i64;
         st.import_failure = Some(ImportFailure {
             attempts,
             last_attempt: rfc3339(self.now),

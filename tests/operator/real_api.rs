@@ -27,7 +27,7 @@ impl Operator {
     fn start(cp: &ControlPlane, env: &Env, ns: &str) -> Operator {
         let log = process_dir("operator").join(format!("{}.log", unique("operator")));
         let file = std::fs::File::create(&log).expect("operator log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_datastore"));
+        let mut cmd = Command::new(crate::cluster::binary());
         // SAFETY: prctl is async-signal-safe and only affects the child. It dies with this test
         // process, even when that is killed (the control plane's watchdog does the same).
         unsafe {
@@ -110,7 +110,6 @@ fn operator_imports_an_s3_source_into_version_1_with_a_claim() {
     });
     let mut operator = Operator::start(cp, &env, &ns);
     rt().block_on(async {
-
         let datastores: Api<Datastore> = Api::namespaced(client.clone(), &ns);
         let created = datastores
             .create(&PostParams::default(), &Datastore::new("images", env.s3_spec("train/")))

@@ -57,7 +57,15 @@ impl Operator {
 
     fn start_logging_to(cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str], log: PathBuf) -> Operator {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("operator log");
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        // SAFETY: prctl is async-signal-safe and only affects the child. It dies with this test
+        // process, even when that is killed.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .args(["operator", "--no-leader-election", "--watch-namespace", ns])
             .arg("--store")
             .arg(env.cluster.to_string())
@@ -104,7 +112,7 @@ impl Drop for Operator {
 /// The binary under test (DATASTORE_TEST_BIN overrides cargo's), copied once per test process:
 /// the target directory may be shared, and a build elsewhere must not swap the binary between
 /// two operator starts of one test.
-fn binary() -> &'static std::path::Path {
+pub fn binary() -> &'static std::path::Path {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
         let built = std::env::var_os("DATASTORE_TEST_BIN").map(PathBuf::from).unwrap_or_else(|| env!("CARGO_BIN_EXE_datastore").into());
