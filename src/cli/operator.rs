@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::StoreArgs;
 use super::mount::wait_for_signal;
-use crate::operator::leader::LeaderElection;
+use crate::operator::leader::{LeaderElection, LeaderTiming};
 use crate::operator::{Context, run};
 use crate::store::StoreUrl;
 use crate::store::s3::ReadTimeouts;
@@ -46,6 +46,16 @@ pub struct OperatorArgs {
     /// Run without leader election (a single replica).
     #[arg(long)]
     pub no_leader_election: bool,
+    /// Leader election: a replica takes over the lease after seeing it unchanged this long.
+    #[arg(long, default_value = "15s", value_parser = super::parse_duration)]
+    pub leader_lease_duration: Duration,
+    /// Leader election: the leader stops (and exits) when no renewal succeeded this long after
+    /// it sent the last one that did; shorter than the lease duration.
+    #[arg(long, default_value = "10s", value_parser = super::parse_duration)]
+    pub leader_renew_deadline: Duration,
+    /// Leader election: time between attempts to acquire or renew the lease.
+    #[arg(long, default_value = "2s", value_parser = super::parse_duration)]
+    pub leader_retry_period: Duration,
     /// StorageClass of high-performance datastores' PVCs.
     #[arg(long, default_value = "datastore-hp")]
     pub hp_storage_class: String,
@@ -85,11 +95,24 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
     let identity = std::env::var("POD_NAME").unwrap_or_else(|_| {
         nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "operator".into())
     });
-    let election = LeaderElection::new(client, &ns, "datastore-operator", &identity, Duration::from_secs(15));
+    let timing = LeaderTiming {
+        lease_duration: a.leader_lease_duration,
+        renew_deadline: a.leader_renew_deadline,
+        retry_period: a.leader_retry_period,
+    };
+    timing.check().map_err(|e| anyhow::anyhow!("leader election: {e}"))?;
+    let election = LeaderElection::new(client, &ns, "datastore-operator", &identity, timing);
     let lost = election.lead().await;
     tokio::select! {
-        _ = run(ctx, shutdown) => Ok(()),
-        _ = lost => anyhow::bail!("lost leadership; exiting so that another replica leads"),
+        _ = run(ctx.clone(), shutdown) => Ok(()),
+        _ = lost => {
+            // Fencing: another replica may lead once the lease expires, so nothing of ours may
+            // act by then. Dropping `run` stopped the controller and its in-flight reconciles
+            // (and with them any prune), and the imports it started; exiting ends the rest.
+            ctx.imports.abort_all();
+            tracing::error!(identity = %identity, "stopped leading: every reconcile and import is stopped");
+            anyhow::bail!("lost leadership; exiting so that another replica leads")
+        }
     }
 }
 

@@ -5,6 +5,12 @@
 //! idempotent across retries, restarts and replicas, each volume is recorded in the driver's
 //! store (`csi/volumes/<volume-id>.json`); the volume id is derived from the CO's volume name,
 //! so the same name always maps to the same record.
+//!
+//! A high-performance volume shares its version's FSx file system with the version's other
+//! volumes. Everything that decides about a file system (CreateVolume answering it, DeleteVolume
+//! deleting it with its last volume) runs under the file system's key lock, and CreateVolume
+//! saves the volume record before it lets go: DeleteVolume decides from the saved records, so it
+//! never deletes a file system that a CreateVolume has answered or is about to answer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -26,7 +32,8 @@ use super::{KeyedLocks, Stores, observe, pb};
 use crate::store::object::StoreError;
 
 const RECORDS: &str = "csi/volumes/";
-/// Per file system key: the creation attempt (bumped after a FAILED one was deleted).
+/// Per file system key: the creation attempt (bumped after a FAILED one was deleted, and after
+/// the last volume's file system was deleted).
 const FS_RECORDS: &str = "csi/filesystems/";
 
 /// Reads a PVC's annotations (the Kubernetes API in a cluster; absent elsewhere).
@@ -328,7 +335,7 @@ impl ControllerService {
                 };
                 let mut context: BTreeMap<String, String> = context.to_map().into_iter().collect();
                 context.insert(CONTEXT_FILE_SYSTEM_ID.into(), id.clone());
-                Ok(VolumeRecord {
+                let rec = VolumeRecord {
                     name: req.name.clone(),
                     volume_id,
                     params: identity,
@@ -337,7 +344,12 @@ impl ControllerService {
                     created: crate::store::now_rfc3339(),
                     file_system_id: Some(id),
                     fs_key: Some(key),
-                })
+                };
+                // Saved under the file system's lock: a DeleteVolume of another volume of this
+                // version decides from the saved records under the same lock, so it either sees
+                // this one or finishes before the file system was answered here.
+                self.save(&rec).await?;
+                Ok(rec)
             }
         }
     }
@@ -461,7 +473,6 @@ impl ControllerService {
             let rec = self
                 .create_high_performance(&req, &params, range, identity, volume_id)
                 .await?;
-            self.save(&rec).await?;
             tracing::info!(volume = %rec.volume_id, name = %req.name, file_system = rec.file_system_id.as_deref().unwrap_or(""), "high-performance volume created");
             return Ok(pb::CreateVolumeResponse {
                 volume: Some(rec.volume()),
@@ -539,11 +550,11 @@ impl ControllerService {
             ))
         })?;
         hp.fsx.delete(fs).await.map_err(fsx_error)?;
-        let store = self.stores.default_store().await?;
-        store
-            .objects()
-            .delete(&[format!("{FS_RECORDS}{key}.json")])
-            .await?;
+        // The next volume of this version needs a new file system, so a new request token: FSx
+        // answers a token it knows with the file system it made then, now being deleted.
+        let mut fs_rec = self.load_fs(key).await?;
+        fs_rec.attempt += 1;
+        self.save_fs(key, &fs_rec).await?;
         tracing::info!(volume = volume_id, file_system = fs, "last volume of the version deleted; file system deleted");
         Ok(())
     }
@@ -722,3 +733,7 @@ impl pb::controller_server::Controller for ControllerService {
         Err(CsiError::Unimplemented("ControllerGetVolume").into())
     }
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

@@ -82,6 +82,13 @@ pub struct KeyGuard<'a> {
 }
 
 impl KeyedLocks {
+    /// Calls holding or waiting for `key`'s lock (tests wait for a call to block on it).
+    #[cfg(test)]
+    pub(crate) fn users(&self, key: &str) -> usize {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key).map_or(0, |m| Arc::strong_count(m) - 1)
+    }
+
     pub async fn lock(&self, key: &str) -> KeyGuard<'_> {
         let m = {
             let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -145,6 +152,11 @@ impl Stores {
         let store = Store::open(&parsed, self.s3.clone()).await?;
         open.insert(url.to_owned(), store.clone());
         Ok(store)
+    }
+
+    /// Serves `store` for `url` from now on (tests hand in gated or failing object stores).
+    pub async fn insert(&self, url: &str, store: Store) {
+        self.open.lock().await.insert(url.to_owned(), store);
     }
 
     pub async fn default_store(&self) -> CsiResult<Store> {

@@ -407,4 +407,4 @@ pub fn is_settled(lifecycle: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

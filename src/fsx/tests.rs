@@ -21,14 +21,16 @@ use aws_smithy_types::error::ErrorMetadata;
 
 use super::*;
 
-/// FSx as the rules see it.
+/// FSx as the rules see it (the CSI controller's tests play whole volume flows on it too).
 #[derive(Default)]
-struct Fake {
+pub(crate) struct Fake {
     /// id → (file system, describes left until AVAILABLE, fails instead)
-    systems: BTreeMap<String, (FileSystem, u32, bool)>,
+    pub(crate) systems: BTreeMap<String, (FileSystem, u32, bool)>,
     by_token: HashMap<String, String>,
+    /// Deleted file systems, as FSx still describes them to a creation retried with their token.
+    gone: HashMap<String, FileSystem>,
     creates: u32,
-    deletes: Vec<String>,
+    pub(crate) deletes: Vec<String>,
     associations: Vec<DataRepositoryAssociation>,
     /// The next creation fails (AWS accepted it, the file system ends FAILED).
     fail_next: bool,
@@ -52,7 +54,7 @@ fn lifecycle_fs(fs: &FileSystem, lifecycle: FileSystemLifecycle, failure: Option
     b.build()
 }
 
-fn client(fake: Arc<Mutex<Fake>>) -> Client {
+pub(crate) fn client(fake: Arc<Mutex<Fake>>) -> Client {
     let f = fake.clone();
     let create = mock!(Client::create_file_system).then_compute_response(move |req| {
         let mut s = f.lock().unwrap();
@@ -68,7 +70,11 @@ fn client(fake: Arc<Mutex<Fake>>) -> Client {
         }
         let token = req.client_request_token().unwrap_or_default().to_owned();
         if let Some(id) = s.by_token.get(&token).cloned() {
-            let fs = s.systems[&id].0.clone();
+            // A token answers the file system it created, even one that is being deleted.
+            let fs = match s.systems.get(&id) {
+                Some(entry) => entry.0.clone(),
+                None => s.gone.get(&id).map(|fs| lifecycle_fs(fs, FileSystemLifecycle::Deleting, None)).unwrap_or_else(|| FileSystem::builder().build()),
+            };
             return MockResponse::Output(CreateFileSystemOutput::builder().file_system(fs).build());
         }
         s.creates += 1;
@@ -114,7 +120,8 @@ fn client(fake: Arc<Mutex<Fake>>) -> Client {
         let mut s = f.lock().unwrap();
         let id = req.file_system_id().unwrap_or_default().to_owned();
         match s.systems.remove(&id) {
-            Some(_) => {
+            Some((fs, ..)) => {
+                s.gone.insert(id.clone(), fs);
                 s.deletes.push(id.clone());
                 MockResponse::Output(
                     DeleteFileSystemOutput::builder().file_system_id(id).lifecycle(FileSystemLifecycle::Deleting).build(),

@@ -6,9 +6,17 @@
 //! next progress check. Its result is stored before the announcement, so the reconcile that the
 //! announcement causes always finds it.
 //!
-//! Nothing is persisted: imports are idempotent (content-addressed copies skip what is already in
-//! the store), so after an operator restart the reconciler simply starts the import again and
-//! only the missing objects are copied.
+//! A finished import's result stays here until the reconciler has recorded it: [`ImportManager::state`]
+//! hands it out as often as it is asked, and only [`ImportManager::settle`], called once the
+//! status that records it (`sourceHash`, versions) was written, lets it go. A reconcile that
+//! fails after reading the result (a status patch refused, the API unreachable) finds it again
+//! on its retry, and never starts a second import of the same source, which would make a
+//! duplicate version. While a result waits, no new import of that datastore starts.
+//!
+//! Nothing is persisted here: imports are idempotent (content-addressed copies skip what is
+//! already in the store), so after an operator restart the reconciler simply starts the import
+//! again and only the missing objects are copied. A version committed by an import whose status
+//! write was lost to a restart is recognized from the store instead ([`super::s3_source`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -65,6 +73,8 @@ struct Running {
     progress: Arc<Progress>,
     result: Arc<Mutex<Option<Result<Report, ImportError>>>>,
     task: JoinHandle<()>,
+    /// The result was handed out: [`ImportManager::settle`] may let it go.
+    seen: bool,
 }
 
 /// What is known about a datastore's import.
@@ -138,15 +148,15 @@ impl ImportManager {
             *r.lock().unwrap_or_else(|e| e.into_inner()) = Some(out);
             let _ = finished.send(k);
         });
-        running.insert(key, Running { started, progress, result, task });
+        running.insert(key, Running { started, progress, result, task, seen: false });
     }
 
-    /// The state of a datastore's import; a finished one is handed out once.
+    /// The state of a datastore's import. A finished one is handed out until it is settled.
     pub fn state(&self, namespace: &str, name: &str) -> ImportState {
         let key = (namespace.to_owned(), name.to_owned());
         let mut running = self.lock();
-        let Some(r) = running.get(&key) else { return ImportState::Idle };
-        let result = r.result.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(r) = running.get_mut(&key) else { return ImportState::Idle };
+        let result = r.result.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let result = match result {
             Some(result) => result,
             // Finished without a result: the task panicked.
@@ -164,9 +174,17 @@ impl ImportManager {
                 );
             }
         };
-        match running.remove(&key) {
-            Some(r) => ImportState::Done(result, r.started),
-            None => ImportState::Idle,
+        r.seen = true;
+        ImportState::Done(result, r.started.clone())
+    }
+
+    /// Lets go of a finished import's result once it is recorded (the status that says so was
+    /// written). A result that [`ImportManager::state`] has not handed out yet stays.
+    pub fn settle(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut running = self.lock();
+        if running.get(&key).is_some_and(|r| r.seen) {
+            running.remove(&key);
         }
     }
 

@@ -212,7 +212,9 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     let driver = ctx.driver_name.clone();
     let finished = ctx.imports.finished().map(|(ns, name)| ObjectRef::<Datastore>::new(&name).within(&ns));
     tracing::info!(namespace = ctx.watch_namespace.as_deref().unwrap_or("(all)"), "datastore operator running");
-    let orphans = tokio::spawn(reconcile::report_orphans_forever(ctx.clone()));
+    // However `run` ends, finished or dropped (a leader that loses its lease drops it), what
+    // it started in the background stops with it.
+    let _stop = StopOnDrop { ctx: ctx.clone(), orphans: tokio::spawn(reconcile::report_orphans_forever(ctx.clone())) };
     Controller::new(datastores, watcher::Config::default())
         .owns(claims, watcher::Config::default())
         .watches(pods, watcher::Config::default(), move |pod| pvc::pod_to_datastores(pod, &driver))
@@ -230,6 +232,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         })
         .await;
-    orphans.abort();
-    ctx.imports.abort_all();
+}
+
+/// Stops the orphan report and every import when dropped.
+struct StopOnDrop {
+    ctx: Arc<Context>,
+    orphans: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.orphans.abort();
+        self.ctx.imports.abort_all();
+    }
 }

@@ -152,6 +152,8 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
         set_phase(&mut st, Phase::Failed, "FsxDisabled", "type high-performance needs FSx, which is not enabled on this operator (--fsx)", now);
     }
     finish(&ds, ctx, &old, st, notes).await?;
+    // Recorded: a finished import's result may go (until now a retry would find it again).
+    ctx.imports.settle(&ns, &name);
     Ok(Action::requeue(requeue))
 }
 

@@ -14,6 +14,12 @@
 //! version is made, since a mistyped bucket or prefix is far more likely than a wanted empty
 //! dataset, and a run pod is better off not starting than mounting nothing.
 //!
+//! An import's result is recorded exactly once, however the reconcile that reads it ends: the
+//! import manager keeps it until the status recording it was written ([`super::imports`]), and
+//! a version of the spec's source (bucket, prefix, mode) newer than the status knows, left by an
+//! operator that stopped before writing its status, is recorded instead of imported again.
+//! Either way a failure after an import never makes a duplicate version.
+//!
 //! A re-import of the source being served (schedule or request) keeps the phase Ready: the
 //! `Importing` condition and `status.progress` report it. Only a change of the source in the
 //! spec takes the datastore out of Ready, since its current version no longer matches the spec.
@@ -28,6 +34,7 @@ use super::crd::{Datastore, DatastoreStatus, ImportFailure, ImportModeSpec, Phas
 use super::events::Note;
 use super::imports::{ImportError, ImportJob, ImportState, Started, Trigger};
 use super::status::{parse_rfc3339, rfc3339, set_importing, set_phase, set_versions, versions};
+use super::crd::DatastoreSpec;
 use super::validate::{next_run, s3_source, source_hash};
 use super::{Context, Error};
 use crate::store::Store;
@@ -45,6 +52,13 @@ pub fn retry_delay(min: Duration, max: Duration, failures: u32) -> Duration {
         .build()
         .nth(failures.saturating_sub(1).min(64) as usize)
         .unwrap_or(max)
+}
+
+fn import_mode(spec: &DatastoreSpec) -> ImportMode {
+    match spec.mode {
+        Some(ImportModeSpec::Reference) => ImportMode::Reference,
+        _ => ImportMode::Copy,
+    }
 }
 
 /// The reimport token on the Datastore that has not been acted on, if any.
@@ -150,6 +164,9 @@ pub async fn reconcile_source(ds: &Datastore, ctx: &Context, store: &Store, st: 
             } else {
                 None
             };
+            if trigger == Some(Trigger::Source) && pass.adopt_committed(st, notes, &hash).await? {
+                return Ok(pass.idle_requeue(st));
+            }
             let backing_off = st
                 .import_failure
                 .as_ref()
@@ -195,10 +212,7 @@ impl Pass<'_> {
             datastore: self.name.clone(),
             source,
             options: ImportOptions {
-                mode: match self.ds.spec.mode {
-                    Some(ImportModeSpec::Reference) => ImportMode::Reference,
-                    _ => ImportMode::Copy,
-                },
+                mode: import_mode(&self.ds.spec),
                 concurrency: self.ctx.import_concurrency,
                 // A new source always makes a version; a re-import only when the content changed.
                 skip_if_unchanged: !changed,
@@ -240,6 +254,32 @@ impl Pass<'_> {
             notes.push(Note::warning("KeysSkipped", format!("{} source keys were skipped, e.g. {}: {}", report.skipped.len(), first.path, first.reason)));
         }
         Ok(())
+    }
+
+    /// Records the newest stored version as the import of the spec's source when it is one the
+    /// status does not know yet and was made from this very source (bucket, prefix and mode):
+    /// an import committed it, and the status write that should have recorded it was lost (the
+    /// operator restarted, or another replica took over, in between). True when it did.
+    async fn adopt_committed(&self, st: &mut DatastoreStatus, notes: &mut Vec<Note>, hash: &str) -> Result<bool, Error> {
+        let Some(latest) = self.store.latest(&self.name).await? else { return Ok(false) };
+        if st.latest_version.is_some_and(|known| known >= latest) {
+            return Ok(false);
+        }
+        let info = self.store.version_info(&self.name, latest).await?;
+        if info.source != self.url || info.mode != import_mode(&self.ds.spec).as_str() {
+            return Ok(false);
+        }
+        set_versions(st, versions(self.store, &self.name).await?);
+        st.last_import = Some(parse_rfc3339(&info.created).map_or_else(|| rfc3339(self.now), rfc3339));
+        st.source_hash = Some(hash.to_owned());
+        st.progress = None;
+        st.import_failure = None;
+        let msg = format!("version {latest}: {} files, {}", info.files, bytesize::ByteSize(info.bytes));
+        tracing::info!(namespace = %self.ns, datastore = %self.name, version = latest, source = %self.url, "recorded a version whose import finished before its status was written");
+        set_phase(st, Phase::Ready, "Imported", &msg, self.now);
+        set_importing(st, false, "Imported", &msg, self.now);
+        notes.push(Note::normal("Imported", msg));
+        Ok(true)
     }
 
     /// Records a failed attempt; returns the delay until the next one.

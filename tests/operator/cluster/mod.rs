@@ -9,7 +9,10 @@
 //! "a pod uses this claim"; they are deleted with a zero grace period.
 
 mod failures;
+mod import_result;
+mod leader;
 mod lifecycle;
+pub mod proxy;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -36,10 +39,29 @@ pub struct Operator {
     pub log: PathBuf,
 }
 
+/// How an operator process reaches the API server, and whether it elects a leader.
+#[derive(Default, Clone, Copy)]
+pub struct Launch<'a> {
+    /// The kubeconfig it uses (default: the control plane's admin kubeconfig).
+    pub kubeconfig: Option<&'a std::path::Path>,
+    /// Leader election as this identity (its POD_NAME), on a Lease in the test's namespace
+    /// (default: `--no-leader-election`).
+    pub leader: Option<&'a str>,
+}
+
 impl Operator {
     pub fn start(cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str]) -> Operator {
+        Self::start_with(cp, env, ns, extra, Launch::default())
+    }
+
+    pub fn start_with(cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str], launch: Launch) -> Operator {
         let log = process_dir("operator").join(format!("{}.log", unique("operator")));
-        Self::start_logging_to(cp, env, ns, extra, log)
+        Self::launch(cp, env, ns, extra, launch, log)
+    }
+
+    /// The exit status once the process has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Kills the process (SIGKILL: no graceful shutdown), as a crash or an evicted pod would.
@@ -52,10 +74,10 @@ impl Operator {
     pub fn restart(self, cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str]) -> Operator {
         let log = self.log.clone();
         drop(self);
-        Self::start_logging_to(cp, env, ns, extra, log)
+        Self::launch(cp, env, ns, extra, Launch::default(), log)
     }
 
-    fn start_logging_to(cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str], log: PathBuf) -> Operator {
+    fn launch(cp: &ControlPlane, env: &Env, ns: &str, extra: &[&str], launch: Launch, log: PathBuf) -> Operator {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("operator log");
         let mut cmd = Command::new(binary());
         // SAFETY: prctl is async-signal-safe and only affects the child. It dies with this test
@@ -65,15 +87,23 @@ impl Operator {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }
+        cmd.args(["operator", "--watch-namespace", ns]);
+        match launch.leader {
+            Some(identity) => {
+                cmd.args(["--leader-namespace", ns]).env("POD_NAME", identity);
+            }
+            None => {
+                cmd.arg("--no-leader-election");
+            }
+        }
         let child = cmd
-            .args(["operator", "--no-leader-election", "--watch-namespace", ns])
             .arg("--store")
             .arg(env.cluster.to_string())
             .arg("--s3-endpoint")
             .arg(server().endpoint())
             .args(["--s3-region", "us-east-1"])
             .args(extra)
-            .env("KUBECONFIG", cp.kubeconfig())
+            .env("KUBECONFIG", launch.kubeconfig.unwrap_or(cp.kubeconfig()))
             .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY)
             .env("AWS_REGION", "us-east-1")
