@@ -129,7 +129,10 @@ mod tests {
             Ok(())
         }
         fn unmount(&self, t: &Path) -> std::io::Result<()> {
-            self.0.lock().unwrap().push(format!("unmount {}", t.display()));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("unmount {}", t.display()));
             Ok(())
         }
         fn state(&self, _: &Path) -> std::io::Result<MountState> {

@@ -396,6 +396,27 @@ pub fn our_mounts(dir: &Path) -> Vec<datastore::mount::MountEntry> {
         .collect()
 }
 
+/// Aborts the FUSE connection of our (only) FUSE mount below `dir` through the kernel's control
+/// filesystem: the mount and its binds then answer ENOTCONN.
+pub fn abort_fuse_connection(dir: &Path) {
+    let fusectl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(fusectl)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+    {
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            fusectl,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    let m = our_mounts(dir).into_iter().next().expect("mount");
+    let minor = m.device.split(':').nth(1).expect("minor");
+    std::fs::write(fusectl.join(minor).join("abort"), "1").expect("abort the connection");
+}
+
 /// Open file descriptors and threads of a process.
 pub fn fds_and_threads(pid: u32) -> (usize, usize) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))

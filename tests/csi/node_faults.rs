@@ -280,3 +280,53 @@ fn a_failed_recovery_is_retried_by_the_next_stage_and_start_sweeps_orphans() {
     assert!(our_mounts(d.dir.path()).is_empty());
     assert!(d.state_files("volumes").is_empty() && d.state_files("manifests").is_empty());
 }
+
+/// A broken staged volume that pods use: staging it again mounts it afresh and binds its
+/// targets again (before: the record lost its targets and they stayed broken); when the new
+/// mount fails, the volume is kept with its targets and the next stage finishes the job.
+#[test]
+fn restaging_a_broken_volume_binds_its_targets_again() {
+    let d = Driver::start_faulty(&[]);
+    let v = d.create_datastore("brk2", &[("a.txt", b"alpha".to_vec())]);
+    let ctx = params(&[
+        ("datastore", "brk2"),
+        ("version", &v.to_string()),
+        ("store", &d.store_url),
+    ]);
+    let (staging, target) = stage_and_publish(&d, "vol-brk2", &ctx);
+    abort_fuse_connection(d.dir.path());
+    let e = std::fs::read_dir(&target).expect_err("an aborted mount cannot be listed");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
+    d.fail_next(MountOp::MountFuse, 1);
+    assert_code(
+        rt().block_on(
+            d.node()
+                .node_stage_volume(stage_req("vol-brk2", &staging, &ctx)),
+        ),
+        tonic::Code::Internal,
+    );
+    assert!(
+        stats(&d, "vol-brk2", &target)
+            .expect("still known")
+            .abnormal
+    );
+    rt().block_on(
+        d.node()
+            .node_stage_volume(stage_req("vol-brk2", &staging, &ctx)),
+    )
+    .expect("restage");
+    assert_eq!(
+        std::fs::read(format!("{target}/a.txt")).expect("read via target"),
+        b"alpha"
+    );
+    assert_eq!(
+        our_mounts(d.dir.path()).len(),
+        2,
+        "{:?}",
+        our_mounts(d.dir.path())
+    );
+    unpublish(&d, "vol-brk2", &target).expect("unpublish");
+    unstage(&d, "vol-brk2", &staging).expect("unstage");
+    assert!(our_mounts(d.dir.path()).is_empty());
+    assert!(d.state_files("volumes").is_empty());
+}

@@ -261,7 +261,7 @@ impl NodeVolumes {
 
     /// Binds the targets that lost their mount again. A target that fails is reported and
     /// left to kubelet (the volume itself is served).
-    async fn rebind_missing(&self, st: &VolumeState, all: &[MountEntry]) {
+    pub(super) async fn rebind_missing(&self, st: &VolumeState, all: &[MountEntry]) {
         for t in &st.targets {
             if all.iter().any(|m| &m.mount_point == t) {
                 continue;

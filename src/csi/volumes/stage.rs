@@ -1,9 +1,10 @@
 //! NodeStage/NodeUnstage and NodePublish/NodeUnpublish of the node's volumes.
 //!
 //! Staging is a sequence of steps, each of which either completes or leaves nothing that a
-//! retry cannot handle: conflicts and idempotency → a volume whose recovery failed is
-//! recovered instead → leftovers at the staging path are unmounted → the version is resolved →
-//! the volume is recorded (the intent) → it is mounted and served. A new step (a lease, say)
+//! retry cannot handle: conflicts and idempotency (a broken volume is unmounted, targets
+//! included, and mounted again with them) → a volume whose recovery failed is recovered
+//! instead → leftovers at the staging path are unmounted → the version is resolved → the
+//! volume is recorded (the intent) → it is mounted and served. A new step (a lease, say)
 //! slots in before the record is written. Unstaging and unpublishing undo the same steps in
 //! reverse and stop at the first that fails, keeping the record for kubelet's retry.
 
@@ -35,6 +36,8 @@ impl NodeVolumes {
         ctx: VolumeContext,
     ) -> CsiResult<()> {
         let unrecovered = self.unrecovered().get(volume_id).cloned();
+        // Targets of a broken volume that is mounted again: bound again afterwards.
+        let mut targets = BTreeSet::new();
         if let Some((st, healthy)) = self.existing(volume_id) {
             check_same(volume_id, &st, staging, &ctx)?;
             // The session thread notices an aborted connection only when it next reads
@@ -47,7 +50,12 @@ impl NodeVolumes {
                 volume = volume_id,
                 "staged volume is broken; mounting it again"
             );
-            self.teardown(&st).await?;
+            // Its record (and manifest copy) stay: the new one replaces it.
+            for p in st.targets.iter().chain(std::iter::once(&st.staging)) {
+                self.unmount_if_mounted(p).await?;
+            }
+            self.end_session(volume_id).await;
+            targets = st.targets;
         } else if let Some(u) = unrecovered {
             check_same(volume_id, &u.state, staging, &ctx)?;
             // Kubelet asks for it again: try now rather than at the next scheduled retry.
@@ -73,7 +81,7 @@ impl NodeVolumes {
             staging: staging.to_path_buf(),
             context: ctx,
             version,
-            targets: BTreeSet::new(),
+            targets,
             recovery_attempts: 0,
         };
         // Recorded before mounting: a crash from here on leaves a record, never an unknown
@@ -81,6 +89,18 @@ impl NodeVolumes {
         self.records.save(&state).await?;
         let live = match self.mount_new(&state).await {
             Ok(live) => live,
+            Err(e) if !state.targets.is_empty() => {
+                // A broken volume that pods still use: like a failed recovery, kept (with its
+                // targets), reported, and retried by the next stage.
+                self.unrecovered().insert(
+                    volume_id.to_owned(),
+                    super::Unrecovered {
+                        state: state.clone(),
+                        error: e.to_string(),
+                    },
+                );
+                return Err(e);
+            }
             Err(e) => {
                 if let Err(f) = self.records.forget(&state).await {
                     // Recovery at the next start tries it, then gives it up.
@@ -90,6 +110,10 @@ impl NodeVolumes {
             }
         };
         self.live().insert(volume_id.to_owned(), live);
+        if !state.targets.is_empty() {
+            let all = blocking(mounts).await?;
+            self.rebind_missing(&state, &all).await;
+        }
         tracing::info!(volume = volume_id, datastore = %state.context.datastore, version, staging = %staging.display(), "staged");
         Ok(())
     }
@@ -106,11 +130,10 @@ impl NodeVolumes {
     /// error goes back to kubelet, which retries.
     pub async fn unstage(&self, volume_id: &str, staging: &Path) -> CsiResult<()> {
         let _guard = self.locks.lock(volume_id).await;
-        let recorded = self.existing(volume_id).map(|(st, _)| st).or_else(|| {
-            self.unrecovered()
-                .get(volume_id)
-                .map(|u| u.state.clone())
-        });
+        let recorded = self
+            .existing(volume_id)
+            .map(|(st, _)| st)
+            .or_else(|| self.unrecovered().get(volume_id).map(|u| u.state.clone()));
         match recorded {
             Some(st) if st.staging == staging => {
                 if !st.targets.is_empty() {

@@ -68,7 +68,8 @@ impl StateDir {
     }
 
     fn state_path(&self, volume_id: &str) -> PathBuf {
-        self.volumes_dir().join(format!("{}.json", file_id(volume_id)))
+        self.volumes_dir()
+            .join(format!("{}.json", file_id(volume_id)))
     }
 
     fn manifests_dir(&self) -> PathBuf {
@@ -76,8 +77,11 @@ impl StateDir {
     }
 
     pub(super) fn manifest_path(&self, ctx: &VolumeContext, version: u64) -> PathBuf {
-        self.manifests_dir()
-            .join(format!("{}-{}@{version}", file_id(&ctx.store), ctx.datastore))
+        self.manifests_dir().join(format!(
+            "{}-{}@{version}",
+            file_id(&ctx.store),
+            ctx.datastore
+        ))
     }
 
     /// Records a volume (atomically replacing its earlier record).
@@ -221,7 +225,9 @@ impl StateDir {
                     let p = e.path();
                     let name = e.file_name().to_string_lossy().into_owned();
                     let temporary = name.contains(".tmp-") && !name.ends_with(&mine);
-                    let orphan = dir == this.manifests_dir() && !name.contains(".tmp-") && !used.contains(&p);
+                    let orphan = dir == this.manifests_dir()
+                        && !name.contains(".tmp-")
+                        && !used.contains(&p);
                     if (temporary || orphan) && std::fs::remove_file(&p).is_ok() {
                         removed += 1;
                     }
@@ -232,7 +238,10 @@ impl StateDir {
         .await;
         match swept {
             Ok(0) => {}
-            Ok(n) => tracing::info!(files = n, "removed orphaned manifest copies and temporary files"),
+            Ok(n) => tracing::info!(
+                files = n,
+                "removed orphaned manifest copies and temporary files"
+            ),
             Err(e) => tracing::warn!(error = %e, "could not sweep the state directory"),
         }
     }
@@ -250,7 +259,10 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!("{name}.tmp-{}", std::process::id()));
     let mut f = std::fs::File::create(&tmp)?;
     let written = f
