@@ -275,3 +275,80 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     written?;
     std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::csi::params::VolumeType;
+
+    fn state(id: &str, datastore: &str, version: u64) -> VolumeState {
+        VolumeState {
+            volume_id: id.into(),
+            staging: PathBuf::from(format!("/k/{id}")),
+            context: VolumeContext {
+                datastore: datastore.into(),
+                version: Some(version),
+                store: "s3://b/p".into(),
+                volume_type: VolumeType::Standard,
+                lustre: None,
+                ephemeral: false,
+            },
+            version,
+            targets: Default::default(),
+            recovery_attempts: 0,
+        }
+    }
+
+    /// A manifest copy goes with the last volume that uses it; the start sweep removes copies
+    /// and temporaries nobody refers to; records of older versions (no attempt count) load.
+    #[tokio::test]
+    async fn copies_go_with_their_last_volume_and_orphans_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = StateDir::new(dir.path());
+        let (a, b) = (state("a", "ds", 1), state("b", "ds", 1));
+        for st in [&a, &b] {
+            records.save(st).await.unwrap();
+        }
+        records
+            .keep_manifest(&a.context, 1, Bytes::from_static(b"m"))
+            .await;
+        let copy = records.manifest_path(&a.context, 1);
+        records.forget(&a).await.unwrap();
+        assert!(copy.exists(), "b still uses it");
+        records.forget(&b).await.unwrap();
+        assert!(!copy.exists());
+        records.forget(&b).await.unwrap();
+
+        let c = state("c", "ds", 2);
+        records.save(&c).await.unwrap();
+        records
+            .keep_manifest(&c.context, 2, Bytes::from_static(b"m"))
+            .await;
+        let orphan = dir.path().join("manifests/x-gone@3");
+        let stale = dir.path().join("volumes/y.json.tmp-999999999");
+        std::fs::write(&orphan, b"o").unwrap();
+        std::fs::write(&stale, b"{").unwrap();
+        std::fs::write(dir.path().join("volumes/z.json"), b"not json").unwrap();
+        records.sweep().await;
+        assert!(!orphan.exists() && !stale.exists());
+        assert!(records.manifest_path(&c.context, 2).exists());
+
+        let mut old = serde_json::to_value(&c).unwrap();
+        assert!(
+            old.get("recovery_attempts").is_none(),
+            "zero is not written"
+        );
+        old["volume_id"] = "old".into();
+        std::fs::write(
+            dir.path().join("volumes/old.json"),
+            serde_json::to_vec(&old).unwrap(),
+        )
+        .unwrap();
+        let loaded = records.load().await.unwrap();
+        let mut ids: Vec<_> = loaded.states.iter().map(|s| s.volume_id.clone()).collect();
+        ids.sort();
+        assert_eq!(ids, ["c", "old"]);
+        assert_eq!(loaded.unreadable, [dir.path().join("volumes/z.json")]);
+        assert!(dir.path().join("volumes/z.unreadable").exists());
+    }
+}
