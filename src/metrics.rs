@@ -43,6 +43,8 @@ struct Metrics {
     fuse_reads: Counter,
     fuse_read_bytes: Counter,
     fuse_read_errors: Counter,
+    csi_recovery_failures: Counter,
+    csi_volumes_abandoned: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -68,6 +70,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         fuse_reads: Counter::default(),
         fuse_read_bytes: Counter::default(),
         fuse_read_errors: Counter::default(),
+        csi_recovery_failures: Counter::default(),
+        csi_volumes_abandoned: Counter::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -115,6 +119,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "cache_size_bytes",
         "Bytes held in the node cache",
         m.cache_bytes.clone(),
+    );
+    registry.register(
+        "csi_recovery_failures",
+        "Failed attempts to serve a staged volume again after a node plugin restart",
+        m.csi_recovery_failures.clone(),
+    );
+    registry.register(
+        "csi_volumes_abandoned",
+        "Staged volumes given up after their recovery failed too often (mounts removed)",
+        m.csi_volumes_abandoned.clone(),
     );
     registry.register("fuse_reads", "read() requests served", m.fuse_reads.clone());
     registry.register(
@@ -164,6 +178,12 @@ pub fn cache_corrupt() {
 }
 pub fn cache_size(bytes: u64) {
     METRICS.cache_bytes.set(bytes as i64);
+}
+pub fn csi_recovery_failure() {
+    METRICS.csi_recovery_failures.inc();
+}
+pub fn csi_volume_abandoned() {
+    METRICS.csi_volumes_abandoned.inc();
 }
 pub fn fuse_read(bytes: u64, ok: bool) {
     let m = &*METRICS;

@@ -3,33 +3,52 @@
 //! A block is a fixed-size slice of a file's content, keyed by the content id and the block
 //! index, so every mount on the machine and every version sharing a content share its blocks.
 //! Invariants:
-//! - **Hard size limit.** Space is reserved (evicting least recently used blocks first) before
-//!   a block is written, so this process never takes the directory over `limit` bytes. Blocks
-//!   written by other processes that share the directory are adopted on sight (a read finds
-//!   them) and by a periodic reconcile, which also evicts what puts the total over the limit.
+//! - **Hard size limit, node-wide.** Every process that uses the directory accounts its space
+//!   in one shared [`ledger`]: under the ledger's lock a writer evicts least recently used
+//!   blocks until the new block fits, then *reserves* it (its temporary file, created at full
+//!   length), writes it without the lock, and commits it (rename) under the lock again. So the
+//!   files below `blocks/` never add up to more than `limit`, whatever number of processes
+//!   write at once. When nothing can be evicted (the rest is reserved by writers) the block is
+//!   simply not cached.
+//! - **Writes in progress are safe.** Victims are committed blocks only; a reservation is never
+//!   evicted under its writer. A reader that has a block open keeps reading it if another
+//!   process evicts it meanwhile (unlinked files stay readable).
+//! - **LRU per process, recency shared.** Each process orders the blocks it knows (its own
+//!   and those it adopted: read, or found by a rescan when it runs out of victims). A hit
+//!   refreshes an old block's mtime, which is how other processes' rescans order it.
 //! - **Checksummed.** Each block file carries a header with its key, length and crc32c; a
 //!   block that fails any check is deleted and reported as a miss, so it is fetched again.
-//! - **Atomic.** Blocks are written to a temporary name and renamed: a crash leaves either the
-//!   old state or a complete block, and temporary leftovers are removed at start.
-//! - **Survives restarts.** At start the directory is scanned into the LRU (oldest first).
+//! - **Atomic and crash-safe.** A crash leaves either the old state or a complete block; the
+//!   reservations of a crashed process are recognised by its owner file and removed by the next
+//!   recount (at open, and every reconcile), which also makes the ledger exact again.
 //! - **Bounded write queue.** Writes happen off the read path; when more than
 //!   `MAX_PENDING_WRITES` are queued, new blocks are simply not cached.
 
+mod block;
+mod ledger;
+
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use lru::LruCache;
 use thiserror::Error;
 
+pub use block::HEADER_LEN;
+use block::{Temporary, classify, header, verify};
+use ledger::{Ledger, Locked};
+
 use crate::metrics;
 
-const MAGIC: &[u8; 8] = b"DSCBLK01";
-const HEADER_LEN: usize = 64;
 const MAX_PENDING_WRITES: usize = 64;
+/// A hit refreshes the mtime of a block older than this (the recency other processes see).
+const TOUCH_AFTER: Duration = Duration::from_secs(60);
 
 /// Identifies one block of one content.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -49,22 +68,29 @@ pub enum CacheError {
 }
 
 struct State {
+    /// Blocks this process knows to be committed, with their file lengths.
     lru: LruCache<BlockKey, u64>,
-    /// Reserved in `lru` but not yet on disk: a reconcile must not forget them.
-    pending: std::collections::HashSet<BlockKey>,
-    used: u64,
     written_since_reconcile: u64,
     reconciling: bool,
 }
 
-/// A bounded, checksummed, LRU block cache in a directory.
+/// A bounded, checksummed, LRU block cache in a directory shared by the node's processes.
 pub struct BlockCache {
     dir: PathBuf,
     limit: u64,
     block_size: u64,
     state: Mutex<State>,
+    ledger: Ledger,
     pending_writes: Arc<tokio::sync::Semaphore>,
     tmp_counter: AtomicU64,
+}
+
+/// Space taken for a block being written: its temporary file, already at full length.
+struct Reservation {
+    key: BlockKey,
+    tmp: PathBuf,
+    file: File,
+    size: u64,
 }
 
 impl std::fmt::Debug for BlockCache {
@@ -80,26 +106,31 @@ impl BlockCache {
     /// Opens the cache in `dir` (created if needed) with a hard limit of `limit` bytes, adopting
     /// the blocks already there. Blocking: call it from a blocking context at startup.
     pub fn open(dir: &Path, limit: u64, block_size: u64) -> Result<BlockCache, CacheError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| CacheError::Io { path, source }
+        };
         let blocks = dir.join("blocks");
-        std::fs::create_dir_all(&blocks).map_err(|source| CacheError::Io {
-            path: blocks.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&blocks).map_err(io(&blocks))?;
+        let ledger = Ledger::open(dir).map_err(io(&dir.join("ledger")))?;
         let cache = BlockCache {
             dir: dir.to_path_buf(),
             limit,
             block_size,
             state: Mutex::new(State {
                 lru: LruCache::unbounded(),
-                pending: Default::default(),
-                used: 0,
                 written_since_reconcile: 0,
                 reconciling: false,
             }),
+            ledger,
             pending_writes: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_WRITES)),
             tmp_counter: AtomicU64::new(0),
         };
-        cache.reconcile();
+        let mut locked = cache.ledger.lock().map_err(io(&dir.join("ledger")))?;
+        cache.ledger.sweep_owners(&locked);
+        cache.rescan(&mut locked);
+        cache.make_room(&mut locked, 0);
+        drop(locked);
         Ok(cache)
     }
 
@@ -108,9 +139,9 @@ impl BlockCache {
         self.limit
     }
 
-    /// Bytes currently held (as far as this process knows).
+    /// Bytes the cache directory holds, all processes together (the shared ledger).
     pub fn used(&self) -> u64 {
-        self.lock().used
+        self.ledger.peek().unwrap_or(0)
     }
 
     /// The cache directory.
@@ -123,40 +154,22 @@ impl BlockCache {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn file_name(&self, key: &BlockKey) -> String {
-        format!("{}.{}.{}", hex::encode(key.id), self.block_size, key.block)
-    }
-
     fn path(&self, key: &BlockKey) -> PathBuf {
-        let name = self.file_name(key);
+        let name = block::file_name(key, self.block_size);
         self.dir.join("blocks").join(&name[..2]).join(name)
-    }
-
-    fn parse_name(&self, name: &str) -> Option<BlockKey> {
-        let mut parts = name.split('.');
-        let (hex_id, bs, block) = (parts.next()?, parts.next()?, parts.next()?);
-        if parts.next().is_some() || bs.parse::<u64>().ok()? != self.block_size {
-            return None;
-        }
-        let mut id = [0u8; 32];
-        hex::decode_to_slice(hex_id, &mut id).ok()?;
-        Some(BlockKey {
-            id,
-            block: block.parse().ok()?,
-        })
     }
 
     /// Reads a block, verifying it. `None` on a miss or when the block failed a check (it is
     /// then deleted). Blocking.
     pub fn get_blocking(&self, key: &BlockKey, expected_len: usize) -> Option<Bytes> {
         let path = self.path(key);
-        let read = std::fs::File::open(&path).and_then(|mut f| {
+        let read = File::open(&path).and_then(|mut f| {
             let mut buf = Vec::with_capacity(HEADER_LEN + expected_len);
             f.read_to_end(&mut buf)?;
-            Ok(buf)
+            Ok((f, buf))
         });
-        let buf = match read {
-            Ok(buf) => buf,
+        let (file, buf) = match read {
+            Ok(read) => read,
             Err(_) => {
                 self.forget(key);
                 metrics::cache_miss();
@@ -166,13 +179,9 @@ impl BlockCache {
         match verify(&buf, key, expected_len) {
             Some(()) => {
                 let size = buf.len() as u64;
-                let mut st = self.lock();
-                if st.lru.get(key).is_none() {
-                    // Written by another process sharing the directory: adopt it.
-                    st.lru.put(*key, size);
-                    st.used += size;
-                }
-                drop(st);
+                // Known blocks move to the front; others' blocks are adopted.
+                self.lock().lru.put(*key, size);
+                touch_if_old(&file);
                 metrics::cache_hit();
                 let mut bytes = Bytes::from(buf);
                 Some(bytes.split_off(HEADER_LEN))
@@ -181,8 +190,13 @@ impl BlockCache {
                 tracing::warn!(path = %path.display(), "cached block failed its checksum; dropping it");
                 metrics::cache_corrupt();
                 metrics::cache_miss();
-                let _ = std::fs::remove_file(&path);
                 self.forget(key);
+                match self.ledger.lock() {
+                    Ok(mut locked) => {
+                        remove_counted(&mut locked, &path);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cache ledger unavailable"),
+                }
                 None
             }
         }
@@ -194,11 +208,7 @@ impl BlockCache {
     }
 
     fn forget(&self, key: &BlockKey) {
-        let mut st = self.lock();
-        if let Some(size) = st.lru.pop(key) {
-            st.used -= size;
-            metrics::cache_size(st.used);
-        }
+        self.lock().lru.pop(key);
     }
 
     /// Queues a block for writing unless the write queue is full, then calls `done` (also when
@@ -221,149 +231,224 @@ impl BlockCache {
         });
     }
 
-    /// Writes a block, evicting least recently used blocks first to stay under the limit.
+    /// Writes a block if it fits (evicting least recently used blocks first). Blocking.
     pub fn put_blocking(&self, key: &BlockKey, data: &[u8]) {
-        let size = (HEADER_LEN + data.len()) as u64;
-        if size > self.limit {
+        if self.contains(key) {
             return;
         }
-        let mut evicted = Vec::new();
-        let need_reconcile;
-        {
-            let mut st = self.lock();
-            if st.lru.contains(key) {
-                return;
-            }
-            while st.used + size > self.limit {
-                match st.lru.pop_lru() {
-                    Some((k, s)) => {
-                        st.used -= s;
-                        evicted.push(k);
-                    }
-                    None => break,
-                }
-            }
-            st.lru.put(*key, size);
-            st.pending.insert(*key);
-            st.used += size;
-            st.written_since_reconcile += size;
-            need_reconcile = st.written_since_reconcile > self.limit / 4 && !st.reconciling;
-            if need_reconcile {
-                st.reconciling = true;
-            }
-            metrics::cache_size(st.used);
-        }
-        for k in &evicted {
-            let _ = std::fs::remove_file(self.path(k));
-        }
-        metrics::cache_evicted(evicted.len() as u64);
-        let written = self.write_file(key, data);
-        self.lock().pending.remove(key);
-        if let Err(e) = written {
-            tracing::warn!(error = %e, "writing a cache block failed");
-            self.forget(key);
-        }
-        if need_reconcile {
-            self.reconcile();
-        }
+        let Some(r) = self.reserve(key, (HEADER_LEN + data.len()) as u64) else {
+            return;
+        };
+        let written = r
+            .file
+            .write_all_at(&header(key, data), 0)
+            .and_then(|()| r.file.write_all_at(data, HEADER_LEN as u64));
+        self.commit(r, written);
     }
 
-    fn write_file(&self, key: &BlockKey, data: &[u8]) -> std::io::Result<()> {
+    /// Makes room for `size` bytes and takes them (see the module docs). `None`: the block is
+    /// not to be cached (too big, already there, nothing left to evict, or an I/O error).
+    fn reserve(&self, key: &BlockKey, size: u64) -> Option<Reservation> {
+        if size > self.limit {
+            return None;
+        }
+        let mut locked = self.lock_ledger()?;
         let path = self.path(key);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+        if let Ok(m) = std::fs::metadata(&path) {
+            // Another process wrote it: adopt it.
+            self.lock().lru.put(*key, m.len());
+            return None;
+        }
+        if !self.make_room(&mut locked, size) {
+            tracing::debug!("cache full of blocks being written; not caching this one");
+            return None;
         }
         let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .dir
             .join("blocks")
-            .join(format!(".tmp-{}-{n}", std::process::id()));
-        let result = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&header(key, data))?;
-            f.write_all(data)?;
-            std::fs::rename(&tmp, &path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            .join(block::reservation_name(self.ledger.id(), n));
+        let created = File::create(&tmp).and_then(|f| f.set_len(size).map(|()| f));
+        match created {
+            Ok(file) => {
+                locked.add(size);
+                Some(Reservation {
+                    key: *key,
+                    tmp,
+                    file,
+                    size,
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reserving space in the cache failed");
+                let _ = std::fs::remove_file(&tmp);
+                None
+            }
         }
-        result
+    }
+
+    /// Publishes a written reservation under its block's name, or gives its space back.
+    fn commit(&self, r: Reservation, written: std::io::Result<()>) {
+        let path = self.path(&r.key);
+        let Some(mut locked) = self.lock_ledger() else {
+            // Counted but never committed: the next recount finds it (and keeps counting it
+            // while this process lives), the safe side of the limit.
+            let _ = std::fs::remove_file(&r.tmp);
+            return;
+        };
+        let renamed = written.and_then(|()| {
+            if std::fs::exists(&path)? {
+                // Written meanwhile by another process (or thread): keep that one.
+                return Err(std::io::Error::from(std::io::ErrorKind::AlreadyExists));
+            }
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::rename(&r.tmp, &path)
+        });
+        match renamed {
+            Ok(()) => {
+                let mut st = self.lock();
+                st.lru.put(r.key, r.size);
+                st.written_since_reconcile += r.size;
+                let reconcile = st.written_since_reconcile > self.limit / 4 && !st.reconciling;
+                if reconcile {
+                    st.reconciling = true;
+                    drop(st);
+                    self.reconcile_locked(&mut locked);
+                }
+            }
+            Err(e) => {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    tracing::warn!(error = %e, "writing a cache block failed");
+                }
+                if std::fs::remove_file(&r.tmp).is_ok() {
+                    locked.sub(r.size);
+                }
+            }
+        }
+    }
+
+    fn lock_ledger(&self) -> Option<Locked<'_>> {
+        match self.ledger.lock() {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %e, "cache ledger unavailable; not caching");
+                None
+            }
+        }
+    }
+
+    /// Evicts least recently used blocks until `size` more bytes fit under the limit; rescans
+    /// the directory once when this process knows no more victims. Call with the ledger locked.
+    fn make_room(&self, locked: &mut Locked<'_>, size: u64) -> bool {
+        if locked.used().is_none() {
+            self.rescan(locked);
+        }
+        let (mut evicted, mut rescanned) = (0, false);
+        let fits = loop {
+            if locked.used().unwrap_or(0) + size <= self.limit {
+                break true;
+            }
+            let victim = self.lock().lru.pop_lru();
+            match victim {
+                Some((k, _)) => {
+                    if remove_counted(locked, &self.path(&k)) {
+                        evicted += 1;
+                    }
+                }
+                None if !rescanned => {
+                    rescanned = true;
+                    self.rescan(locked);
+                }
+                None => break false,
+            }
+        };
+        metrics::cache_evicted(evicted);
+        fits
     }
 
     /// Re-reads the directory: adopts blocks other processes wrote, forgets vanished ones,
-    /// removes stale temporary files, then evicts down to the limit. Blocking.
+    /// removes the leftovers of crashed writers, recounts the ledger, then evicts down to the
+    /// limit. Blocking.
     pub fn reconcile(&self) {
-        let mut found: Vec<(BlockKey, u64, std::time::SystemTime)> = Vec::new();
+        if let Some(mut locked) = self.lock_ledger() {
+            self.reconcile_locked(&mut locked);
+        }
+    }
+
+    fn reconcile_locked(&self, locked: &mut Locked<'_>) {
+        self.ledger.sweep_owners(locked);
+        self.rescan(locked);
+        self.make_room(locked, 0);
+        let mut st = self.lock();
+        st.written_since_reconcile = 0;
+        st.reconciling = false;
+    }
+
+    /// Recounts the ledger from the directory and rebuilds this process's LRU: known blocks
+    /// keep their order, the others are adopted as older, by mtime. Call with the ledger locked.
+    fn rescan(&self, locked: &mut Locked<'_>) {
+        let mut found: Vec<(BlockKey, u64, SystemTime)> = Vec::new();
+        let mut total = 0u64;
         let blocks = self.dir.join("blocks");
-        let shards = std::fs::read_dir(&blocks).into_iter().flatten().flatten();
-        for shard in shards {
+        let mut alive: HashMap<String, bool> = HashMap::new();
+        for shard in std::fs::read_dir(&blocks).into_iter().flatten().flatten() {
             let sp = shard.path();
-            if sp.is_file() {
-                // Temporary files older than a minute belong to a crashed writer.
-                if let Ok(m) = sp.metadata() {
-                    let stale = m
+            let Ok(meta) = shard.metadata() else { continue };
+            if !meta.is_dir() {
+                let name = shard.file_name();
+                let name = name.to_string_lossy();
+                let stale = match classify(&name) {
+                    Temporary::Reserved(owner) => !*alive
+                        .entry(owner.to_owned())
+                        .or_insert_with(|| self.ledger.owner_alive(locked, owner)),
+                    // No owner to ask: one that has not changed for a minute is a leftover.
+                    Temporary::Legacy => meta
                         .modified()
                         .ok()
                         .and_then(|t| t.elapsed().ok())
-                        .is_some_and(|a| a.as_secs() > 60);
-                    if stale {
-                        let _ = std::fs::remove_file(&sp);
-                    }
+                        .is_some_and(|a| a.as_secs() > 60),
+                    Temporary::Other => false,
+                };
+                if !(stale && std::fs::remove_file(&sp).is_ok()) {
+                    total += meta.len();
                 }
                 continue;
             }
             for f in std::fs::read_dir(&sp).into_iter().flatten().flatten() {
+                let Ok(m) = f.metadata() else { continue };
                 let name = f.file_name();
-                let Some(key) = name.to_str().and_then(|n| self.parse_name(n)) else {
-                    continue;
-                };
-                if let Ok(m) = f.metadata() {
-                    found.push((key, m.len(), m.modified().unwrap_or(std::time::UNIX_EPOCH)));
+                match name.to_str().and_then(block::parse_any) {
+                    Some((key, bs)) if bs == self.block_size => {
+                        let mtime = m.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((key, m.len(), mtime));
+                    }
+                    // Blocks of another block size are of no use to anyone here (the size is
+                    // fixed per build); left in place they would hold space nobody evicts.
+                    Some(_) if std::fs::remove_file(f.path()).is_ok() => continue,
+                    _ => {}
                 }
+                total += m.len();
             }
         }
         found.sort_by_key(|(_, _, t)| *t);
-        let mut evicted = Vec::new();
-        {
-            let mut st = self.lock();
-            let mut on_disk: HashMap<BlockKey, u64> = HashMap::with_capacity(found.len());
-            for (k, s, _) in &found {
-                on_disk.insert(*k, *s);
+        locked.set(total);
+        let mut st = self.lock();
+        let on_disk: HashMap<BlockKey, u64> = found.iter().map(|(k, s, _)| (*k, *s)).collect();
+        let known: Vec<BlockKey> = st.lru.iter().rev().map(|(k, _)| *k).collect();
+        let mut lru = LruCache::unbounded();
+        for (k, s, _) in &found {
+            if !st.lru.contains(k) {
+                lru.put(*k, *s);
             }
-            // Keep the in-memory recency order for known blocks; adopt the others as oldest.
-            let known: Vec<(BlockKey, u64)> = st.lru.iter().rev().map(|(k, s)| (*k, *s)).collect();
-            let mut lru = LruCache::unbounded();
-            for (k, s, _) in &found {
-                if !st.lru.contains(k) {
-                    lru.put(*k, *s);
-                }
-            }
-            for (k, s) in known {
-                if let Some(&s) = on_disk.get(&k) {
-                    lru.put(k, s);
-                } else if st.pending.contains(&k) {
-                    lru.put(k, s);
-                }
-            }
-            st.used = lru.iter().map(|(_, s)| *s).sum();
-            st.lru = lru;
-            while st.used > self.limit {
-                match st.lru.pop_lru() {
-                    Some((k, s)) => {
-                        st.used -= s;
-                        evicted.push(k);
-                    }
-                    None => break,
-                }
-            }
-            st.written_since_reconcile = 0;
-            st.reconciling = false;
-            metrics::cache_size(st.used);
         }
-        for k in &evicted {
-            let _ = std::fs::remove_file(self.path(k));
+        for k in known {
+            if let Some(&s) = on_disk.get(&k) {
+                lru.put(k, s);
+            }
         }
-        metrics::cache_evicted(evicted.len() as u64);
+        st.lru = lru;
     }
 
     /// The file that holds a block (for tests that corrupt one).
@@ -372,90 +457,34 @@ impl BlockCache {
     }
 }
 
-fn header(key: &BlockKey, data: &[u8]) -> [u8; HEADER_LEN] {
-    let mut h = [0u8; HEADER_LEN];
-    h[..8].copy_from_slice(MAGIC);
-    h[8..40].copy_from_slice(&key.id);
-    h[40..48].copy_from_slice(&key.block.to_le_bytes());
-    h[48..56].copy_from_slice(&(data.len() as u64).to_le_bytes());
-    h[56..60].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
-    h
+/// Removes a block file and takes its length off the ledger; false when it was gone already
+/// (whoever removed it did that). Call with the ledger locked.
+fn remove_counted(locked: &mut Locked<'_>, path: &Path) -> bool {
+    let Ok(m) = std::fs::metadata(path) else {
+        return false;
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            locked.sub(m.len());
+            true
+        }
+        Err(_) => false,
+    }
 }
 
-fn verify(buf: &[u8], key: &BlockKey, expected_len: usize) -> Option<()> {
-    if buf.len() != HEADER_LEN + expected_len {
-        return None;
+/// Refreshes the mtime of a block not touched for a while: the recency that other processes'
+/// rescans see. Best effort.
+fn touch_if_old(file: &File) {
+    let old = file
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > TOUCH_AFTER);
+    if old {
+        let _ = file.set_modified(SystemTime::now());
     }
-    let (h, data) = buf.split_at(HEADER_LEN);
-    (h == header(key, data)).then_some(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key(n: u8, block: u64) -> BlockKey {
-        BlockKey { id: [n; 32], block }
-    }
-
-    #[test]
-    fn hit_miss_and_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let limit = 3 * (HEADER_LEN as u64 + 100);
-        let c = BlockCache::open(dir.path(), limit, 100).unwrap();
-        assert!(c.get_blocking(&key(1, 0), 100).is_none());
-        for i in 0..5u8 {
-            c.put_blocking(&key(i, 0), &[i; 100]);
-            assert!(c.used() <= limit);
-        }
-        // The two oldest were evicted; the rest are intact.
-        assert!(c.get_blocking(&key(0, 0), 100).is_none());
-        assert!(c.get_blocking(&key(1, 0), 100).is_none());
-        assert_eq!(
-            &c.get_blocking(&key(4, 0), 100).unwrap()[..],
-            &[4u8; 100][..]
-        );
-        // Using block 2 makes 3 the eviction candidate.
-        assert!(c.get_blocking(&key(2, 0), 100).is_some());
-        c.put_blocking(&key(9, 0), &[9; 100]);
-        assert!(c.get_blocking(&key(3, 0), 100).is_none());
-        assert!(c.get_blocking(&key(2, 0), 100).is_some());
-        let files = walk_count(dir.path());
-        assert_eq!(files, 3);
-    }
-
-    #[test]
-    fn corruption_and_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = BlockCache::open(dir.path(), 1 << 20, 100).unwrap();
-        c.put_blocking(&key(1, 7), &[1; 100]);
-        c.put_blocking(&key(2, 0), &[2; 50]);
-        drop(c);
-        let c = BlockCache::open(dir.path(), 1 << 20, 100).unwrap();
-        assert_eq!(c.used(), 2 * HEADER_LEN as u64 + 150);
-        // Flip one data byte: detected, dropped, reported as a miss.
-        let p = c.block_path(&key(1, 7));
-        let mut bytes = std::fs::read(&p).unwrap();
-        bytes[HEADER_LEN + 10] ^= 1;
-        std::fs::write(&p, bytes).unwrap();
-        assert!(c.get_blocking(&key(1, 7), 100).is_none());
-        assert!(!p.exists());
-        // A wrong expected length is a miss too (never a short block).
-        assert!(c.get_blocking(&key(2, 0), 100).is_none());
-        // A smaller limit on reopen evicts down to it.
-        c.put_blocking(&key(3, 0), &[3; 100]);
-        drop(c);
-        let c = BlockCache::open(dir.path(), HEADER_LEN as u64 + 100, 100).unwrap();
-        assert!(c.used() <= HEADER_LEN as u64 + 100);
-    }
-
-    fn walk_count(dir: &Path) -> usize {
-        let mut n = 0;
-        for shard in std::fs::read_dir(dir.join("blocks")).unwrap().flatten() {
-            if shard.path().is_dir() {
-                n += std::fs::read_dir(shard.path()).unwrap().count();
-            }
-        }
-        n
-    }
-}
+mod tests;

@@ -13,10 +13,11 @@ use super::{StoreArgs, parse_duration};
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::IdentityService;
 use crate::csi::node::NodeService;
-use crate::csi::volumes::{NodeConfig, NodeVolumes};
+use crate::csi::volumes::{NodeConfig, NodeVolumes, RecoveryPolicy};
 use crate::csi::{DRIVER_NAME, Mode, Stores, serve, socket_path};
 use crate::fs::fetch::FetchConfig;
-use crate::mount::LinuxMounter;
+use crate::mount::faulty::FaultyMounter;
+use crate::mount::{LinuxMounter, Mounter};
 use crate::mount::holder::HolderClient;
 use crate::store::StoreUrl;
 use crate::store::s3::ReadTimeouts;
@@ -75,6 +76,17 @@ pub struct CsiArgs {
     /// host's, with hostPID).
     #[arg(long, default_value = "mount")]
     pub mount_program: String,
+    /// Attempts to serve a staged volume again after a restart (the first at start included)
+    /// before it is given up: its mounts removed and its record deleted.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub recovery_attempts: u32,
+    /// Wait before retrying a failed recovery in the background; doubles after each round.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub recovery_backoff: Duration,
+    /// Tests only: wrap the mounter in the failure-injecting one, armed through files in DIR
+    /// (see `mount::faulty`).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub inject_mount_faults: Option<PathBuf>,
     #[command(flatten)]
     pub fsx: FsxArgs,
 }
@@ -217,14 +229,23 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
             max_volumes: a.max_volumes,
             zone: a.zone.clone(),
             fetch,
+            recovery: RecoveryPolicy {
+                attempts: a.recovery_attempts,
+                backoff: a.recovery_backoff,
+            },
         };
+        let mut mounter: Arc<dyn Mounter> = Arc::new(LinuxMounter {
+            mount_program: a.mount_program.split_whitespace().map(str::to_owned).collect(),
+        });
+        if let Some(dir) = &a.inject_mount_faults {
+            tracing::warn!(dir = %dir.display(), "mount failures are injected (tests only)");
+            mounter = Arc::new(FaultyMounter::new(mounter, dir)?);
+        }
         let volumes = Arc::new(NodeVolumes::new(
             cfg,
             stores.clone(),
             cache,
-            Arc::new(LinuxMounter {
-                mount_program: a.mount_program.split_whitespace().map(str::to_owned).collect(),
-            }),
+            mounter,
             holder,
             tokio::runtime::Handle::current(),
         ));

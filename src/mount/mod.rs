@@ -6,6 +6,7 @@
 //! failing. Mount state is read from /proc/self/mountinfo, and a mount whose FUSE server is
 //! gone is recognised by ENOTCONN.
 
+pub mod faulty;
 pub mod holder;
 pub mod mountinfo;
 

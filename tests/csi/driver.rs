@@ -57,6 +57,45 @@ impl Driver {
         Driver::launch(dir, store, format!("s3://{bucket}/pfx"), bucket, extra)
     }
 
+    /// Starts a driver whose mounter fails when told to ([`Driver::fail_next`]), with more
+    /// arguments.
+    pub fn start_faulty(extra: &[&str]) -> Driver {
+        init_logging();
+        let (store, bucket) = s3_store();
+        let dir = tempfile::Builder::new()
+            .prefix("csi")
+            .tempdir()
+            .expect("tempdir");
+        let faults = dir.path().join("faults").display().to_string();
+        let mut extra = extra.to_vec();
+        extra.extend(["--inject-mount-faults", &faults]);
+        Driver::launch(dir, store, format!("s3://{bucket}/pfx"), bucket, &extra)
+    }
+
+    /// Makes the next `n` calls of `op` of the plugin's mounter fail (a driver started with
+    /// [`Driver::start_faulty`]; the instruction survives a restart of the plugin).
+    pub fn fail_next(&self, op: datastore::mount::faulty::MountOp, n: u32) {
+        datastore::mount::faulty::FaultyMounter::fail_next(&self.dir.path().join("faults"), op, n)
+            .expect("arm the failure-injecting mounter");
+    }
+
+    /// Failures of `op` still due.
+    pub fn failures_due(&self, op: datastore::mount::faulty::MountOp) -> u32 {
+        datastore::mount::faulty::FaultyMounter::pending(&self.dir.path().join("faults"), op)
+    }
+
+    /// Files in a subdirectory of the state directory (`volumes`, `manifests`).
+    pub fn state_files(&self, sub: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.state_dir().join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Starts a driver whose store is a local directory (inside its own directory).
     pub fn start_local(extra: &[&str]) -> Driver {
         init_logging();
@@ -355,6 +394,27 @@ pub fn our_mounts(dir: &Path) -> Vec<datastore::mount::MountEntry> {
         .into_iter()
         .filter(|m| m.fs_type == "fuse.datastore" && m.mount_point.starts_with(dir))
         .collect()
+}
+
+/// Aborts the FUSE connection of our (only) FUSE mount below `dir` through the kernel's control
+/// filesystem: the mount and its binds then answer ENOTCONN.
+pub fn abort_fuse_connection(dir: &Path) {
+    let fusectl = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(fusectl)
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true)
+    {
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            fusectl,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    let m = our_mounts(dir).into_iter().next().expect("mount");
+    let minor = m.device.split(':').nth(1).expect("minor");
+    std::fs::write(fusectl.join(minor).join("abort"), "1").expect("abort the connection");
 }
 
 /// Open file descriptors and threads of a process.

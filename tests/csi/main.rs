@@ -9,6 +9,7 @@ mod conformance;
 mod driver;
 mod fsx;
 mod mounts;
+mod node_faults;
 mod provisioning;
 mod restart;
 mod sanity;

@@ -204,23 +204,7 @@ fn stats_report_a_broken_mount() {
     let mut n = d.node();
     rt().block_on(n.node_stage_volume(stage_req("vol-brk", &staging, &ctx)))
         .expect("stage");
-    // Abort the FUSE connection through the kernel's control filesystem.
-    let fusectl = std::path::Path::new("/sys/fs/fuse/connections");
-    if std::fs::read_dir(fusectl)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(true)
-    {
-        let _ = nix::mount::mount(
-            Some("fusectl"),
-            fusectl,
-            Some("fusectl"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        );
-    }
-    let m = our_mounts(d.dir.path()).into_iter().next().expect("mount");
-    let minor = m.device.split(':').nth(1).expect("minor");
-    std::fs::write(fusectl.join(minor).join("abort"), "1").expect("abort the connection");
+    abort_fuse_connection(d.dir.path());
     let e = std::fs::read_dir(&staging).expect_err("an aborted mount cannot be listed");
     assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN));
     let s = rt()
