@@ -61,7 +61,6 @@ fn cat_as_1000(path: &str) -> (bool, String) {
         .arg(path)
         .uid(1000)
         .gid(1000)
-        .groups(&[])
         .output()
         .expect("run cat as uid 1000");
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
