@@ -186,6 +186,8 @@ pub struct VolumeContext {
     pub ephemeral: bool,
     /// `fileModes`: `readable` (default: files 0444, 0555 if executable, directories 0555, so
     /// that a pod of any uid reads them) or `source` (the modes the files had at create time).
+    /// Absent from the state files of older plugins: those read as the default.
+    #[serde(default)]
     pub file_modes: FileModes,
 }
 
