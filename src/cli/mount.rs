@@ -38,6 +38,10 @@ pub struct MountArgs {
     /// Group shown for every file (default: the mounting user's group).
     #[arg(long)]
     pub gid: Option<u32>,
+    /// Show the modes files had at create time (default: readable by everyone: files 0444,
+    /// 0555 when executable, directories 0555).
+    #[arg(long)]
+    pub source_modes: bool,
     /// Only the mounting user may access the mount (default: everyone, checked by file modes).
     #[arg(long)]
     pub owner_only: bool,
@@ -113,6 +117,7 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
     let mut opts = FsOptions::default();
     opts.uid = a.uid.unwrap_or(opts.uid);
     opts.gid = a.gid.unwrap_or(opts.gid);
+    opts.source_modes = a.source_modes;
     let fs = Arc::new(DatastoreFs::new(
         name,
         version,

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::{CsiError, CsiResult};
 use super::params::{
-    CONTEXT_FILE_SYSTEM_ID, CapacityRange, CreateParams, PVC_DATASTORE_ANNOTATION, PVC_FSX_ANNOTATIONS,
+    CONTEXT_FILE_SYSTEM_ID, CapacityRange, CreateParams, FileModes, PVC_DATASTORE_ANNOTATION, PVC_FSX_ANNOTATIONS,
     PVC_VERSION_ANNOTATION, VersionSel, VolumeContext, VolumeType, capability_problem,
     check_capability,
 };
@@ -332,6 +332,7 @@ impl ControllerService {
                     volume_type: VolumeType::HighPerformance,
                     lustre: Some((dns_name, mount_name)),
                     ephemeral: false,
+                    file_modes: FileModes::default(),
                 };
                 let mut context: BTreeMap<String, String> = context.to_map().into_iter().collect();
                 context.insert(CONTEXT_FILE_SYSTEM_ID.into(), id.clone());
@@ -493,6 +494,7 @@ impl ControllerService {
             volume_type: params.volume_type,
             lustre: None,
             ephemeral: false,
+            file_modes: params.file_modes,
         };
         let rec = VolumeRecord {
             name: req.name.clone(),

@@ -102,6 +102,8 @@ pub struct CreateParams {
     pub volume_type: VolumeType,
     /// High-performance options (keys of the FSx issue), kept verbatim for that backend.
     pub fsx: BTreeMap<String, String>,
+    /// `fileModes`: `readable` (default) or `source`; see [`VolumeContext::file_modes`].
+    pub file_modes: FileModes,
     /// `csi.storage.k8s.io/pvc/name`, from the external-provisioner's --extra-create-metadata.
     pub pvc_name: Option<String>,
     /// `csi.storage.k8s.io/pvc/namespace`, likewise.
@@ -139,6 +141,7 @@ impl CreateParams {
                 "version" => p.version = VersionSel::parse("parameter version", v)?,
                 "store" => p.store = Some(v.clone()),
                 "type" => p.volume_type = VolumeType::parse(v)?,
+                FILE_MODES_KEY => p.file_modes = FileModes::parse(v)?,
                 "csi.storage.k8s.io/pvc/name" => p.pvc_name = Some(v.clone()),
                 "csi.storage.k8s.io/pvc/namespace" => p.pvc_namespace = Some(v.clone()),
                 k if k.starts_with(K8S_PREFIX) => {}
@@ -181,6 +184,11 @@ pub struct VolumeContext {
     pub lustre: Option<(String, String)>,
     /// `csi.storage.k8s.io/ephemeral=true`: an inline volume of a pod spec.
     pub ephemeral: bool,
+    /// `fileModes`: `readable` (default: files 0444, 0555 if executable, directories 0555, so
+    /// that a pod of any uid reads them) or `source` (the modes the files had at create time).
+    /// Absent from the state files of older plugins: those read as the default.
+    #[serde(default)]
+    pub file_modes: FileModes,
 }
 
 impl VolumeContext {
@@ -199,6 +207,9 @@ impl VolumeContext {
             m.insert("fsx.dnsName".into(), dns.clone());
             m.insert("fsx.mountName".into(), mount.clone());
         }
+        if self.file_modes != FileModes::default() {
+            m.insert(FILE_MODES_KEY.into(), self.file_modes.as_str().into());
+        }
         m
     }
 
@@ -212,7 +223,12 @@ impl VolumeContext {
         let mut mount = None;
         let mut ephemeral = false;
         let mut pod_namespace = None;
+        let mut file_modes = FileModes::default();
+        let mut fsx_keys = Vec::new();
         for (k, v) in map {
+            if k.starts_with("fsx.") {
+                fsx_keys.push(k.as_str());
+            }
             match k.as_str() {
                 "datastore" => datastore = Some(v.clone()),
                 "csi.storage.k8s.io/pod.namespace" => pod_namespace = Some(v.clone()),
@@ -222,6 +238,7 @@ impl VolumeContext {
                 "fsx.dnsName" => dns = Some(v.clone()),
                 "fsx.mountName" => mount = Some(v.clone()),
                 CONTEXT_FILE_SYSTEM_ID => {}
+                FILE_MODES_KEY => file_modes = FileModes::parse(v)?,
                 "csi.storage.k8s.io/ephemeral" => ephemeral = v == "true",
                 k if k.starts_with(K8S_PREFIX) => {}
                 other => {
@@ -230,6 +247,14 @@ impl VolumeContext {
                     )));
                 }
             }
+        }
+        // A pod spec is written by any user of a namespace: an inline volume may not make the
+        // node mount a file system of the user's choosing (Lustre in the host's namespace).
+        if ephemeral && (volume_type == VolumeType::HighPerformance || !fsx_keys.is_empty()) {
+            fsx_keys.sort_unstable();
+            return Err(CsiError::Invalid(format!(
+                "an inline volume is type standard only; it may not set type high-performance or {fsx_keys:?}"
+            )));
         }
         let datastore = datastore.ok_or(CsiError::Missing("volume attribute datastore"))?;
         validate_datastore_name(&datastore)
@@ -276,7 +301,42 @@ impl VolumeContext {
             volume_type,
             lustre,
             ephemeral,
+            file_modes,
         })
+    }
+}
+
+/// Volume attribute and StorageClass parameter choosing the file modes pods see.
+pub const FILE_MODES_KEY: &str = "fileModes";
+
+/// The permission bits a volume shows (see [`VolumeContext::file_modes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileModes {
+    /// Readable by every uid: files 0444 (0555 when the source had an execute bit),
+    /// directories 0555.
+    #[default]
+    Readable,
+    /// The modes recorded at create time.
+    Source,
+}
+
+impl FileModes {
+    pub fn parse(s: &str) -> CsiResult<FileModes> {
+        match s {
+            "readable" => Ok(FileModes::Readable),
+            "source" => Ok(FileModes::Source),
+            other => Err(CsiError::Invalid(format!(
+                "{FILE_MODES_KEY}: {other:?} is not readable or source"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileModes::Readable => "readable",
+            FileModes::Source => "source",
+        }
     }
 }
 
@@ -452,6 +512,7 @@ mod tests {
             volume_type: VolumeType::Standard,
             lustre: None,
             ephemeral: false,
+            file_modes: FileModes::Readable,
         };
         let mut m = c.to_map();
         m.insert("csi.storage.k8s.io/pod.name".into(), "p".into());
@@ -493,6 +554,31 @@ mod tests {
             "/s",
         );
         assert!(matches!(elsewhere, Err(CsiError::Invalid(m)) if m.contains("store")));
+        // A pod author may not make the node mount a Lustre server of their choosing.
+        for extra in [
+            &[("type", "high-performance"), ("fsx.dnsName", "d"), ("fsx.mountName", "m")][..],
+            &[("fsx.dnsName", "d"), ("fsx.mountName", "m")],
+            &[("fsx.fileSystemId", "fs-1")],
+        ] {
+            let mut kv = vec![("datastore", "ds"), ("csi.storage.k8s.io/ephemeral", "true")];
+            kv.extend_from_slice(extra);
+            let r = VolumeContext::parse(&map(&kv), "/s");
+            assert!(matches!(&r, Err(CsiError::Invalid(m)) if m.contains("inline")), "{extra:?}: {r:?}");
+        }
+        // File modes: readable by default, `source` on request, round-tripped through the map.
+        assert_eq!(inline.file_modes, FileModes::Readable);
+        let src = VolumeContext {
+            file_modes: FileModes::Source,
+            ..inline.clone()
+        };
+        let mut m = src.to_map();
+        m.insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+        assert_eq!(VolumeContext::parse(&m, "/s").unwrap().file_modes, FileModes::Source);
+        assert!(VolumeContext::parse(&map(&[("datastore", "ds"), ("version", "1"), ("fileModes", "all")]), "x").is_err());
+        assert_eq!(
+            CreateParams::parse(&map(&[("fileModes", "source")])).unwrap().file_modes,
+            FileModes::Source
+        );
         assert!(
             VolumeContext::parse(
                 &map(&[("datastore", "ds"), ("version", "1"), ("x", "y")]),

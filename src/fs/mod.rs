@@ -67,6 +67,10 @@ pub struct FsOptions {
     pub gid: u32,
     /// Entry and attribute TTL. Versions are immutable, so this can be long.
     pub ttl: Duration,
+    /// Show the modes recorded at create time. Off by default: every uid may read (files 0444,
+    /// 0555 when the source had an execute bit; directories 0555), because pods run as any uid
+    /// while the files belong to `uid` (the volume is read-only, so nothing is lost).
+    pub source_modes: bool,
 }
 
 impl Default for FsOptions {
@@ -77,6 +81,7 @@ impl Default for FsOptions {
             uid,
             gid,
             ttl: Duration::from_secs(24 * 3600),
+            source_modes: false,
         }
     }
 }
@@ -168,7 +173,10 @@ impl DatastoreFs {
             size: e.size(),
             perm: match kind {
                 Kind::Symlink => 0o777,
-                _ => (e.mode() & 0o7777) as u16,
+                _ if self.opts.source_modes => (e.mode() & 0o7777) as u16,
+                Kind::Dir => 0o555,
+                _ if e.mode() & 0o111 != 0 => 0o555,
+                _ => 0o444,
             },
             nlink: match kind {
                 Kind::Dir => 2 + e.subdirs(),

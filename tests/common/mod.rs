@@ -176,7 +176,11 @@ pub fn open_fs(
         version,
         manifest,
         fetcher,
-        FsOptions::default(),
+        // The tests compare mounted trees with their sources, modes included.
+        FsOptions {
+            source_modes: true,
+            ..FsOptions::default()
+        },
     ))
 }
 

@@ -234,10 +234,19 @@ impl Driver {
         for (p, data) in files {
             write_file(&src.path().join(p), data, 0o644);
         }
+        Self::upload_dir(store, name, src.path())
+    }
+
+    /// Creates datastore `name` in the driver's store from the directory `src` as it is.
+    pub fn create_datastore_from(&self, name: &str, src: &Path) -> u64 {
+        Self::upload_dir(&self.store, name, src)
+    }
+
+    fn upload_dir(store: &Store, name: &str, src: &Path) -> u64 {
         rt().block_on(create_from_dir(
             store,
             name,
-            src.path(),
+            src,
             &UploadOptions::default(),
             &Progress::default(),
         ))

@@ -13,3 +13,4 @@ mod node_faults;
 mod provisioning;
 mod restart;
 mod sanity;
+mod tenancy;

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::error::{CsiError, CsiResult};
-use super::params::{VolumeContext, VolumeType};
+use super::params::{FileModes, VolumeContext, VolumeType};
 use super::{KeyedLocks, Stores};
 use crate::cache::BlockCache;
 use crate::fs::fetch::{FetchConfig, Fetcher};
@@ -204,6 +204,7 @@ impl NodeVolumes {
             FsOptions {
                 uid: 0,
                 gid: 0,
+                source_modes: state.context.file_modes == FileModes::Source,
                 ..FsOptions::default()
             },
         ));
