@@ -103,6 +103,8 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
     }
     let store = a.store.open_with(ReadTimeouts::default()).await?;
     let version = store.resolve_version(name, version).await?;
+    // Registered before the manifest is loaded: deletes refuse, sweeps keep its objects.
+    let lease = store.lease_mount(name, version).await?;
     let manifest = Arc::new(store.load_manifest(name, version).await?);
     let cfg = FetchConfig {
         deadline: a.read_timeout,
@@ -141,6 +143,7 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!(mountpoint = %a.mountpoint.display(), "unmounting");
     tokio::task::spawn_blocking(move || mounted.unmount()).await??;
+    lease.release().await;
     Ok(())
 }
 

@@ -222,6 +222,10 @@ impl ObjectStore for LocalStore {
         .await
     }
 
+    async fn probe_if_absent(&self, _key: &str) -> Result<bool, StoreError> {
+        Ok(true) // link(2) fails on an existing target, atomically
+    }
+
     async fn put_file(
         &self,
         key: &str,
