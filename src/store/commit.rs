@@ -84,7 +84,10 @@ impl Store {
             .conditional
             .get_or_try_init(|| async {
                 let id = format!("{:032x}", rand::random::<u128>());
-                let ok = self.objects.probe_if_absent(&layout::probe_key(&id)).await?;
+                let ok = self
+                    .objects
+                    .probe_if_absent(&layout::probe_key(&id))
+                    .await?;
                 if !ok {
                     tracing::warn!(
                         store = %self.url,
@@ -173,7 +176,11 @@ impl Store {
             }
             match self
                 .objects
-                .put(&layout::manifest_key(name, version), compressed.clone(), true)
+                .put(
+                    &layout::manifest_key(name, version),
+                    compressed.clone(),
+                    true,
+                )
                 .await
             {
                 Ok(()) => {
@@ -192,7 +199,11 @@ impl Store {
                 }
                 Err(StoreError::AlreadyExists { .. }) => {
                     // Only a writer that ignores claims (an older datastore) gets here.
-                    tracing::warn!(datastore = name, version, "manifest written by another writer");
+                    tracing::warn!(
+                        datastore = name,
+                        version,
+                        "manifest written by another writer"
+                    );
                     version += 1;
                 }
                 Err(e) => return Err(e.into()),

@@ -68,8 +68,7 @@ impl Store {
         let mut backoff = std::time::Duration::from_millis(100);
         let mut now = lease.server_now_ns();
         loop {
-            let sweeps =
-                lease::live_leases(&*self.objects, name, LeaseKind::Gc, now, None).await?;
+            let sweeps = lease::live_leases(&*self.objects, name, LeaseKind::Gc, now, None).await?;
             if sweeps.is_empty() {
                 break;
             }
@@ -185,7 +184,8 @@ impl Store {
 
     async fn sweep_inner(&self, name: &str, marker: &Lease) -> Result<Swept> {
         let now = marker.server_now_ns();
-        let uploads = lease::live_leases(&*self.objects, name, LeaseKind::Upload, now, None).await?;
+        let uploads =
+            lease::live_leases(&*self.objects, name, LeaseKind::Upload, now, None).await?;
         if !uploads.is_empty() {
             let why = format!("uploads in progress ({})", holders(&uploads));
             tracing::info!(datastore = name, %why, "sweep deferred");
@@ -232,7 +232,10 @@ impl Store {
         };
         for batch in garbage.chunks(DELETE_BATCH) {
             marker.ensure_held()?;
-            let keys: Vec<String> = batch.iter().map(|id| layout::object_key(name, id)).collect();
+            let keys: Vec<String> = batch
+                .iter()
+                .map(|id| layout::object_key(name, id))
+                .collect();
             self.objects.delete(&keys).await?;
             swept.objects += batch.len() as u64;
             swept.bytes += batch.iter().filter_map(|id| sizes.get(id)).sum::<u64>();
@@ -245,7 +248,12 @@ impl Store {
         marker.ensure_held()?;
         self.objects.delete(&done).await?;
         // Leases of processes that died long ago.
-        for kind in [LeaseKind::Upload, LeaseKind::Mount, LeaseKind::Gc, LeaseKind::Commit] {
+        for kind in [
+            LeaseKind::Upload,
+            LeaseKind::Mount,
+            LeaseKind::Gc,
+            LeaseKind::Commit,
+        ] {
             let stale = lease::stale_leases(&*self.objects, name, kind, now).await?;
             self.objects.delete(&stale).await?;
         }
@@ -288,7 +296,8 @@ impl Store {
             }
         };
         refuse_if_mounted(self.live_mounts(name, None, now).await?)?;
-        let uploads = lease::live_leases(&*self.objects, name, LeaseKind::Upload, now, None).await?;
+        let uploads =
+            lease::live_leases(&*self.objects, name, LeaseKind::Upload, now, None).await?;
         if !uploads.is_empty() {
             return Err(Error::Busy {
                 name: name.to_owned(),
@@ -317,8 +326,7 @@ impl Store {
                 // Live leases stay: their holders delete them (an upload or mount that
                 // registered meanwhile must not lose its lease). Ours goes last.
                 let keep = o.key == marker.key()
-                    || (o.key.starts_with(&leases)
-                        && lease::is_live(now, o.modified_ns, long_ttl));
+                    || (o.key.starts_with(&leases) && lease::is_live(now, o.modified_ns, long_ttl));
                 futures::future::ok((!keep).then_some(o.key))
             })
             .try_collect()

@@ -136,7 +136,10 @@ mod tests {
         assert_eq!(parse_manifest_key("ds", &info_key("ds", 12)), None);
         assert_eq!(parse_version_number("ds", &info_key("ds", 12)), Some(12));
         assert_eq!(parse_trash_key("ds", &trash_manifest_key("ds", 3)), Some(3));
-        assert_eq!(parse_high_water_key("ds", &high_water_key("ds", 9)), Some(9));
+        assert_eq!(
+            parse_high_water_key("ds", &high_water_key("ds", 9)),
+            Some(9)
+        );
         assert_eq!(parse_high_water_key("d", &high_water_key("ds", 9)), None);
     }
 }

@@ -153,6 +153,13 @@ impl Fence {
         self.lapsed || self.held_until().is_some_and(|u| now >= u)
     }
 
+    /// Time from `now` to the end of the last write's window (whether or not it lapsed).
+    pub fn until_expiry(&self, now: Instant) -> Duration {
+        self.held_until()
+            .map(|u| u.saturating_duration_since(now))
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// How long the lease stays held from `now` without another write.
     pub fn remaining(&self, now: Instant) -> Duration {
         match self.held_until() {
@@ -187,7 +194,9 @@ impl Shared {
     /// Writes the lease and reads back its store timestamp; updates the fence.
     async fn write(&self) -> Result<i64, StoreError> {
         let sent = Instant::now();
-        self.objects.put(&self.key, self.body.clone(), false).await?;
+        self.objects
+            .put(&self.key, self.body.clone(), false)
+            .await?;
         let head = self.objects.head(&self.key).await?;
         let done = Instant::now();
         let Some(info) = head else {
@@ -347,17 +356,23 @@ pub struct LeaseLost {
 
 async fn refresh_loop(shared: Arc<Shared>, kind: LeaseKind, ttl: Duration) {
     let mut warned = false;
+    let mut failed = false;
     loop {
-        let fence = shared.fence();
-        let wait = (ttl / 3).min(fence.remaining(Instant::now()) / 2);
-        tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
-        match shared.write().await {
-            Ok(_) => {}
+        let wait = if failed {
+            Duration::from_secs(1)
+        } else {
+            // Every ttl/3, and never later than halfway to the end of the held window.
+            let left = shared.fence().until_expiry(Instant::now());
+            (ttl / 3).min(left / 2).max(Duration::from_millis(200))
+        };
+        tokio::time::sleep(wait).await;
+        failed = match shared.write().await {
+            Ok(_) => false,
             Err(e) => {
                 tracing::warn!(key = %shared.key, error = %e, "lease refresh failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                true
             }
-        }
+        };
         if !warned && shared.fence().lapsed(Instant::now()) {
             warned = true;
             match kind {
@@ -471,10 +486,7 @@ mod tests {
             Duration::from_secs(7)
         );
         // A refresh that lands in time extends it without a gap.
-        f.on_success(
-            t0 + Duration::from_secs(10),
-            t0 + Duration::from_secs(11),
-        );
+        f.on_success(t0 + Duration::from_secs(10), t0 + Duration::from_secs(11));
         assert!(f.held(t0 + Duration::from_secs(26)));
         assert!(!f.lapsed(t0 + Duration::from_secs(26)));
     }
@@ -488,7 +500,10 @@ mod tests {
         // The store was unreachable: the next write only got through after 18 s.
         f.on_success(t0 + Duration::from_secs(5), t0 + Duration::from_secs(18));
         assert!(f.lapsed(t0 + Duration::from_secs(18)));
-        assert!(!f.held(t0 + Duration::from_secs(18)), "a gap is never healed");
+        assert!(
+            !f.held(t0 + Duration::from_secs(18)),
+            "a gap is never healed"
+        );
         assert_eq!(f.remaining(t0 + Duration::from_secs(18)), Duration::ZERO);
         // An answer that arrives out of order does not move the fence back.
         let mut g = Fence::new(ttl);
