@@ -14,15 +14,18 @@
 //!   manifest (the version is gone), then sweep.
 //! - **Sweep** ([`Store::sweep`]): write a `gc` lease, *then* list `upload` leases. If one is
 //!   live, delete nothing (the garbage stays for a later delete or `datastore gc`). Otherwise
-//!   the referenced set is every committed manifest plus the trashed manifests a live mount
-//!   lease names; every other object of the datastore is deleted, checking the sweep's own
-//!   lease before each batch; then trashed manifests no mount needs are removed.
+//!   load every committed manifest, *then* list mount leases, *then* the trash: the referenced
+//!   set is the committed manifests plus the trashed manifests a live mount lease names; every
+//!   other object of the datastore is deleted, checking the sweep's own lease before each
+//!   batch; then trashed manifests that no mount needs and that are no longer committed are
+//!   removed (a trashed manifest that is still committed belongs to a delete in progress).
 //!
 //! Why this is safe: an uploader and a sweeper each write their own lease before reading the
 //! other's kind, so on a strongly consistent store at least one sees the other (the uploader
-//! waits, or the sweeper skips). A mount that loaded a manifest wrote its lease before, and the
-//! sweep lists mount leases after the manifest was moved to the trash, so it keeps that
-//! version's objects. A lease judged expired by the store's clock is one its holder already
+//! waits, or the sweeper skips). A mount that loaded a manifest wrote its lease before; if the
+//! sweep did not find that manifest committed, the manifest was deleted before the sweep
+//! looked, hence after the mount's lease was written and after the trash copy: the sweep's later
+//! listings of mount leases and of the trash see both, so it keeps that version's objects. A lease judged expired by the store's clock is one its holder already
 //! stopped relying on (see `lease`). Leases of crashed processes expire after their TTL.
 
 use std::collections::{HashMap, HashSet};
@@ -32,6 +35,7 @@ use futures::TryStreamExt;
 
 use super::lease::{self, Lease, LeaseKind};
 use super::manifest::Manifest;
+use super::object::StoreError;
 use super::{Error, Result, Store, layout, names, store_blobs};
 
 /// Objects deleted per request (S3's DeleteObjects limit).
@@ -194,6 +198,21 @@ impl Store {
                 ..Swept::default()
             });
         }
+        // Order matters (see the module docs): committed manifests first, then mount leases,
+        // then the trash. A version deleted after it was listed here is in the trash by the
+        // time the trash is listed, and a mount that loaded it registered before that.
+        let mut referenced: HashSet<[u8; 32]> = HashSet::new();
+        let mut committed = HashSet::new();
+        for v in self.versions(name).await? {
+            match self.load_manifest(name, v).await {
+                Ok(m) => {
+                    committed.insert(v);
+                    referenced.extend(store_blobs(&m).into_keys());
+                }
+                Err(Error::NoSuchVersion { .. }) => {} // deleted meanwhile: see the trash
+                Err(e) => return Err(e),
+            }
+        }
         let mounts = lease::live_leases(&*self.objects, name, LeaseKind::Mount, now, None).await?;
         let mounted: HashSet<u64> = mounts.iter().filter_map(|l| l.body.version).collect();
         let trash: Vec<u64> = self
@@ -204,21 +223,26 @@ impl Store {
             .await?;
         // Sizes of what trashed versions referenced, for the report.
         let mut sizes: HashMap<[u8; 32], u64> = HashMap::new();
-        let mut referenced: HashSet<[u8; 32]> = HashSet::new();
         let mut kept_for_mounts = Vec::new();
+        let mut done = Vec::new();
         for v in &trash {
-            let m = self.load_trash(name, *v).await?;
+            let m = match self.load_trash(name, *v).await {
+                Ok(m) => m,
+                // Another sweep finished with it meanwhile (then no mount can need it).
+                Err(Error::Store(StoreError::NotFound { .. })) => continue,
+                Err(e) => return Err(e),
+            };
             let blobs = store_blobs(&m);
             if mounted.contains(v) {
                 kept_for_mounts.push(*v);
                 referenced.extend(blobs.keys());
+            } else if committed.contains(v) {
+                // A delete in progress (or one that crashed before removing the manifest):
+                // its own sweep decides; a mount may still register until the manifest goes.
             } else {
                 sizes.extend(blobs);
+                done.push(layout::trash_manifest_key(name, *v));
             }
-        }
-        for v in self.versions(name).await? {
-            let m = self.load_manifest(name, v).await?;
-            referenced.extend(store_blobs(&m).into_keys());
         }
         let garbage: Vec<[u8; 32]> = self
             .object_ids(name)
@@ -240,11 +264,6 @@ impl Store {
             swept.objects += batch.len() as u64;
             swept.bytes += batch.iter().filter_map(|id| sizes.get(id)).sum::<u64>();
         }
-        let done: Vec<String> = trash
-            .iter()
-            .filter(|v| !swept.kept_for_mounts.contains(v))
-            .map(|v| layout::trash_manifest_key(name, *v))
-            .collect();
         marker.ensure_held()?;
         self.objects.delete(&done).await?;
         // Leases of processes that died long ago.

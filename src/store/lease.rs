@@ -408,10 +408,8 @@ pub async fn live_leases(
         if Some(o.key.as_str()) == except {
             continue;
         }
-        let body = match objects.get(&o.key).await {
-            Ok(b) => b,
-            Err(StoreError::NotFound { .. }) => continue, // released meanwhile
-            Err(e) => return Err(e),
+        let Some(body) = get_lease(objects, &o.key).await? else {
+            continue; // released meanwhile
         };
         let body: LeaseBody = match serde_json::from_slice(&body) {
             Ok(b) => b,
@@ -435,6 +433,23 @@ pub async fn live_leases(
         }
     }
     Ok(out)
+}
+
+/// Reads a lease body; `None` once it is gone. Leases are rewritten and deleted all the time,
+/// so a read that races with that is retried.
+async fn get_lease(objects: &dyn ObjectStore, key: &str) -> Result<Option<Bytes>, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match objects.get(key).await {
+            Ok(b) => return Ok(Some(b)),
+            Err(StoreError::NotFound { .. }) => return Ok(None),
+            Err(e) if e.is_transient() && attempt < 4 => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Leases of `kind` that expired long ago (ten TTLs), for cleanup by a sweep.

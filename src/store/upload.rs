@@ -280,8 +280,13 @@ pub async fn create_from_dir(
         .store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
     tracing::info!(datastore = name, source = %src.display(), files = files.len(), "scanned source");
 
+    // Only a hint (unchanged files are not re-read): a version deleted meanwhile is no error.
     let previous = match store.latest(name).await? {
-        Some(v) => Some(store.load_manifest(name, v).await?),
+        Some(v) => match store.load_manifest(name, v).await {
+            Ok(m) => Some(m),
+            Err(Error::NoSuchVersion { .. }) => None,
+            Err(e) => return Err(e),
+        },
         None => None,
     };
     // The lease goes first: a sweep that misses it must be one this upload waited for.

@@ -140,10 +140,25 @@ fn stress(target: &Target, rounds: u64, kill_seed: Option<u64>) {
                 continue;
             }
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(
-                out.status.success(),
-                "round {round}: a process failed: {err}"
-            );
+            if !out.status.success() {
+                let (now, keys) = rt().block_on(async {
+                    use futures::TryStreamExt;
+                    let keys: Vec<String> = target
+                        .api
+                        .objects()
+                        .list("datastores/stress/")
+                        .map_ok(|o| o.key)
+                        .try_filter(|k| futures::future::ready(!k.contains("/objects/")))
+                        .try_collect()
+                        .await
+                        .unwrap_or_default();
+                    (target.api.versions(NAME).await, keys)
+                });
+                panic!(
+                    "round {round}: a process failed: {}\nversions now {now:?}; keys {keys:?}",
+                    err.trim()
+                );
+            }
             match job {
                 Job::Create { source } => {
                     let v: u64 = String::from_utf8_lossy(&out.stdout)
