@@ -50,6 +50,9 @@ pub enum Command {
     Versions(store_cmds::VersionsArgs),
     /// Delete a datastore, or one of its versions.
     Delete(store_cmds::DeleteArgs),
+    /// Delete the objects no version of a datastore uses any more (garbage of deletes that
+    /// ran while an upload was in progress, and of interrupted uploads).
+    Gc(store_cmds::GcArgs),
     /// Mount a datastore version read-only; runs until SIGINT or SIGTERM.
     Mount(mount::MountArgs),
     /// Run the CSI driver (controller, node or both) on a Unix socket.
@@ -177,6 +180,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::List(a) => store_cmds::list(a).await,
         Command::Versions(a) => store_cmds::versions(a).await,
         Command::Delete(a) => store_cmds::delete(a).await,
+        Command::Gc(a) => store_cmds::gc(a).await,
         Command::Mount(a) => mount::run(a).await,
         Command::Csi(a) => csi::run(*a).await,
         Command::FdHolder(a) => tokio::task::spawn_blocking(move || csi::fd_holder(a)).await?,

@@ -107,6 +107,16 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
     }
     let store = a.store.open_with(ReadTimeouts::default()).await?;
     let version = store.resolve_version(name, version).await?;
+    // Registered before the manifest is loaded: deletes refuse, sweeps keep its objects.
+    let lease = match store.lease_mount(name, version).await {
+        Ok(l) => Some(l),
+        // Read-only credentials can still mount; deletes just cannot see this mount.
+        Err(crate::store::Error::Store(e @ crate::store::object::StoreError::Denied { .. })) => {
+            tracing::warn!(error = %e, "cannot register the mount (read-only access?): a delete of this version would not wait for it");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
     let manifest = Arc::new(store.load_manifest(name, version).await?);
     let cfg = FetchConfig {
         deadline: a.read_timeout,
@@ -146,6 +156,9 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
     wait_for_signal().await?;
     tracing::info!(mountpoint = %a.mountpoint.display(), "unmounting");
     tokio::task::spawn_blocking(move || mounted.unmount()).await??;
+    if let Some(l) = lease {
+        l.release().await;
+    }
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! `create`, `list`, `versions` and `delete` against a store.
+//! `create`, `list`, `versions`, `delete` and `gc` against a store.
 
 use std::path::PathBuf;
 
@@ -58,6 +58,14 @@ pub struct DeleteArgs {
     /// Delete only this version (and the objects no other version uses).
     #[arg(long)]
     pub version: Option<u64>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GcArgs {
+    /// Datastore name.
+    pub name: String,
     #[command(flatten)]
     pub store: StoreArgs,
 }
@@ -180,12 +188,9 @@ pub async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
     match a.version {
         Some(v) => {
             store.resolve_version(&a.name, Some(v)).await?;
-            let (objects, bytes) = store.delete_version(&a.name, v).await?;
-            eprintln!(
-                "deleted {}@{v}: {objects} objects, {} freed",
-                a.name,
-                bytesize::ByteSize(bytes)
-            );
+            let swept = store.delete_version(&a.name, v).await?;
+            eprintln!("deleted {}@{v}", a.name);
+            report_sweep(&a.name, &swept);
         }
         None => {
             if store.versions(&a.name).await?.is_empty()
@@ -198,4 +203,31 @@ pub async fn delete(a: DeleteArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+pub async fn gc(a: GcArgs) -> anyhow::Result<()> {
+    validate_datastore_name(&a.name)?;
+    let store = a.store.open().await?;
+    let swept = store.sweep(&a.name).await?;
+    report_sweep(&a.name, &swept);
+    Ok(())
+}
+
+fn report_sweep(name: &str, s: &crate::store::gc::Swept) {
+    match &s.deferred {
+        Some(why) => eprintln!(
+            "{name}: unused objects stay for now: {why}; `datastore gc {name}` collects them later"
+        ),
+        None => eprintln!(
+            "{name}: {} unused objects removed, {} freed",
+            s.objects,
+            bytesize::ByteSize(s.bytes)
+        ),
+    }
+    if !s.kept_for_mounts.is_empty() {
+        eprintln!(
+            "{name}: objects of deleted versions {:?} stay while they are mounted",
+            s.kept_for_mounts
+        );
+    }
 }

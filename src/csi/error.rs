@@ -82,6 +82,8 @@ impl From<crate::store::Error> for CsiError {
             E::NoSuchDatastore(_) | E::NoSuchVersion { .. } => CsiError::NotFound(msg),
             E::Name(_) | E::BadUrl(_) => CsiError::Invalid(msg),
             E::Manifest(_) | E::Json { .. } | E::Source(_) => CsiError::Internal(msg),
+            E::Mounted { .. } => CsiError::FailedPrecondition(msg),
+            E::Busy { .. } | E::LeaseLost(_) => CsiError::Unavailable(msg),
         }
     }
 }

@@ -181,8 +181,17 @@ async fn prune(store: &Store, ns: &str, name: &str, versions: &[VersionStatus], 
         if in_use.contains(&v.number) {
             continue;
         }
-        store.delete_version(name, v.number).await?;
-        tracing::info!(namespace = ns, datastore = name, version = v.number, "pruned version");
+        match store.delete_version(name, v.number).await {
+            Ok(swept) => {
+                tracing::info!(namespace = ns, datastore = name, version = v.number, objects = swept.objects, deferred = ?swept.deferred, "pruned version");
+            }
+            // Mounted outside Kubernetes' view (inline volume, CLI mount): prune it later.
+            Err(crate::store::Error::Mounted { holders, .. }) => {
+                tracing::info!(namespace = ns, datastore = name, version = v.number, holders = ?holders, "version is mounted; not pruned for now");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
         pruned.push(v.number);
     }
     Ok(pruned)

@@ -280,6 +280,11 @@ pub async fn import_from_s3(
         }
     }
 
+    // Copies rely on a snapshot of present objects: register first (see `gc`).
+    let lease = match opts.mode {
+        ImportMode::Copy => Some(store.begin_upload(name).await?),
+        ImportMode::Reference => None,
+    };
     if opts.mode == ImportMode::Copy {
         let present = Arc::new(Mutex::new(store.object_ids(name).await?));
         let to_copy = &to_copy;
@@ -331,7 +336,12 @@ pub async fn import_from_s3(
         transferred_bytes: progress.bytes_transferred.load(Ordering::Relaxed),
         manifest_bytes: 0,
     };
-    let version = store.commit_version(name, info.clone(), &manifest).await?;
+    let version = store
+        .commit_guarded(name, info.clone(), &manifest, lease.as_ref())
+        .await?;
+    if let Some(l) = lease {
+        l.release().await;
+    }
     tracing::info!(datastore = name, version, source = %source.url(), mode = opts.mode.as_str(), "committed version");
     Ok(Report {
         version,

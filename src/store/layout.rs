@@ -1,13 +1,18 @@
 //! Where things live in a store. The only place that builds object keys.
 //!
 //! ```text
-//! datastores/<name>/versions/<N>/version.json   what the version is (written first)
+//! datastores/<name>/versions/<N>/version.json   claims number N (written first, if absent)
 //! datastores/<name>/versions/<N>/manifest       all metadata; its presence commits version N
 //! datastores/<name>/objects/<aa>/<id>           one plain object per file content (sha256 id)
+//! datastores/<name>/leases/<kind>/<id>          live uploads, mounts, sweeps (see `lease`)
+//! datastores/<name>/trash/<N>/manifest          a deleted version's manifest, until swept
+//! high-water/<name>/<N>                         N was used: numbers never go below it again
+//! probes/<id>                                   a short-lived conditional-write probe
 //! ```
 //! Objects are content-addressed per datastore: a new version reuses every unchanged object,
-//! a re-run after an interrupted upload finds what is already there, and deleting a version
-//! removes exactly the objects no other version of the datastore references.
+//! a re-run after an interrupted upload finds what is already there, and a sweep (`gc`)
+//! removes exactly the objects no committed (or still mounted) version references.
+//! `high-water/` lives outside `datastores/<name>/` so that it survives deleting the datastore.
 
 /// Top-level folder of all datastores in a store.
 pub const ROOT: &str = "datastores/";
@@ -41,6 +46,54 @@ pub fn tree_prefix(name: &str, version: u64) -> String {
 /// Written once a version's tree is complete.
 pub fn tree_marker_key(name: &str, version: u64) -> String {
     format!("{ROOT}{name}/versions/{version}/tree.json")
+}
+
+/// Where a deleted version's manifest waits for the sweep that removes its objects.
+pub fn trash_manifest_key(name: &str, version: u64) -> String {
+    format!("{ROOT}{name}/trash/{version}/manifest")
+}
+
+pub fn trash_prefix(name: &str) -> String {
+    format!("{ROOT}{name}/trash/")
+}
+
+/// The version number of a key `datastores/<name>/trash/<N>/manifest`.
+pub fn parse_trash_key(name: &str, key: &str) -> Option<u64> {
+    let rest = key.strip_prefix(&trash_prefix(name))?;
+    let (n, file) = rest.split_once('/')?;
+    (file == "manifest").then(|| n.parse().ok()).flatten()
+}
+
+/// Leases of one kind (`upload`, `mount`, `gc`, `commit`).
+pub fn leases_prefix(name: &str, kind: &str) -> String {
+    format!("{ROOT}{name}/leases/{kind}/")
+}
+
+pub fn lease_key(name: &str, kind: &str, id: &str) -> String {
+    format!("{ROOT}{name}/leases/{kind}/{id}")
+}
+
+pub fn high_water_prefix(name: &str) -> String {
+    format!("high-water/{name}/")
+}
+
+pub fn high_water_key(name: &str, version: u64) -> String {
+    format!("high-water/{name}/{version}")
+}
+
+/// The number of a high-water key of `name`.
+pub fn parse_high_water_key(name: &str, key: &str) -> Option<u64> {
+    key.strip_prefix(&high_water_prefix(name))?.parse().ok()
+}
+
+/// The version number of any key below `datastores/<name>/versions/<N>/`.
+pub fn parse_version_number(name: &str, key: &str) -> Option<u64> {
+    let rest = key.strip_prefix(&versions_prefix(name))?;
+    rest.split_once('/')?.0.parse().ok()
+}
+
+pub fn probe_key(id: &str) -> String {
+    format!("probes/{id}")
 }
 
 pub fn objects_prefix(name: &str) -> String {
@@ -81,5 +134,12 @@ mod tests {
         assert_eq!(parse_object_key("other", &k), None);
         assert_eq!(parse_manifest_key("ds", &manifest_key("ds", 12)), Some(12));
         assert_eq!(parse_manifest_key("ds", &info_key("ds", 12)), None);
+        assert_eq!(parse_version_number("ds", &info_key("ds", 12)), Some(12));
+        assert_eq!(parse_trash_key("ds", &trash_manifest_key("ds", 3)), Some(3));
+        assert_eq!(
+            parse_high_water_key("ds", &high_water_key("ds", 9)),
+            Some(9)
+        );
+        assert_eq!(parse_high_water_key("d", &high_water_key("ds", 9)), None);
     }
 }

@@ -3,6 +3,8 @@
 //! Keys map to files below the root. Every write goes to a temporary file in `<root>/.tmp` and
 //! is renamed into place, so a reader never sees half an object; `if_absent` writes use
 //! `link(2)`, which fails when the target exists, so two writers cannot both commit a version.
+//! Deletes remove directories they leave empty; a write that loses that race to its parent
+//! directory creates it again.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;
@@ -97,21 +99,37 @@ impl Target {
             fill(&mut f)?;
             f.sync_data()
                 .map_err(|e| StoreError::io(format!("syncing {key}"), e))?;
-            if let Some(parent) = dest.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| StoreError::io(format!("creating {}", parent.display()), e))?;
-            }
-            if if_absent {
-                match std::fs::hard_link(&tmp, &dest) {
+            // A concurrent delete prunes directories it left empty, possibly the one just
+            // created here: then create it again (a few times; each race needs a new delete).
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let retry = attempt < 8;
+                if let Some(parent) = dest.parent() {
+                    match std::fs::create_dir_all(parent) {
+                        Ok(()) => {}
+                        Err(_) if retry => continue,
+                        Err(e) => {
+                            return Err(StoreError::io(
+                                format!("creating {}", parent.display()),
+                                e,
+                            ));
+                        }
+                    }
+                }
+                let placed = if if_absent {
+                    std::fs::hard_link(&tmp, &dest)
+                } else {
+                    std::fs::rename(&tmp, &dest)
+                };
+                return match placed {
                     Ok(()) => Ok(()),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound && retry => continue,
+                    Err(e) if if_absent && e.kind() == std::io::ErrorKind::AlreadyExists => {
                         Err(StoreError::AlreadyExists { what: key.clone() })
                     }
                     Err(e) => Err(StoreError::io(format!("committing {key}"), e)),
-                }
-            } else {
-                std::fs::rename(&tmp, &dest)
-                    .map_err(|e| StoreError::io(format!("committing {key}"), e))
+                };
             }
         })();
         let _ = std::fs::remove_file(&tmp);
@@ -220,6 +238,10 @@ impl ObjectStore for LocalStore {
             })
         })
         .await
+    }
+
+    async fn probe_if_absent(&self, _key: &str) -> Result<bool, StoreError> {
+        Ok(true) // link(2) fails on an existing target, atomically
     }
 
     async fn put_file(

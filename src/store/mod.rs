@@ -1,12 +1,17 @@
 //! Datastores and their versions in an object store.
 //!
 //! A store is `s3://BUCKET[/PREFIX]` or a local directory (also `file:///…`); see [`StoreUrl`].
-//! This module is the one that knows what a version is: a `version.json`, a manifest written
-//! last (its presence is the commit), and content-addressed objects ([`layout`]). Uploads and
-//! imports live in [`upload`] and [`import`]; the mount reads through [`Store::read_blob`].
+//! This module is the one that knows what a version is: a `version.json` (the claim of its
+//! number), a manifest written last (its presence is the commit), and content-addressed
+//! objects ([`layout`]). Uploads and imports live in [`upload`] and [`import`], the commit
+//! protocol in [`commit`], deletes and the sweep that collects objects in [`gc`] (built on
+//! [`lease`]); the mount reads through [`Store::read_blob`].
 
+pub mod commit;
+pub mod gc;
 pub mod import;
 pub mod layout;
+pub mod lease;
 pub mod local;
 pub mod manifest;
 pub mod names;
@@ -57,6 +62,27 @@ pub enum Error {
     },
     #[error("{0}")]
     Source(String),
+    #[error("{}", mounted_message(name, *version, holders))]
+    Mounted {
+        name: String,
+        version: Option<u64>,
+        holders: Vec<String>,
+    },
+    #[error("datastore {name:?} is busy: {what}; try again later")]
+    Busy { name: String, what: String },
+    #[error(transparent)]
+    LeaseLost(#[from] lease::LeaseLost),
+}
+
+fn mounted_message(name: &str, version: Option<u64>, holders: &[String]) -> String {
+    let what = match version {
+        Some(v) => format!("version {v} of datastore {name:?} is"),
+        None => format!("datastore {name:?} is"),
+    };
+    format!(
+        "{what} mounted (by {}); unmount it first",
+        holders.join(", ")
+    )
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -185,6 +211,8 @@ pub struct Store {
     objects: Arc<dyn ObjectStore>,
     s3: Arc<OnceCell<S3Client>>,
     s3_options: S3Options,
+    /// Whether the store honours conditional writes (probed on the first commit).
+    conditional: Arc<OnceCell<bool>>,
 }
 
 impl Store {
@@ -204,6 +232,7 @@ impl Store {
             objects,
             s3,
             s3_options,
+            conditional: Arc::new(OnceCell::new()),
         })
     }
 
@@ -218,6 +247,7 @@ impl Store {
             objects,
             s3: Arc::new(OnceCell::new()),
             s3_options,
+            conditional: Arc::new(OnceCell::new()),
         }
     }
 
@@ -318,45 +348,6 @@ impl Store {
         Ok(m)
     }
 
-    /// Commits a new version: writes `version.json`, then the manifest, only if that version
-    /// number is still free; on a race with another writer, takes the next number.
-    pub async fn commit_version(
-        &self,
-        name: &str,
-        mut info: VersionInfo,
-        manifest: &Manifest,
-    ) -> Result<u64> {
-        let compressed = Bytes::from(manifest.to_compressed()?);
-        info.manifest_bytes = compressed.len() as u64;
-        let mut version = self.latest(name).await?.unwrap_or(0) + 1;
-        for _ in 0..16 {
-            info.version = version;
-            let json = serde_json::to_vec_pretty(&info).map_err(|source| Error::Json {
-                what: format!("{name}@{version}"),
-                source,
-            })?;
-            self.objects
-                .put(&layout::info_key(name, version), Bytes::from(json), false)
-                .await?;
-            match self
-                .objects
-                .put(
-                    &layout::manifest_key(name, version),
-                    compressed.clone(),
-                    true,
-                )
-                .await
-            {
-                Ok(()) => return Ok(version),
-                Err(StoreError::AlreadyExists { .. }) => version += 1,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(Error::Source(format!(
-            "could not find a free version number for {name} after 16 tries"
-        )))
-    }
-
     /// Ids of all objects of `name` present in the store.
     pub async fn object_ids(&self, name: &str) -> Result<HashSet<[u8; 32]>> {
         Ok(self
@@ -365,61 +356,6 @@ impl Store {
             .try_filter_map(|o| futures::future::ok(layout::parse_object_key(name, &o.key)))
             .try_collect()
             .await?)
-    }
-
-    /// Deletes one version and the objects no other version uses. Returns (objects, bytes)
-    /// removed. The manifest goes first, so the version disappears before its data does.
-    pub async fn delete_version(&self, name: &str, version: u64) -> Result<(u64, u64)> {
-        let target = self.load_manifest(name, version).await?;
-        let mut owned = store_blobs(&target);
-        for other in self.versions(name).await? {
-            if other != version && !owned.is_empty() {
-                let m = self.load_manifest(name, other).await?;
-                for (id, _) in store_blobs(&m) {
-                    owned.remove(&id);
-                }
-            }
-        }
-        self.objects
-            .delete(&[layout::manifest_key(name, version)])
-            .await?;
-        self.objects
-            .delete(&[layout::info_key(name, version), layout::tree_marker_key(name, version)])
-            .await?;
-        // The exported tree of a high-performance version, if one was made.
-        let tree: Vec<String> = self
-            .objects
-            .list(&layout::tree_prefix(name, version))
-            .map_ok(|o| o.key)
-            .try_collect()
-            .await?;
-        self.objects.delete(&tree).await?;
-        let keys: Vec<String> = owned
-            .keys()
-            .map(|id| layout::object_key(name, id))
-            .collect();
-        let bytes = owned.values().sum();
-        self.objects.delete(&keys).await?;
-        Ok((keys.len() as u64, bytes))
-    }
-
-    /// Deletes a datastore: every version (manifests first), then every object under it.
-    pub async fn delete_datastore(&self, name: &str) -> Result<u64> {
-        let versions = self.versions(name).await?;
-        let manifests: Vec<String> = versions
-            .iter()
-            .map(|v| layout::manifest_key(name, *v))
-            .collect();
-        self.objects.delete(&manifests).await?;
-        let keys: Vec<String> = self
-            .objects
-            .list(&layout::datastore_prefix(name))
-            .map_ok(|o| o.key)
-            .try_collect()
-            .await?;
-        let n = keys.len() as u64;
-        self.objects.delete(&keys).await?;
-        Ok(n)
     }
 
     /// Streams `range` of a file's content (of `size` bytes) from wherever it lives (one

@@ -160,6 +160,10 @@ pub trait ObjectStore: Send + Sync + Debug + 'static {
     /// replacing an existing object.
     async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError>;
 
+    /// Whether "only if absent" writes are honoured: writes `key`, writes it again only if
+    /// absent (which must fail), and deletes it. `false` means `put(.., true)` may overwrite.
+    async fn probe_if_absent(&self, key: &str) -> Result<bool, StoreError>;
+
     /// Uploads a local file (multipart when large) and returns the sha256 of the bytes sent, so
     /// that the caller can detect a file that changed while it was being uploaded.
     async fn put_file(

@@ -606,6 +606,31 @@ impl S3Store {
         format!("{}{key}", self.prefix)
     }
 
+    /// One PutObject of a small body, with `If-None-Match: *` when `if_absent`.
+    async fn put_raw(&self, full: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError> {
+        let what = format!("s3://{}/{full}", self.bucket);
+        let started = std::time::Instant::now();
+        let r = self
+            .client
+            .control
+            .put_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .body(SdkBody::from(body))
+            .set_if_none_match(if_absent.then(|| "*".to_owned()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| match map_err(&what, e) {
+                StoreError::Server { status: 412, .. } => {
+                    StoreError::AlreadyExists { what: what.clone() }
+                }
+                e => e,
+            });
+        metrics::s3_request("put", started.elapsed(), r.as_ref().err());
+        r
+    }
+
     async fn put_multipart(
         &self,
         key: &str,
@@ -724,30 +749,27 @@ impl ObjectStore for S3Store {
 
     async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError> {
         let full = self.full_key(key);
-        let what = format!("s3://{}/{full}", self.bucket);
+        // Narrows the window on servers that ignore If-None-Match (commits lock there).
         if if_absent && self.client.head(&self.bucket, &full).await?.is_some() {
+            let what = format!("s3://{}/{full}", self.bucket);
             return Err(StoreError::AlreadyExists { what });
         }
-        let started = std::time::Instant::now();
-        let r = self
-            .client
-            .control
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .body(SdkBody::from(body))
-            .set_if_none_match(if_absent.then(|| "*".to_owned()))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| match map_err(&what, e) {
-                StoreError::Server { status: 412, .. } => {
-                    StoreError::AlreadyExists { what: what.clone() }
-                }
-                e => e,
-            });
-        metrics::s3_request("put", started.elapsed(), r.as_ref().err());
-        r
+        self.put_raw(&full, body, if_absent).await
+    }
+
+    async fn probe_if_absent(&self, key: &str) -> Result<bool, StoreError> {
+        let full = self.full_key(key);
+        self.put_raw(&full, Bytes::from_static(b"probe"), false)
+            .await?;
+        let second = self
+            .put_raw(&full, Bytes::from_static(b"probe"), true)
+            .await;
+        let _ = self.delete(&[key.to_owned()]).await;
+        match second {
+            Err(StoreError::AlreadyExists { .. }) => Ok(true),
+            Ok(()) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn put_file(

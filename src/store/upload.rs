@@ -3,10 +3,12 @@
 //! 1. Walk the source (symlinks and special files follow [`SymlinkPolicy`] and the rule below).
 //! 2. Give every file its content id (sha256). A file whose size and mtime equal those of the
 //!    same path in the previous version reuses that version's id without being read.
-//! 3. Upload, `concurrency` files at a time, only the contents the store does not hold yet
-//!    (one listing of the datastore's objects). This makes a re-run after an interruption
-//!    upload only what is missing, and a new version transfer only what changed.
-//! 4. Commit: `version.json`, then the manifest. Until then no version is visible.
+//! 3. Register the upload (an `upload` lease, see `gc`), then upload, `concurrency` files at a
+//!    time, only the contents the store does not hold yet (one listing of the datastore's
+//!    objects). This makes a re-run after an interruption upload only what is missing, and a
+//!    new version transfer only what changed; no sweep deletes what the listing showed.
+//! 4. Commit: claim a number with `version.json`, then the manifest (see `commit`). Until
+//!    then no version is visible.
 //!
 //! Special files (FIFOs, sockets, devices) are skipped and reported: they have no bytes to
 //! serve. A file that changes while it is uploaded fails the create (its bytes would not match
@@ -278,10 +280,17 @@ pub async fn create_from_dir(
         .store(files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
     tracing::info!(datastore = name, source = %src.display(), files = files.len(), "scanned source");
 
+    // Only a hint (unchanged files are not re-read): a version deleted meanwhile is no error.
     let previous = match store.latest(name).await? {
-        Some(v) => Some(store.load_manifest(name, v).await?),
+        Some(v) => match store.load_manifest(name, v).await {
+            Ok(m) => Some(m),
+            Err(Error::NoSuchVersion { .. }) => None,
+            Err(e) => return Err(e),
+        },
         None => None,
     };
+    // The lease goes first: a sweep that misses it must be one this upload waited for.
+    let lease = store.begin_upload(name).await?;
     let present = Arc::new(Mutex::new(store.object_ids(name).await?));
     let previous = Arc::new(previous);
 
@@ -340,7 +349,10 @@ pub async fn create_from_dir(
         transferred_bytes: progress.bytes_transferred.load(Ordering::Relaxed),
         manifest_bytes: 0,
     };
-    let version = store.commit_version(name, info.clone(), &manifest).await?;
+    let version = store
+        .commit_guarded(name, info.clone(), &manifest, Some(&lease))
+        .await?;
+    lease.release().await;
     let info = VersionInfo { version, ..info };
     tracing::info!(
         datastore = name,

@@ -10,6 +10,8 @@ mod cache;
 mod cli;
 mod faults;
 mod import;
+mod integrity;
+mod stress;
 mod readonly;
 mod roundtrip;
 mod versions;

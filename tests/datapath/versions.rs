@@ -96,10 +96,10 @@ fn two_versions_side_by_side_and_incremental_upload() {
     drop((m1, m2));
 
     // Deleting version 1 removes only what no other version uses: old f00, f01 and f49.
-    let (objects, bytes_freed) = rt()
+    let swept = rt()
         .block_on(store.delete_version("ds", 1))
         .expect("delete v1");
-    assert_eq!((objects, bytes_freed), (3, 3 * 20_000));
+    assert_eq!((swept.objects, swept.bytes), (3, 3 * 20_000));
     assert_eq!(
         rt().block_on(store.versions("ds")).expect("versions"),
         vec![2]

@@ -69,6 +69,8 @@ pub struct Faults {
 struct BucketState {
     counts: Mutex<Counts>,
     faults: Mutex<Faults>,
+    /// Behave like an S3-compatible server that ignores `If-None-Match` on PutObject.
+    ignore_if_none_match: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -163,6 +165,15 @@ impl TestServer {
             .unwrap_or_else(|e| e.into_inner()) = faults;
     }
 
+    /// Makes a bucket ignore `If-None-Match: *` on PutObject (as some S3-compatible servers
+    /// do): a conditional PUT then overwrites like a plain one. Default: honoured, atomically.
+    pub fn set_ignore_if_none_match(&self, bucket: &str, ignore: bool) {
+        self.shared
+            .bucket(bucket)
+            .ignore_if_none_match
+            .store(ignore, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Stops serving: closes the listener and every connection.
     pub fn stop(&mut self) {
         if let Some(rt) = self.runtime.take() {
@@ -206,7 +217,7 @@ fn spawn(
     let std_listener = std::net::TcpListener::bind(addr)?;
     std_listener.set_nonblocking(true)?;
     let addr = std_listener.local_addr()?;
-    let fs = Fast::new(root)?;
+    let fs = Fast::new(root, shared.clone())?;
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
     let service = builder.build();
@@ -379,19 +390,25 @@ impl ResetAfter for BoxBody<Bytes, BoxError> {
     }
 }
 
-/// s3s-fs with a faster, If-Match-aware GetObject (see the crate docs).
+/// s3s-fs with a faster, If-Match-aware GetObject (see the crate docs), and conditional
+/// PutObject made atomic like S3's: s3s-fs checks `If-None-Match` and then writes, so two
+/// concurrent conditional PUTs of one key could both succeed; here they are serialized.
 struct Fast {
     inner: s3s_fs::FileSystem,
     root: PathBuf,
+    shared: Arc<Shared>,
+    conditional_puts: tokio::sync::Mutex<()>,
 }
 
 impl Fast {
-    fn new(root: &Path) -> std::io::Result<Fast> {
+    fn new(root: &Path, shared: Arc<Shared>) -> std::io::Result<Fast> {
         let inner =
             s3s_fs::FileSystem::new(root).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         Ok(Fast {
             inner,
             root: root.canonicalize()?,
+            shared,
+            conditional_puts: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -478,8 +495,21 @@ impl S3 for Fast {
 
     async fn put_object(
         &self,
-        req: S3Request<PutObjectInput>,
+        mut req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
+        if req.input.if_none_match.is_none() && req.input.if_match.is_none() {
+            return self.inner.put_object(req).await;
+        }
+        let ignore = self
+            .shared
+            .bucket(&req.input.bucket)
+            .ignore_if_none_match
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if ignore {
+            req.input.if_none_match = None;
+            return self.inner.put_object(req).await;
+        }
+        let _serialized = self.conditional_puts.lock().await;
         self.inner.put_object(req).await
     }
 
