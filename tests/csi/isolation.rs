@@ -130,3 +130,112 @@ fn a_forged_object_in_one_namespace_never_reaches_another() {
     assert!(std::fs::read(format!("{b2}/y.bin")).expect("read") == y, "B's y.bin (after)");
     unpublish(&d, "b2", &b2);
 }
+
+/// Issue 11, hole 8: staging and target paths whose components are symlinks leading out of the
+/// kubelet directory are refused (INVALID_ARGUMENT naming the symlink) by NodeStageVolume,
+/// NodePublishVolume and inline NodePublishVolume, and nothing is mounted or made outside.
+#[test]
+fn symlinked_paths_out_of_the_kubelet_directory_are_refused() {
+    let d = Driver::start();
+    let v = d.create_datastore("safe", &[("a.txt", b"a".to_vec())]);
+    d.create_namespaced_datastore("team", "inl", &[("a.txt", b"a".to_vec())]);
+    let outside = d.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).expect("outside");
+    let link = |rel: &str| {
+        let p = d.kubelet().join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("parent");
+        std::os::unix::fs::symlink(&outside, &p).expect("symlink");
+    };
+    let mut n = d.node();
+    let ctx = params(&[
+        ("datastore", "safe"),
+        ("version", &v.to_string()),
+        ("store", &d.store_url),
+    ]);
+    let refused = |err: tonic::Status, what: &str| {
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{what}: {err:?}");
+        assert!(err.message().contains("symlink"), "{what}: {}", err.message());
+    };
+
+    // NodeStageVolume: a symlinked parent, and a symlinked last component.
+    link("plugins/esc");
+    link("plugins/csi/vol/globalmount");
+    for (i, staging) in ["plugins/esc/vol/globalmount", "plugins/csi/vol/globalmount"]
+        .iter()
+        .enumerate()
+    {
+        let err = rt()
+            .block_on(n.node_stage_volume(stage_req(&format!("vol-s{i}"), &d.kpath(staging), &ctx)))
+            .expect_err("staging through a symlink must be refused");
+        refused(err, staging);
+    }
+
+    // NodePublishVolume of a properly staged volume to a symlinked target.
+    let staging = d.kpath("plugins/staging/good");
+    rt().block_on(n.node_stage_volume(stage_req("vol-good", &staging, &ctx)))
+        .expect("stage");
+    link("pods/p1");
+    link("pods/p2/volumes/kubernetes.io~csi/pv/mount");
+    for target in [
+        "pods/p1/volumes/kubernetes.io~csi/pv/mount",
+        "pods/p2/volumes/kubernetes.io~csi/pv/mount",
+    ] {
+        let err = rt()
+            .block_on(n.node_publish_volume(publish_req("vol-good", &staging, &d.kpath(target), &ctx)))
+            .expect_err("publishing through a symlink must be refused");
+        refused(err, target);
+    }
+
+    // An inline volume to a symlinked target: refused before anything is staged.
+    link("pods/p3");
+    let req = pb::NodePublishVolumeRequest {
+        volume_id: "csi-inline-esc".into(),
+        target_path: d.kpath("pods/p3/volumes/kubernetes.io~csi/data/mount"),
+        volume_capability: Some(ro_cap()),
+        readonly: true,
+        volume_context: params(&[
+            ("datastore", "inl"),
+            ("csi.storage.k8s.io/ephemeral", "true"),
+            ("csi.storage.k8s.io/pod.name", "p3"),
+            ("csi.storage.k8s.io/pod.namespace", "team"),
+        ]),
+        ..Default::default()
+    };
+    refused(
+        rt().block_on(n.node_publish_volume(req)).expect_err("inline through a symlink"),
+        "inline",
+    );
+
+    let mounts = our_mounts(d.dir.path());
+    assert_eq!(
+        mounts.iter().map(|m| m.mount_point.clone()).collect::<Vec<_>>(),
+        vec![std::path::PathBuf::from(&staging)],
+        "only the good staging path may be mounted"
+    );
+    let made: Vec<_> = std::fs::read_dir(&outside).expect("outside").flatten().collect();
+    assert!(made.is_empty(), "directories were made outside the kubelet directory: {made:?}");
+
+    // The good path still publishes (through /proc/self/fd) and reads.
+    let target = d.kpath("pods/p4/volumes/kubernetes.io~csi/pv/mount");
+    rt().block_on(n.node_publish_volume(publish_req("vol-good", &staging, &target, &ctx)))
+        .expect("publish");
+    assert_eq!(std::fs::read(format!("{target}/a.txt")).expect("read"), b"a");
+    let ro = std::fs::write(format!("{target}/b.txt"), b"b").expect_err("read-only");
+    assert_eq!(ro.raw_os_error(), Some(libc::EROFS), "{ro}");
+    let bind = our_mounts(d.dir.path())
+        .into_iter()
+        .find(|m| m.mount_point == Path::new(&target))
+        .expect("the target is mounted at its real path");
+    assert!(bind.options.split(',').any(|o| o == "ro"), "{bind:?}");
+    rt().block_on(n.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: "vol-good".into(),
+        target_path: target,
+    }))
+    .expect("unpublish");
+    rt().block_on(n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: "vol-good".into(),
+        staging_target_path: staging,
+    }))
+    .expect("unstage");
+    assert!(our_mounts(d.dir.path()).is_empty());
+}
