@@ -126,7 +126,9 @@ impl Root {
         }
         let how = || {
             OpenHow::new()
-                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+                // No O_NOFOLLOW: a trailing symlink is then ELOOP (RESOLVE_NO_SYMLINKS), not
+                // ENOTDIR, so it is reported as what it is.
+                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
                 .resolve(
                     ResolveFlag::RESOLVE_BENEATH
                         | ResolveFlag::RESOLVE_NO_SYMLINKS

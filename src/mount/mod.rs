@@ -204,6 +204,8 @@ fn bind_ro_detached(source: &Path, target: &Path) -> std::io::Result<()> {
     // uapi/linux/mount.h
     const OPEN_TREE_CLONE: libc::c_uint = 1;
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    // Follows a trailing /proc/self/fd/N magic link (without it: EINVAL).
+    const MOVE_MOUNT_T_SYMLINKS: libc::c_uint = 0x10;
     const MOUNT_ATTR_RDONLY: u64 = 0x1;
     const MOUNT_ATTR_NOSUID: u64 = 0x2;
     const MOUNT_ATTR_NODEV: u64 = 0x4;
@@ -260,7 +262,7 @@ fn bind_ro_detached(source: &Path, target: &Path) -> std::io::Result<()> {
             empty.as_ptr(),
             libc::AT_FDCWD,
             dst.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS,
         )
     };
     if rc < 0 {
