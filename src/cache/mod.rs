@@ -1,7 +1,8 @@
 //! The node-wide block cache on local disk.
 //!
-//! A block is a fixed-size slice of a file's content, keyed by the content id and the block
-//! index, so every mount on the machine and every version sharing a content share its blocks.
+//! A block is a fixed-size slice of a file's content, keyed by the content id *scoped* to its
+//! store and datastore ([`Scope`]) and the block index, so every mount on the machine and every
+//! version of one datastore share its blocks, and no other datastore can influence them.
 //! Invariants:
 //! - **Hard size limit, node-wide.** Every process that uses the directory accounts its space
 //!   in one shared [`ledger`]: under the ledger's lock a writer evicts least recently used
@@ -26,6 +27,7 @@
 
 mod block;
 mod ledger;
+mod scope;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,6 +43,7 @@ use lru::LruCache;
 use thiserror::Error;
 
 pub use block::HEADER_LEN;
+pub use scope::Scope;
 use block::{Temporary, classify, header, verify};
 use ledger::{Ledger, Locked};
 
@@ -50,9 +53,10 @@ const MAX_PENDING_WRITES: usize = 64;
 /// A hit refreshes the mtime of a block older than this (the recency other processes see).
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
 
-/// Identifies one block of one content.
+/// Identifies one block of one content of one scope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockKey {
+    /// The scoped content id ([`Scope::content_id`]), never a raw id a manifest claims.
     pub id: [u8; 32],
     pub block: u64,
 }

@@ -12,6 +12,10 @@
 //! at once. Nothing partial is ever handed out: a block is complete and of the right length.
 //!
 //! Memory: runs in flight hold at most `max_inflight_bytes` (a semaphore taken before the GET).
+//!
+//! Tenancy: blocks are keyed (in flight and in the node cache) by the content id scoped to the
+//! fetcher's store and the file's datastore ([`Content::cache_id`]), never by the id a manifest
+//! claims, so a forged object of one datastore is never served to another.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -26,7 +30,7 @@ use futures::future::BoxFuture;
 use thiserror::Error;
 use tokio::sync::{Semaphore, watch};
 
-use crate::cache::{BlockCache, BlockKey};
+use crate::cache::{BlockCache, BlockKey, Scope};
 use crate::metrics;
 use crate::store::Store;
 use crate::store::manifest::Blob;
@@ -81,12 +85,25 @@ impl Default for FetchConfig {
     }
 }
 
-/// The content a file handle reads: which datastore, which blob, how big.
+/// The content a file handle reads: which datastore, which blob, how big. Made by
+/// [`Fetcher::content`], which scopes its cache id.
 #[derive(Debug, Clone)]
 pub struct Content {
     pub datastore: Arc<str>,
     pub blob: Blob,
     pub size: u64,
+    /// The blob's id scoped to the store and datastore: the key of its blocks.
+    cache_id: [u8; 32],
+}
+
+impl Content {
+    /// The key of block `block` of this content.
+    fn key(&self, block: u64) -> BlockKey {
+        BlockKey {
+            id: self.cache_id,
+            block,
+        }
+    }
 }
 
 type Slot = watch::Receiver<Option<Result<Bytes, ReadError>>>;
@@ -168,6 +185,22 @@ impl Fetcher {
         &self.store
     }
 
+    /// The cache scope of datastore `datastore` of this fetcher's store.
+    pub fn scope(&self, datastore: &str) -> Scope {
+        Scope::new(&self.store.url().to_string(), datastore)
+    }
+
+    /// The content of a file of `datastore` (of this fetcher's store).
+    pub fn content(&self, datastore: Arc<str>, blob: Blob, size: u64) -> Content {
+        let cache_id = self.scope(&datastore).content_id(&blob.id);
+        Content {
+            datastore,
+            blob,
+            size,
+            cache_id,
+        }
+    }
+
     /// Number of blocks of a content.
     pub fn block_count(&self, size: u64) -> u64 {
         size.div_ceil(self.cfg.block_size)
@@ -191,10 +224,7 @@ impl Fetcher {
         {
             let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
             for b in blocks.start..end {
-                let key = BlockKey {
-                    id: content.blob.id,
-                    block: b,
-                };
+                let key = content.key(b);
                 let rx = match inflight.get(&key) {
                     Some(rx) => rx.clone(),
                     None => {
@@ -236,10 +266,7 @@ impl Fetcher {
         tx: Sender,
         result: Result<Bytes, ReadError>,
     ) {
-        let key = BlockKey {
-            id: content.blob.id,
-            block,
-        };
+        let key = content.key(block);
         let to_cache = result.as_ref().ok().cloned();
         tx.send_replace(Some(result));
         let inflight = self.inflight.clone();
@@ -262,10 +289,7 @@ impl Fetcher {
             let cached = match &self.cache {
                 Some(cache) => {
                     let cache = cache.clone();
-                    let key = BlockKey {
-                        id: content.blob.id,
-                        block: b,
-                    };
+                    let key = content.key(b);
                     let len = self.block_len(&content, b);
                     tokio::task::spawn_blocking(move || cache.get_blocking(&key, len))
                         .await
@@ -278,10 +302,7 @@ impl Fetcher {
                 Some(bytes) => {
                     tx.send_replace(Some(Ok(bytes)));
                     let mut inflight = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                    inflight.remove(&BlockKey {
-                        id: content.blob.id,
-                        block: b,
-                    });
+                    inflight.remove(&content.key(b));
                 }
                 None => {
                     if !missing.last().is_none_or(|(last, _)| *last + 1 == b) {

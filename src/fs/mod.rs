@@ -271,11 +271,7 @@ impl DatastoreFs {
             Kind::Symlink => return Err(libc::ELOOP),
             Kind::File => e.blob().ok_or(libc::EIO)?,
         };
-        let content = Arc::new(Content {
-            datastore: self.name.clone(),
-            blob,
-            size: e.size(),
-        });
+        let content = Arc::new(self.fetcher.content(self.name.clone(), blob, e.size()));
         Ok(Arc::new(Handle {
             content,
             readahead: Mutex::new(Readahead::new()),

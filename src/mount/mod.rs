@@ -5,7 +5,13 @@
 //! mounts for high-performance volumes, and unmounts that detach a busy mount instead of
 //! failing. Mount state is read from /proc/self/mountinfo, and a mount whose FUSE server is
 //! gone is recognised by ENOTCONN.
+//!
+//! Mount points may be given as `/proc/self/fd/N` (a directory opened with [`beneath`]): the
+//! mount lands on that very directory, whatever its path leads to by then. Bind mounts are
+//! made with the new mount API (open_tree, mount_setattr, move_mount), so that they are
+//! read-only from their first moment and need no remount by path.
 
+pub mod beneath;
 pub mod faulty;
 pub mod holder;
 pub mod mountinfo;
@@ -110,13 +116,24 @@ impl Mounter for LinuxMounter {
             RO_FLAGS,
             Some(data.as_str()),
         )?;
-        if let Err(e) = tune_readahead(target, READAHEAD_KB) {
+        // The mount table names the real path, not /proc/self/fd/N.
+        let real = if target.starts_with("/proc/self/fd") {
+            std::fs::read_link(target).unwrap_or_else(|_| target.to_path_buf())
+        } else {
+            target.to_path_buf()
+        };
+        if let Err(e) = tune_readahead(&real, READAHEAD_KB) {
             tracing::debug!(error = %e, "could not raise the kernel readahead of the mount");
         }
         Ok(fd)
     }
 
     fn bind_ro(&self, source: &Path, target: &Path) -> std::io::Result<()> {
+        match bind_ro_detached(source, target) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {}
+            done => return done,
+        }
+        // Kernels before 5.12: bind, then remount read-only by path.
         nix::mount::mount(
             Some(source),
             target,
@@ -177,6 +194,81 @@ impl Mounter for LinuxMounter {
         }
         Ok(MountState::Mounted(entry))
     }
+}
+
+/// A read-only bind mount with the new mount API: a detached copy of `source`'s mount, made
+/// read-only (nosuid, nodev, noatime) before it is attached at `target`. ENOSYS on kernels
+/// without mount_setattr (before 5.12).
+fn bind_ro_detached(source: &Path, target: &Path) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // uapi/linux/mount.h
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    // Follows a trailing /proc/self/fd/N magic link (without it: EINVAL).
+    const MOVE_MOUNT_T_SYMLINKS: libc::c_uint = 0x10;
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
+    const MOUNT_ATTR_NOATIME: u64 = 0x10;
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let (src, dst) = (cstr(source)?, cstr(target)?);
+    let empty = c"";
+    // SAFETY: valid NUL-terminated path; returns a new descriptor or -1.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if tree < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `tree` is a descriptor we own from here on.
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOATIME,
+        attr_clr: MOUNT_ATTR_ATIME_MASK,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `tree` is open, `empty` NUL-terminated, `attr` a valid mount_attr of its size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `tree` is open; `dst` and `empty` are NUL-terminated.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            dst.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Raises the kernel readahead of the filesystem mounted at `target` to `kb` KiB (its

@@ -8,6 +8,7 @@ mod authority;
 mod conformance;
 mod driver;
 mod fsx;
+mod isolation;
 mod mounts;
 mod node_faults;
 mod provisioning;

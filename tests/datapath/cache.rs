@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use datastore::cache::BlockKey;
+use datastore::cache::{BlockKey, Scope};
 use datastore::fs::fetch::FetchConfig;
 use datastore::store::Store;
 use datastore::store::upload::{Progress, UploadOptions, create_from_dir};
@@ -103,6 +103,8 @@ fn remount_reads_cached_blocks_without_gets_and_refetches_corrupt_ones() {
         .and_then(|e| e.blob())
         .expect("blob")
         .id;
+    // Blocks are cached under the content id scoped to the store and the datastore.
+    let id = Scope::new(&store.url().to_string(), "warm").content_id(&id);
     let path = c.block_path(&BlockKey { id, block: 2 });
     let mut raw = std::fs::read(&path).expect("cached block");
     let n = raw.len();

@@ -18,6 +18,7 @@
 //! (ENOTCONN): they are replaced by fresh ones, and published targets re-bound. A recovery
 //! that fails is retried a bounded number of times (see [`recovery`]), then given up.
 
+mod paths;
 mod recovery;
 mod stage;
 mod state;
@@ -115,6 +116,8 @@ pub struct NodeVolumes {
     records: StateDir,
     locks: KeyedLocks,
     rt: tokio::runtime::Handle,
+    /// The kubelet directory, opened at first use (see [`paths`]).
+    kubelet_root: Mutex<Option<Arc<crate::mount::beneath::Root>>>,
 }
 
 impl NodeVolumes {
@@ -138,6 +141,7 @@ impl NodeVolumes {
             unrecovered: Mutex::new(HashMap::new()),
             locks: KeyedLocks::default(),
             rt,
+            kubelet_root: Mutex::new(None),
         }
     }
 
@@ -237,8 +241,9 @@ impl NodeVolumes {
         })
     }
 
-    /// Mounts a fresh FUSE filesystem (or the Lustre file system) at the staging path.
-    async fn mount_new(&self, state: &VolumeState) -> CsiResult<Live> {
+    /// Mounts a fresh FUSE filesystem (or the Lustre file system) at the staging path, opened
+    /// as `at` (see [`paths`]).
+    async fn mount_new(&self, state: &VolumeState, at: &paths::MountPoint) -> CsiResult<Live> {
         let staging = state.staging.clone();
         if state.context.volume_type == VolumeType::HighPerformance {
             let (dns, mount) = state
@@ -268,7 +273,7 @@ impl NodeVolumes {
             .await?;
         let source = format!("datastore:{}@{}", state.context.datastore, state.version);
         let m = self.mounter.clone();
-        let target = staging.clone();
+        let target = at.at().to_path_buf();
         let fd = blocking(move || m.mount_fuse(&target, &source))
             .await
             .map_err(|e| CsiError::Internal(format!("mounting {}: {e}", staging.display())))?;

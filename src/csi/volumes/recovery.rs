@@ -250,8 +250,10 @@ impl NodeVolumes {
                 let _ = blocking(move || m.unmount(&p)).await;
             }
         }
-        tokio::fs::create_dir_all(&st.staging).await?;
-        let live = self.mount_new(st).await?;
+        let at = self
+            .mount_point(&st.staging, "staging_target_path", true)
+            .await?;
+        let live = self.mount_new(st, &at).await?;
         self.live().insert(st.volume_id.clone(), live);
         let all = blocking(mounts).await?;
         self.rebind_missing(st, &all).await;
@@ -266,9 +268,16 @@ impl NodeVolumes {
             if all.iter().any(|m| &m.mount_point == t) {
                 continue;
             }
-            let (m, s, t2) = (self.mounter.clone(), st.staging.clone(), t.clone());
             let bound = async {
-                tokio::fs::create_dir_all(t).await?;
+                let source = self
+                    .mount_point(&st.staging, "staging_target_path", false)
+                    .await?;
+                let target = self.mount_point(t, "target_path", true).await?;
+                let (m, s, t2) = (
+                    self.mounter.clone(),
+                    source.at().to_path_buf(),
+                    target.at().to_path_buf(),
+                );
                 blocking(move || m.bind_ro(&s, &t2)).await
             };
             if let Err(e) = bound.await {

@@ -61,11 +61,13 @@ impl NodeVolumes {
             // Kubelet asks for it again: try now rather than at the next scheduled retry.
             return self.retry_recovery(u.state).await;
         }
-        tokio::fs::create_dir_all(staging).await?;
         if let MountState::Mounted(_) | MountState::Broken(_) = self.state_of(staging).await? {
             // A leftover of an earlier life of this volume: replace it.
             self.unmount_if_mounted(staging).await?;
         }
+        let at = self
+            .mount_point(staging, "staging_target_path", true)
+            .await?;
         let version = match ctx.version {
             Some(v) => v,
             None => {
@@ -87,7 +89,7 @@ impl NodeVolumes {
         // Recorded before mounting: a crash from here on leaves a record, never an unknown
         // mount.
         self.records.save(&state).await?;
-        let live = match self.mount_new(&state).await {
+        let live = match self.mount_new(&state, &at).await {
             Ok(live) => live,
             Err(e) if !state.targets.is_empty() => {
                 // A broken volume that pods still use: like a failed recovery, kept (with its
@@ -175,6 +177,8 @@ impl NodeVolumes {
         ctx: VolumeContext,
     ) -> CsiResult<()> {
         let _guard = self.locks.lock(volume_id).await;
+        // Checked (and made) first: nothing is staged for a target that is refused.
+        let target_at = self.mount_point(target, "target_path", true).await?;
         let staging = if ctx.ephemeral {
             let s = self.ephemeral_staging(volume_id);
             self.stage_locked(volume_id, &s, ctx).await?;
@@ -192,7 +196,6 @@ impl NodeVolumes {
             }
             staging.to_path_buf()
         };
-        tokio::fs::create_dir_all(target).await?;
         let all = blocking(mounts).await?;
         let device_of = |p: &Path| {
             all.iter()
@@ -209,7 +212,14 @@ impl NodeVolumes {
                 )));
             }
             (None, _) => {
-                let (m, s, t) = (self.mounter.clone(), staging.clone(), target.to_path_buf());
+                let source = self
+                    .mount_point(&staging, "staging_target_path", false)
+                    .await?;
+                let (m, s, t) = (
+                    self.mounter.clone(),
+                    source.at().to_path_buf(),
+                    target_at.at().to_path_buf(),
+                );
                 blocking(move || m.bind_ro(&s, &t)).await.map_err(|e| {
                     CsiError::Internal(format!("bind-mounting {}: {e}", target.display()))
                 })?;

@@ -292,6 +292,7 @@ mod tests {
                 volume_type: VolumeType::Standard,
                 lustre: None,
                 ephemeral: false,
+                file_modes: Default::default(),
             },
             version,
             targets: Default::default(),
