@@ -67,6 +67,9 @@ impl Env {
         let mut ctx = Context::new(client, self.cluster.clone(), s3_options(server(), fast_timeouts()));
         ctx.progress_interval = Duration::from_secs(1);
         ctx.clock = Arc::new(|| NOW);
+        // The installer allows the tests' source bucket (sources without a Secret).
+        let allowed = format!("*=s3://{}/", self.source_bucket).parse().expect("allowed source");
+        ctx.sources = datastore::operator::source_policy::SourcePolicy::new(vec![allowed], &[]).expect("source policy");
         f(&mut ctx);
         Arc::new(ctx)
     }

@@ -13,6 +13,7 @@ mod import_result;
 mod leader;
 mod lifecycle;
 pub mod proxy;
+mod tenancy;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -102,6 +103,10 @@ impl Operator {
             .arg("--s3-endpoint")
             .arg(server().endpoint())
             .args(["--s3-region", "us-east-1"])
+            // The tests' source bucket is on the installer's allow-list (sources without a
+            // Secret are read only from there).
+            .arg("--allowed-source")
+            .arg(format!("*=s3://{}/", env.source_bucket))
             .args(extra)
             .env("KUBECONFIG", launch.kubeconfig.unwrap_or(cp.kubeconfig()))
             .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
