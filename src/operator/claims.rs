@@ -109,13 +109,20 @@ impl ClaimLookup for KubeClaims {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::crd::{DatastoreSpec, DatastoreType, HighPerformanceSpec};
+    use crate::operator::crd::{DatastoreSpec, DatastoreType, HighPerformanceSpec, Source, UploadSpec};
 
     fn ds(capacity: Option<u32>) -> Datastore {
-        let mut ds = Datastore::new("fast", DatastoreSpec::default());
+        let spec = DatastoreSpec {
+            source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) },
+            mode: None,
+            datastore_type: Some(DatastoreType::HighPerformance),
+            high_performance: Some(HighPerformanceSpec { storage_capacity: capacity, ..Default::default() }),
+            schedule: None,
+            retain_versions: None,
+            mount_path: None,
+        };
+        let mut ds = Datastore::new("fast", spec);
         ds.metadata.uid = Some("u1".into());
-        ds.spec.datastore_type = Some(DatastoreType::HighPerformance);
-        ds.spec.high_performance = Some(HighPerformanceSpec { storage_capacity: capacity, ..Default::default() });
         ds
     }
 

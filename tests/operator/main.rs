@@ -412,10 +412,7 @@ fn operator_restart_mid_import_resumes_without_duplicating_work() {
     }
     let ds = object("resume", env.s3_spec("big/"), None);
     let (client, mut api) = run(async { mock_client() });
-    let mut ctx = Context::new(client, env.cluster.clone(), s3_options(server(), fast_timeouts()));
-    ctx.import_concurrency = 4;
-    ctx.clock = Arc::new(|| NOW);
-    let ctx = Arc::new(ctx);
+    let ctx = env.ctx_with(client, |ctx| ctx.import_concurrency = 4);
     let st = run(async {
         let task = tokio::spawn(reconcile(Arc::new(ds.clone()), ctx.clone()));
         let st = expect_status(&mut api, &ds).await;

@@ -157,7 +157,7 @@ fn a_source_that_contains_the_store_is_refused() {
             assert_eq!(condition(&st, "Ready").map(|c| c.reason.as_str()), Some("SourceContainsStore"));
             let msg = st.message.unwrap_or_default();
             assert!(msg.contains(what) && msg.contains(&format!("s3://{store_bucket}/{store_prefix}")), "{msg}");
-            let events = c.events(name).await;
+            let events = events_with(&c, name, "SourceContainsStore").await;
             assert_eq!(published(&events, "ImportStarted"), 0, "{events:#?}");
             assert!(events.iter().any(|e| e.reason == "SourceContainsStore" && e.type_ == "Warning"), "{events:#?}");
         }

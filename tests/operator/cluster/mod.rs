@@ -274,6 +274,18 @@ pub struct Seen {
     pub at: Option<k8s_openapi::jiff::Timestamp>,
 }
 
+/// Events about `name` once one with `reason` is there (Events follow the status write).
+pub async fn events_with(c: &Cluster, name: &str, reason: &str) -> Vec<Seen> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = c.events(name).await;
+        if events.iter().any(|e| e.reason == reason) || Instant::now() >= deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// How many times events with `reason` were published (series counted).
 pub fn published(events: &[Seen], reason: &str) -> i32 {
     events.iter().filter(|e| e.reason == reason).map(|e| e.count).sum()

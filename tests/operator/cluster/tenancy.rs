@@ -88,7 +88,7 @@ fn sources_outside_the_installers_allow_list_are_refused_and_nothing_is_copied()
             assert_eq!(cond.reason, *reason, "{name}: {st:#?}");
             let msg = st.message.clone().unwrap_or_default();
             assert!(msg == cond.message && (msg.contains("credentialsSecretRef") || msg.contains("endpoint")), "{name}: the message says why and what to do: {msg}");
-            let events = a.events(name).await;
+            let events = events_with(&a, name, reason).await;
             assert!(events.iter().any(|e| e.reason == *reason && e.type_ == "Warning"), "{name}: {events:#?}");
             assert_eq!(published(&events, "ImportStarted"), 0, "{name}: {events:#?}");
             assert!(a_store.versions(name).await.expect("versions").is_empty(), "{name}: a version was made");
@@ -247,14 +247,7 @@ fn fsx_sizing_in_claim_annotations_needs_the_owning_datastore_and_stays_within_l
         pvcs.create(&PostParams::default(), &claim("mine", "mine", "100800", None)).await.expect("create pvc");
         let v = csi.create("pvc-mine", &c.ns, "mine", &[]).await.unwrap_or_else(|s| panic!("{s:?}\n{}", csi.log()));
         assert_eq!(v.capacity_bytes, 1200 * GIB, "the annotation's 100800 GiB was honoured");
-        let mut ignored = Vec::new();
-        for _ in 0..100 {
-            ignored = c.events("mine").await;
-            if ignored.iter().any(|e| e.reason == "FsxAnnotationsIgnored") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let ignored = events_with(&c, "mine", "FsxAnnotationsIgnored").await;
         let e = ignored.iter().find(|e| e.reason == "FsxAnnotationsIgnored").unwrap_or_else(|| panic!("no Event on the claim: {ignored:#?}"));
         assert!(e.type_ == "Warning" && e.note.contains("not owned by a Datastore"), "{e:?}");
 
@@ -271,7 +264,7 @@ fn fsx_sizing_in_claim_annotations_needs_the_owning_datastore_and_stays_within_l
         let s = csi.create("pvc-huge", &c.ns, "huge", &[("maxStorageCapacity", "4800")]).await.expect_err("over the StorageClass's limit");
         assert_eq!(s.code(), tonic::Code::OutOfRange, "{s:?}");
         assert!(s.message().contains("maxStorageCapacity"), "{s:?}");
-        let events = c.events("huge").await;
+        let events = events_with(&c, "huge", "FsxSizeRefused").await;
         assert!(events.iter().any(|e| e.reason == "FsxSizeRefused" && e.type_ == "Warning"), "{events:#?}");
     });
 }
