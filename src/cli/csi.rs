@@ -182,7 +182,7 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
     let identity = IdentityService::new(a.driver_name.clone(), a.mode, stores.clone(), topology);
     let controller = if a.mode.controller() {
         let claims = kube_client().await.map(|client| {
-            Arc::new(crate::operator::claims::KubeClaims { client }) as Arc<dyn crate::csi::controller::ClaimLookup>
+            Arc::new(crate::operator::claims::KubeClaims::new(client)) as Arc<dyn crate::csi::controller::ClaimLookup>
         });
         let mut c = ControllerService::new(stores.clone(), claims);
         if let Some(fsx) = a.fsx.client().await {

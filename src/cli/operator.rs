@@ -59,6 +59,16 @@ pub struct OperatorArgs {
     /// StorageClass of high-performance datastores' PVCs.
     #[arg(long, default_value = "datastore-hp")]
     pub hp_storage_class: String,
+    /// An S3 location the operator may read with its own credentials for Datastores of a
+    /// namespace (without credentialsSecretRef): NAMESPACE=s3://BUCKET/PREFIX, `*` for every
+    /// namespace, `{namespace}` in the prefix for the Datastore's namespace. Repeatable. The
+    /// store's bucket is never read this way. None: every S3 source needs a Secret.
+    #[arg(long = "allowed-source", value_name = "NAMESPACE=S3_URL")]
+    pub allowed_sources: Vec<crate::operator::source_policy::AllowedSource>,
+    /// An S3 endpoint a Datastore's source may name, besides the store's and AWS S3's own.
+    /// Repeatable.
+    #[arg(long = "allowed-source-endpoint", value_name = "URL")]
+    pub allowed_source_endpoints: Vec<String>,
     /// FSx for Lustre: status of file systems, cleanup, orphan reports.
     #[command(flatten)]
     pub fsx: super::csi::FsxArgs,
@@ -68,6 +78,8 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let url = StoreUrl::resolve(a.store.store.as_deref())?;
     let mut ctx = Context::new(client.clone(), url, a.store.s3_options(ReadTimeouts::default()));
+    ctx.sources = crate::operator::source_policy::SourcePolicy::new(a.allowed_sources, &a.allowed_source_endpoints)
+        .map_err(|e| anyhow::anyhow!("--allowed-source-endpoint: {e}"))?;
     ctx.storage_class = a.storage_class;
     ctx.hp_storage_class = a.hp_storage_class;
     ctx.fsx = a.fsx.client().await;

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::{CsiError, CsiResult};
 use super::params::{
-    CONTEXT_FILE_SYSTEM_ID, CapacityRange, CreateParams, FileModes, PVC_DATASTORE_ANNOTATION, PVC_FSX_ANNOTATIONS,
+    CONTEXT_FILE_SYSTEM_ID, CapacityRange, CreateParams, FileModes, PVC_DATASTORE_ANNOTATION,
     PVC_VERSION_ANNOTATION, VersionSel, VolumeContext, VolumeType, capability_problem,
     check_capability,
 };
@@ -36,14 +36,33 @@ const RECORDS: &str = "csi/volumes/";
 /// the last volume's file system was deleted).
 const FS_RECORDS: &str = "csi/filesystems/";
 
-/// Reads a PVC's annotations (the Kubernetes API in a cluster; absent elsewhere).
+/// Reads a PVC (the Kubernetes API in a cluster; absent elsewhere) and tells its author what
+/// was not honoured.
 #[tonic::async_trait]
 pub trait ClaimLookup: Send + Sync {
-    async fn annotations(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<BTreeMap<String, String>, String>;
+    /// The claim's annotations, and which FSx options among them are vouched for. A claim that
+    /// does not exist has no annotations.
+    async fn claim(&self, namespace: &str, name: &str) -> Result<Claim, String>;
+    /// A Warning Event on the claim (best effort: a failure is logged).
+    async fn warn(&self, namespace: &str, name: &str, reason: &'static str, message: String);
+}
+
+/// What CreateVolume takes from a PVC.
+///
+/// FSx sizing costs money, so PVC annotations are not trusted for it: whoever may create a PVC
+/// could write them. The FSx annotations
+/// ([`PVC_FSX_ANNOTATIONS`](super::params::PVC_FSX_ANNOTATIONS)) count only when the claim's
+/// controlling owner is a Datastore of its namespace (checked through the API, uid and all)
+/// whose `spec.highPerformance` says the same: then they are what the operator wrote from a
+/// spec that only Datastore authors (RBAC) control, and the StorageClass's and the
+/// installer's limits still apply to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    pub annotations: BTreeMap<String, String>,
+    /// FSx parameters (StorageClass keys) from annotations the owning Datastore vouches for.
+    pub fsx: BTreeMap<String, String>,
+    /// Why FSx annotations on the claim were ignored, if any were.
+    pub fsx_ignored: Option<String>,
 }
 
 /// What the controller remembers about a volume.
@@ -205,7 +224,9 @@ struct Target {
     version: VersionSel,
     store: String,
     namespace: Option<String>,
-    annotations: BTreeMap<String, String>,
+    /// The PVC the volume is for (namespace, name), when the CO named it.
+    claim_ref: Option<(String, String)>,
+    claim: Claim,
 }
 
 impl ControllerService {
@@ -278,12 +299,22 @@ impl ControllerService {
         let version = store.resolve_version(&t.datastore, t.version.number()).await?;
         let info = store.version_info(&t.datastore, version).await?;
         let mut fsx_params = params.fsx.clone();
-        for (annotation, key) in PVC_FSX_ANNOTATIONS {
-            if let Some(v) = t.annotations.get(*annotation) {
-                fsx_params.insert((*key).to_owned(), v.clone());
-            }
+        fsx_params.extend(t.claim.fsx.clone());
+        if let (Some(why), Some((ns, pvc)), Some(claims)) = (&t.claim.fsx_ignored, &t.claim_ref, &self.claims) {
+            tracing::warn!(namespace = %ns, pvc = %pvc, reason = %why, "FSx annotations of the claim ignored");
+            claims
+                .warn(ns, pvc, "FsxAnnotationsIgnored", format!("FSx options in the claim's annotations are ignored ({why}); the StorageClass's apply"))
+                .await;
         }
-        let spec = FsxSpec::parse(&fsx_params, &hp.defaults, info.bytes).map_err(param_error)?;
+        let spec = match FsxSpec::parse(&fsx_params, &hp.defaults, info.bytes) {
+            Ok(spec) => spec,
+            Err(e) => {
+                if let (ParamError::OutOfRange { .. }, Some((ns, pvc)), Some(claims)) = (&e, &t.claim_ref, &self.claims) {
+                    claims.warn(ns, pvc, "FsxSizeRefused", format!("no file system is created: {e}")).await;
+                }
+                return Err(param_error(e));
+            }
+        };
         // The file system's size is the volume's capacity: it must fit the range asked for, or
         // an identical retry would find an incompatible volume.
         let capacity = i64::from(spec.storage_capacity_gib) << 30;
@@ -391,7 +422,8 @@ impl ControllerService {
                 version: p.version,
                 store,
                 namespace: p.pvc_namespace.clone(),
-                annotations: BTreeMap::new(),
+                claim_ref: p.pvc_namespace.clone().zip(p.pvc_name.clone()),
+                claim: Claim::default(),
             });
         }
         let (Some(ns), Some(pvc)) = (&p.pvc_namespace, &p.pvc_name) else {
@@ -399,13 +431,14 @@ impl ControllerService {
                 "no datastore named: set the StorageClass parameter datastore, or run the external-provisioner with --extra-create-metadata so that the PVC names it".into(),
             ));
         };
-        let annotations = match &self.claims {
+        let claim = match &self.claims {
             Some(c) => c
-                .annotations(ns, pvc)
+                .claim(ns, pvc)
                 .await
                 .map_err(|e| CsiError::Unavailable(format!("reading PVC {ns}/{pvc}: {e}")))?,
-            None => BTreeMap::new(),
+            None => Claim::default(),
         };
+        let annotations = &claim.annotations;
         let ds = annotations
             .get(PVC_DATASTORE_ANNOTATION)
             .cloned()
@@ -427,7 +460,8 @@ impl ControllerService {
             version,
             store,
             namespace: Some(ns.clone()),
-            annotations,
+            claim_ref: Some((ns.clone(), pvc.clone())),
+            claim,
         })
     }
 

@@ -18,7 +18,9 @@ pub const PVC_DATASTORE_ANNOTATION: &str = "datastores.grid.ai/datastore";
 /// PVC annotation naming the version a claim mounts (set by the operator).
 pub const PVC_VERSION_ANNOTATION: &str = "datastores.grid.ai/version";
 /// PVC annotations carrying a high-performance Datastore's own FSx options (set by the
-/// operator from `spec.highPerformance`); they override the StorageClass's parameter.
+/// operator from `spec.highPerformance`); they override the StorageClass's parameter only when
+/// the claim's owning Datastore says the same (see [`super::controller::Claim`]), and never its
+/// `maxStorageCapacity`.
 pub const PVC_FSX_ANNOTATIONS: &[(&str, &str)] = &[
     ("datastores.grid.ai/deployment-type", "deploymentType"),
     ("datastores.grid.ai/throughput", "perUnitStorageThroughput"),
@@ -121,6 +123,7 @@ pub const FSX_KEYS: &[&str] = &[
     "deploymentType",
     "perUnitStorageThroughput",
     "storageCapacity",
+    "maxStorageCapacity",
     "subnetId",
     "securityGroupIds",
     "dataCompressionType",

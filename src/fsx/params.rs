@@ -1,5 +1,8 @@
 //! Parameters of a high-performance volume: validated, defaulted, and the storage capacity
 //! computed from the data's size. Every refusal names the parameter.
+//!
+//! Sizing is bounded twice: by the installer (`--fsx-max-capacity`) and by the StorageClass
+//! (`maxStorageCapacity`, a key no Datastore or claim can override), whatever a Datastore asks.
 
 use std::collections::BTreeMap;
 
@@ -180,6 +183,10 @@ impl FsxSpec {
                 round_capacity(n)
             }
         };
+        let class_max = match get("maxStorageCapacity") {
+            Some(v) => Some(parse_number::<u64>("maxStorageCapacity", v)?),
+            None => None,
+        };
         if capacity > defaults.max_capacity_gib {
             return Err(ParamError::OutOfRange {
                 param: "storageCapacity",
@@ -187,6 +194,12 @@ impl FsxSpec {
                     "{capacity} GiB is over this controller's maximum of {} GiB (--fsx-max-capacity; the account's Lustre storage quota)",
                     defaults.max_capacity_gib
                 ),
+            });
+        }
+        if let Some(max) = class_max.filter(|m| capacity > *m) {
+            return Err(ParamError::OutOfRange {
+                param: "storageCapacity",
+                message: format!("{capacity} GiB is over the StorageClass's maxStorageCapacity of {max} GiB"),
             });
         }
         let subnet_id = match get("subnetId").map(str::to_owned).or_else(|| defaults.subnet_id.clone()) {
@@ -312,6 +325,14 @@ mod tests {
         // Too small for the data.
         let e = FsxSpec::parse(&params(&[("storageCapacity", "1200")]), &defaults(), 2000 * GIB).unwrap_err();
         assert!(matches!(e, ParamError::Invalid { param: "storageCapacity", .. }), "{e}");
+        // Over the StorageClass's maximum, asked for or needed by the data.
+        let e = FsxSpec::parse(&params(&[("storageCapacity", "4800"), ("maxStorageCapacity", "2400")]), &defaults(), 1).unwrap_err();
+        assert!(matches!(&e, ParamError::OutOfRange { param: "storageCapacity", message } if message.contains("maxStorageCapacity")), "{e}");
+        let e = FsxSpec::parse(&params(&[("maxStorageCapacity", "1200")]), &defaults(), 2000 * GIB).unwrap_err();
+        assert!(matches!(e, ParamError::OutOfRange { param: "storageCapacity", .. }), "{e}");
+        let e = FsxSpec::parse(&params(&[("maxStorageCapacity", "lots")]), &defaults(), 1).unwrap_err();
+        assert!(matches!(e, ParamError::Invalid { param: "maxStorageCapacity", .. }), "{e}");
+        assert!(FsxSpec::parse(&params(&[("storageCapacity", "2400"), ("maxStorageCapacity", "2400")]), &defaults(), 1).is_ok());
         // Over the maximum.
         let e = FsxSpec::parse(&params(&[("storageCapacity", "200000")]), &defaults(), 1).unwrap_err();
         assert!(matches!(e, ParamError::OutOfRange { param: "storageCapacity", .. }), "{e}");

@@ -20,6 +20,7 @@ pub mod leader;
 pub mod pvc;
 pub mod reconcile;
 pub mod s3_source;
+pub mod source_policy;
 pub mod status;
 pub mod validate;
 
@@ -129,6 +130,9 @@ pub struct Context {
     pub stores: Arc<Stores>,
     /// Defaults for S3 sources (endpoint, region, credentials).
     pub s3: S3Options,
+    /// Which S3 sources may be read for which namespace, with whose credentials (default:
+    /// every source needs a Secret of its Datastore).
+    pub sources: source_policy::SourcePolicy,
     pub imports: ImportManager,
     /// Events about Datastores.
     pub events: events::Publisher,
@@ -160,6 +164,7 @@ impl Context {
             client,
             stores: Arc::new(Stores::new(cluster_store, s3.clone())),
             s3,
+            sources: Default::default(),
             imports: ImportManager::new(4),
             storage_class: "datastore".into(),
             hp_storage_class: "datastore-hp".into(),

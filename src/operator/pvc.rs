@@ -7,6 +7,8 @@
 //! again would only repeat the event. Pods are watched (see [`datastores_of_pod`]) so that a pod
 //! going away moves a claim or lets a deletion proceed at once.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
@@ -17,6 +19,14 @@ use super::events::Note;
 use super::{Context, Error};
 use crate::csi::params::{PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION};
 
+/// The FSx annotations of a high-performance Datastore's claim, from its `spec.highPerformance`
+/// (the CSI controller honours a claim's FSx annotations only when they are exactly these).
+pub fn fsx_annotations(ds: &Datastore) -> BTreeMap<String, String> {
+    let Some(hp) = ds.spec.high_performance.as_ref().filter(|_| ds.is_high_performance()) else { return BTreeMap::new() };
+    let values = [hp.deployment_type.clone(), hp.per_unit_storage_throughput.map(|t| t.to_string()), hp.storage_capacity.map(|c| c.to_string())];
+    crate::csi::params::PVC_FSX_ANNOTATIONS.iter().zip(values).filter_map(|((annotation, _), v)| Some(((*annotation).to_owned(), v?))).collect()
+}
+
 /// The PVC run pods mount.
 pub fn desired_claim(ds: &Datastore, name: &str, version: u64, storage_class: &str) -> PersistentVolumeClaim {
     let mut annotations = serde_json::json!({
@@ -24,17 +34,8 @@ pub fn desired_claim(ds: &Datastore, name: &str, version: u64, storage_class: &s
         PVC_VERSION_ANNOTATION: version.to_string(),
         "datastores.grid.ai/mount-path": ds.mount_path(),
     });
-    if let Some(hp) = ds.spec.high_performance.as_ref().filter(|_| ds.is_high_performance()) {
-        let values = [
-            hp.deployment_type.clone(),
-            hp.per_unit_storage_throughput.map(|t| t.to_string()),
-            hp.storage_capacity.map(|c| c.to_string()),
-        ];
-        for ((annotation, _), value) in crate::csi::params::PVC_FSX_ANNOTATIONS.iter().zip(values) {
-            if let Some(v) = value {
-                annotations[*annotation] = serde_json::Value::String(v);
-            }
-        }
+    for (annotation, v) in fsx_annotations(ds) {
+        annotations[annotation] = serde_json::Value::String(v);
     }
     let mut pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",

@@ -1,9 +1,10 @@
 //! Reconciling one Datastore: import, versions, PVC, pruning, status, events, deletion.
 //!
 //! Apply (one pass, API calls in a fixed order so that tests can script them):
-//! 1. validate the spec, and refuse an S3 source that contains the store or lies inside it; a
-//!    bad spec is a permanent error: phase Failed, a Ready=False condition saying what to fix,
-//!    an Event, and no requeue until the spec changes;
+//! 1. validate the spec, refuse an S3 source that contains the store or lies inside it, and one
+//!    the installer's source policy does not allow ([`super::source_policy`]: no confused
+//!    deputy); a bad spec is a permanent error: phase Failed, a Ready=False condition saying
+//!    what to fix, an Event, and no requeue until the spec changes;
 //! 2. S3 sources: imports, backoff and re-import requests ([`super::s3_source`]). Upload
 //!    sources: read the versions the CLI made;
 //! 3. prune versions beyond `retainVersions` that no PersistentVolume uses (lists PVs), never
@@ -78,9 +79,14 @@ fn spec_problem(ds: &Datastore, ctx: &Context) -> Option<(&'static str, String)>
         return Some(("InvalidSpec", problem));
     }
     let source_endpoint = ds.spec.source.s3.as_ref().and_then(|s| s.endpoint.clone()).or_else(|| ctx.s3.endpoint.clone());
-    check_source_location(&ds.spec, ctx.stores.default_url(), ctx.s3.endpoint.as_deref(), source_endpoint.as_deref())
+    if let Err(p) = check_source_location(&ds.spec, ctx.stores.default_url(), ctx.s3.endpoint.as_deref(), source_endpoint.as_deref()) {
+        return Some(("SourceContainsStore", p));
+    }
+    let ns = ds.namespace().unwrap_or_default();
+    ctx.sources
+        .check(&ns, &ds.spec, ctx.stores.default_url(), ctx.s3.endpoint.as_deref())
         .err()
-        .map(|p| ("SourceContainsStore", p))
+        .map(|r| (r.reason, r.message))
 }
 
 async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {

@@ -71,6 +71,9 @@ fn operator() -> &'static OperatorProcess {
             .arg("--s3-endpoint")
             .arg(server().endpoint())
             .args(["--s3-region", "us-east-1"])
+            // The source buckets of the tests are on the installer's allow-list (sources
+            // without a Secret are read only from there).
+            .args((0..SOURCE_BUCKETS).flat_map(|i| ["--allowed-source".to_owned(), format!("*=s3://{}/", source_bucket(i))]))
             .env("KUBECONFIG", cp.kubeconfig())
             .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY)
@@ -117,6 +120,14 @@ impl OperatorProcess {
     }
 }
 
+/// Source buckets the shared operator may read (one per world).
+const SOURCE_BUCKETS: usize = 64;
+
+/// The name of world `i`'s source bucket.
+fn source_bucket(i: usize) -> String {
+    format!("src-{}-w{i}", std::process::id())
+}
+
 /// One test's world: the control plane, a fresh namespace with the ConfigMap `datastore-csi`
 /// (so `create` finds the cluster's store as installed), a client, and an S3 source bucket.
 struct World {
@@ -132,7 +143,10 @@ impl World {
     fn new(prefix: &str) -> World {
         init_logging();
         let cp = k8s::control_plane();
-        let source_bucket = unique("src");
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(i < SOURCE_BUCKETS, "more worlds than allowed source buckets: raise SOURCE_BUCKETS");
+        let source_bucket = source_bucket(i);
         server().create_bucket(&source_bucket).expect("bucket");
         let s3 = rt().block_on(S3Client::new(&s3_options(server(), fast_timeouts())));
         let (client, ns) = rt().block_on(async {

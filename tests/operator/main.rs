@@ -67,6 +67,9 @@ impl Env {
         let mut ctx = Context::new(client, self.cluster.clone(), s3_options(server(), fast_timeouts()));
         ctx.progress_interval = Duration::from_secs(1);
         ctx.clock = Arc::new(|| NOW);
+        // The installer allows the tests' source bucket (sources without a Secret).
+        let allowed = format!("*=s3://{}/", self.source_bucket).parse().expect("allowed source");
+        ctx.sources = datastore::operator::source_policy::SourcePolicy::new(vec![allowed], &[]).expect("source policy");
         f(&mut ctx);
         Arc::new(ctx)
     }
@@ -409,10 +412,7 @@ fn operator_restart_mid_import_resumes_without_duplicating_work() {
     }
     let ds = object("resume", env.s3_spec("big/"), None);
     let (client, mut api) = run(async { mock_client() });
-    let mut ctx = Context::new(client, env.cluster.clone(), s3_options(server(), fast_timeouts()));
-    ctx.import_concurrency = 4;
-    ctx.clock = Arc::new(|| NOW);
-    let ctx = Arc::new(ctx);
+    let ctx = env.ctx_with(client, |ctx| ctx.import_concurrency = 4);
     let st = run(async {
         let task = tokio::spawn(reconcile(Arc::new(ds.clone()), ctx.clone()));
         let st = expect_status(&mut api, &ds).await;

@@ -37,6 +37,8 @@ impl Operator {
         }
         let child = cmd
             .args(["operator", "--no-leader-election", "--progress-interval", "1", "--watch-namespace", ns])
+            .arg("--allowed-source")
+            .arg(format!("*=s3://{}/", env.source_bucket))
             .arg("--store")
             .arg(env.cluster.to_string())
             .arg("--s3-endpoint")

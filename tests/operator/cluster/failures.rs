@@ -31,8 +31,9 @@ fn a_failing_source_backs_off_with_one_import_failed_event_per_attempt() {
     rt().block_on(async {
         let c = Cluster::new(cp).await;
         let (min, max) = (Duration::from_secs(2), Duration::from_secs(4));
-        let mut op = Operator::start(cp, &env, &c.ns, &["--import-retry-min", "2s", "--import-retry-max", "4s", "--progress-interval", "1"]);
         let bucket = unique("nosuchbucket");
+        let allowed = format!("*=s3://{bucket}/");
+        let mut op = Operator::start(cp, &env, &c.ns, &["--import-retry-min", "2s", "--import-retry-max", "4s", "--progress-interval", "1", "--allowed-source", &allowed]);
         let mut spec = env.s3_spec("x/");
         if let Some(s3) = spec.source.s3.as_mut() {
             s3.bucket = bucket.clone();
@@ -156,7 +157,7 @@ fn a_source_that_contains_the_store_is_refused() {
             assert_eq!(condition(&st, "Ready").map(|c| c.reason.as_str()), Some("SourceContainsStore"));
             let msg = st.message.unwrap_or_default();
             assert!(msg.contains(what) && msg.contains(&format!("s3://{store_bucket}/{store_prefix}")), "{msg}");
-            let events = c.events(name).await;
+            let events = events_with(&c, name, "SourceContainsStore").await;
             assert_eq!(published(&events, "ImportStarted"), 0, "{events:#?}");
             assert!(events.iter().any(|e| e.reason == "SourceContainsStore" && e.type_ == "Warning"), "{events:#?}");
         }

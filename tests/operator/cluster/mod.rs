@@ -13,6 +13,7 @@ mod import_result;
 mod leader;
 mod lifecycle;
 pub mod proxy;
+mod tenancy;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -102,6 +103,10 @@ impl Operator {
             .arg("--s3-endpoint")
             .arg(server().endpoint())
             .args(["--s3-region", "us-east-1"])
+            // The tests' source bucket is on the installer's allow-list (sources without a
+            // Secret are read only from there).
+            .arg("--allowed-source")
+            .arg(format!("*=s3://{}/", env.source_bucket))
             .args(extra)
             .env("KUBECONFIG", launch.kubeconfig.unwrap_or(cp.kubeconfig()))
             .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
@@ -267,6 +272,18 @@ pub struct Seen {
     /// 1, or the series' count.
     pub count: i32,
     pub at: Option<k8s_openapi::jiff::Timestamp>,
+}
+
+/// Events about `name` once one with `reason` is there (Events follow the status write).
+pub async fn events_with(c: &Cluster, name: &str, reason: &str) -> Vec<Seen> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = c.events(name).await;
+        if events.iter().any(|e| e.reason == reason) || Instant::now() >= deadline {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// How many times events with `reason` were published (series counted).
