@@ -55,6 +55,9 @@ impl ObjectStore for GatedStore {
         self.gate(key).await;
         self.inner.put(key, body, if_absent).await
     }
+    async fn probe_if_absent(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.probe_if_absent(key).await
+    }
     async fn put_file(&self, key: &str, path: &std::path::Path, progress: PutProgress<'_>) -> Result<[u8; 32], StoreError> {
         self.inner.put_file(key, path, progress).await
     }

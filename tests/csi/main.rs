@@ -13,5 +13,6 @@ mod mounts;
 mod node_faults;
 mod provisioning;
 mod restart;
+mod leases;
 mod sanity;
 mod tenancy;

@@ -38,7 +38,9 @@ use crate::fs::fuse::{FuseAdapter, MountConfig, fuser_config};
 use crate::fs::{DatastoreFs, FsOptions};
 use crate::mount::holder::HolderClient;
 use crate::mount::{LustreSource, MountState, Mounter, notify_resend};
+use crate::store::lease::Lease;
 use crate::store::manifest::Manifest;
+use crate::store::object::StoreError;
 pub use recovery::RecoveryPolicy;
 use state::{StateDir, blocking};
 
@@ -87,6 +89,33 @@ struct Live {
     session: Option<fuser::BackgroundSession>,
     /// A copy of the connection's descriptor (for FUSE_NOTIFY_RESEND).
     _fd: Option<OwnedFd>,
+    /// This node's mount lease on the version (see [`Volumes::lease`]), refreshed in the
+    /// background until the volume is torn down.
+    lease: MountLease,
+}
+
+/// A volume's mount lease: held, or being taken in the background (a recovered volume is
+/// served even while its store is unreachable, and registered once the store answers).
+enum MountLease {
+    None,
+    Held(Lease),
+    Pending(tokio::task::JoinHandle<Option<Lease>>),
+}
+
+impl MountLease {
+    /// Deletes the lease (or stops trying to take it).
+    async fn release(self) {
+        match self {
+            MountLease::None => {}
+            MountLease::Held(l) => l.release().await,
+            MountLease::Pending(task) => {
+                task.abort();
+                if let Ok(Some(l)) = task.await {
+                    l.release().await;
+                }
+            }
+        }
+    }
 }
 
 /// A recorded volume whose recovery failed and is to be tried again.
@@ -195,7 +224,13 @@ impl NodeVolumes {
     }
 
     /// Builds the filesystem of a volume and serves `fd` with it.
-    async fn serve(&self, state: &VolumeState, fd: OwnedFd, fresh: bool) -> CsiResult<Live> {
+    async fn serve(
+        &self,
+        state: &VolumeState,
+        fd: OwnedFd,
+        fresh: bool,
+        lease: MountLease,
+    ) -> CsiResult<Live> {
         let fetcher = self.fetcher(&state.context.store).await?;
         let manifest = self
             .manifest(&fetcher, &state.context, state.version)
@@ -238,12 +273,69 @@ impl NodeVolumes {
             fs: Some(fs),
             session: Some(session),
             _fd: Some(dup),
+            lease,
         })
+    }
+
+    /// Registers this node's use of a volume's version in its store (a mount lease) before the
+    /// manifest is read: deletes and prunes of that version are refused, and sweeps keep its
+    /// objects, until the volume is torn down (or, should this process die, the lease expires;
+    /// a restarted plugin takes a new one when it recovers the volume). Credentials that may
+    /// not write leases still mount, with a warning: a delete would not wait for this mount.
+    async fn lease(&self, state: &VolumeState) -> CsiResult<MountLease> {
+        let fetcher = self.fetcher(&state.context.store).await?;
+        match fetcher
+            .store()
+            .lease_mount(&state.context.datastore, state.version)
+            .await
+        {
+            Ok(l) => Ok(MountLease::Held(l)),
+            Err(crate::store::Error::Store(e @ StoreError::Denied { .. })) => {
+                tracing::warn!(volume = %state.volume_id, error = %e, "cannot register the mount in the store (read-only credentials?): a delete of this version would not wait for it");
+                Ok(MountLease::None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The lease of a volume being recovered: taken now if the store answers, else retried in
+    /// the background (with backoff, until the volume is torn down) so that a store outage
+    /// during a restart never costs pods their mounts.
+    async fn recovery_lease(&self, state: &VolumeState) -> CsiResult<MountLease> {
+        match self.lease(state).await {
+            Ok(l) => Ok(l),
+            Err(e) => {
+                tracing::warn!(volume = %state.volume_id, error = %e, "cannot register the mount in the store yet; retrying in the background");
+                let fetcher = self.fetcher(&state.context.store).await?;
+                let (store, name, version) = (
+                    fetcher.store().clone(),
+                    state.context.datastore.clone(),
+                    state.version,
+                );
+                Ok(MountLease::Pending(tokio::spawn(async move {
+                    let mut wait = Duration::from_secs(1);
+                    loop {
+                        tokio::time::sleep(wait).await;
+                        match store.lease_mount(&name, version).await {
+                            Ok(l) => return Some(l),
+                            Err(crate::store::Error::Store(StoreError::Denied { .. })) => return None,
+                            Err(e) => tracing::debug!(datastore = %name, version, error = %e, "mount lease not taken yet"),
+                        }
+                        wait = (wait * 2).min(Duration::from_secs(60));
+                    }
+                })))
+            }
+        }
     }
 
     /// Mounts a fresh FUSE filesystem (or the Lustre file system) at the staging path, opened
     /// as `at` (see [`paths`]).
-    async fn mount_new(&self, state: &VolumeState, at: &paths::MountPoint) -> CsiResult<Live> {
+    async fn mount_new(
+        &self,
+        state: &VolumeState,
+        at: &paths::MountPoint,
+        lease: MountLease,
+    ) -> CsiResult<Live> {
         let staging = state.staging.clone();
         if state.context.volume_type == VolumeType::HighPerformance {
             let (dns, mount) = state
@@ -265,6 +357,7 @@ impl NodeVolumes {
                 fs: None,
                 session: None,
                 _fd: None,
+                lease,
             });
         }
         // Fail before mounting if the version cannot be read.
@@ -278,7 +371,7 @@ impl NodeVolumes {
             .await
             .map_err(|e| CsiError::Internal(format!("mounting {}: {e}", staging.display())))?;
         let holder_fd = fd.try_clone()?;
-        match self.serve(state, fd, true).await {
+        match self.serve(state, fd, true, lease).await {
             Ok(live) => {
                 if let Some(h) = &self.holder {
                     let (h, id) = (h.clone(), state.volume_id.clone());
@@ -332,6 +425,7 @@ impl NodeVolumes {
         }
         self.drop_held(volume_id).await;
         drop(live.fs);
+        live.lease.release().await;
     }
 
     /// Drops the holder's copy of a volume's descriptor.

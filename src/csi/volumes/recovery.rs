@@ -223,7 +223,8 @@ impl NodeVolumes {
         if let Some(fd) = held {
             // The connection is alive (the holder kept it): serve it again. Do not stat the
             // mount before that: nobody answers it yet.
-            let live = self.serve(st, fd, false).await?;
+            let lease = self.recovery_lease(st).await?;
+            let live = self.serve(st, fd, false, lease).await?;
             self.live().insert(st.volume_id.clone(), live);
             self.rebind_missing(st, &all).await;
             tracing::info!(volume = %st.volume_id, "resumed serving the existing FUSE connection");
@@ -231,6 +232,7 @@ impl NodeVolumes {
         }
         if st.context.volume_type == VolumeType::HighPerformance && staged.is_some() {
             // Lustre mounts do not depend on this process.
+            let lease = self.recovery_lease(st).await?;
             self.live().insert(
                 st.volume_id.clone(),
                 Live {
@@ -238,6 +240,7 @@ impl NodeVolumes {
                     fs: None,
                     session: None,
                     _fd: None,
+                    lease,
                 },
             );
             self.rebind_missing(st, &all).await;
@@ -253,7 +256,8 @@ impl NodeVolumes {
         let at = self
             .mount_point(&st.staging, "staging_target_path", true)
             .await?;
-        let live = self.mount_new(st, &at).await?;
+        let lease = self.recovery_lease(st).await?;
+        let live = self.mount_new(st, &at, lease).await?;
         self.live().insert(st.volume_id.clone(), live);
         let all = blocking(mounts).await?;
         self.rebind_missing(st, &all).await;

@@ -89,7 +89,13 @@ impl NodeVolumes {
         // Recorded before mounting: a crash from here on leaves a record, never an unknown
         // mount.
         self.records.save(&state).await?;
-        let live = match self.mount_new(&state, &at).await {
+        // The mount lease goes first: the version's manifest is read only once a delete can
+        // see this node using it.
+        let mounted = match self.lease(&state).await {
+            Ok(lease) => self.mount_new(&state, &at, lease).await,
+            Err(e) => Err(e),
+        };
+        let live = match mounted {
             Ok(live) => live,
             Err(e) if !state.targets.is_empty() => {
                 // A broken volume that pods still use: like a failed recovery, kept (with its
