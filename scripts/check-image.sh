@@ -98,7 +98,8 @@ package_of() { # the Debian package shipping a file (merged /usr aware)
 # --- 2. shared libraries ----------------------------------------------------------------------
 interp=$(readelf -l "$binary" | sed -n 's/.*Requesting program interpreter: \(.*\)]/\1/p')
 for lib in $(readelf -d "$binary" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
-  path=$(ldconfig -p | awk -v l="$lib" '$1 == l && /x86-64|x86_64|AArch64|aarch64/ {print $NF; exit}')
+  # awk reads to the end (no early exit): ldconfig would die of SIGPIPE, and pipefail with it.
+  path=$(ldconfig -p | awk -v l="$lib" '!found && $1 == l && /x86-64|x86_64|AArch64|aarch64/ {print $NF; found = 1}')
   [ -z "$path" ] && [ "$(basename "$interp")" = "$lib" ] && path=$interp
   if [ -z "$path" ]; then fail "shared library $lib: not found on this machine"; continue; fi
   pkg=$(package_of "$path") || { fail "shared library $lib ($path): no package ships it"; continue; }
