@@ -222,6 +222,10 @@ def check_node(r: Rendered) -> None:
     socket = flag(holder, "--socket")
     assert socket and flag(node, "--fd-holder-socket") == socket, "plugin and holder disagree on the socket"
     assert flag(node, "--spawn-fd-holder") == "false", "the plugin must not spawn its own holder"
+    # Reference-mode objects: the node reads the locations the operator reads sources from.
+    want = [f"{a['namespace']}={a['location']}" for a in v["controller"]["sources"]["allowed"]]
+    got = [a.split("=", 1)[1] for a in node["args"] if a.startswith("--allowed-reference=")]
+    assert got == want, f"--allowed-reference {got} != controller.sources.allowed {want}"
     holder_dirs = {m["mountPath"]: m["name"] for m in holder["volumeMounts"]}
     sock_dir = str(Path(socket).parent)
     assert sock_dir in holder_dirs and mounts.get(holder_dirs[sock_dir]), "holder socket dir not shared with the plugin"
