@@ -263,6 +263,23 @@ impl Store {
         self
     }
 
+    /// The first file of `m` (path, why) whose reference-mode object this store refuses to
+    /// read ([`Store::check_blob`]); `None` when every blob may be read or the store has no
+    /// reference scope. One pass over the manifest, in memory: run it off the async threads.
+    pub fn refused_reference(&self, m: &Manifest) -> Option<(String, StoreError)> {
+        self.references.as_ref()?;
+        let mut first = None;
+        m.walk(|path, e| {
+            if first.is_none()
+                && let Some(blob) = e.blob()
+                && let Err(err) = self.check_blob(&blob)
+            {
+                first = Some((String::from_utf8_lossy(path).into_owned(), err));
+            }
+        });
+        first
+    }
+
     /// Whether `blob` may be read through this store: store objects always; an `External`
     /// one only inside the reference scope, if the store has one.
     pub fn check_blob(&self, blob: &Blob) -> Result<(), StoreError> {

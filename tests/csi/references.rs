@@ -116,27 +116,63 @@ fn reference_objects_are_read_only_from_allowed_locations() {
     let t = mount(&d, &mut n, "vol-legit", &a_url, "legit", legit.version);
     assert_eq!(std::fs::read(format!("{t}/ok.txt")).expect("read legit"), b"allowed bytes");
 
-    let t = mount(&d, &mut n, "vol-crafted", &a_url, "crafted", crafted);
-    assert_eq!(std::fs::read(format!("{t}/ok.txt")).expect("read allowed"), b"allowed bytes");
-    assert_eq!(std::fs::read(format!("{t}/mine.txt")).expect("read team-a's"), b"for team-a");
-    for f in ["stolen.txt", "team-b.txt"] {
-        let err = std::fs::read(format!("{t}/{f}")).expect_err("an object outside the allowed locations was served");
-        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{f}: {err}");
-    }
-    let log = d.log();
-    assert!(log.contains(&format!("s3://{secret_bucket}/k is outside the locations this node may read for namespace team-a")), "{log}");
-    assert!(log.contains("in the driver's store bucket"), "{log}");
+    // The crafted version is refused at NodeStage, naming the first file and why; nothing
+    // of it is mounted.
+    let ctx = params(&[("datastore", "crafted"), ("version", &crafted.to_string()), ("store", &a_url)]);
+    let staging = d.kpath("plugins/staging/vol-crafted");
+    std::fs::create_dir_all(&staging).expect("staging");
+    let err = rt()
+        .block_on(n.node_stage_volume(stage_req("vol-crafted", &staging, &ctx)))
+        .expect_err("a version naming objects outside the allowed locations was staged");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("outside the locations this node may read for namespace team-a") || err.message().contains("in the driver's store bucket"), "{}", err.message());
+    assert!(!our_mounts(d.dir.path()).iter().any(|m| m.mount_point.ends_with("vol-crafted")), "crafted volume mounted");
 
-    // The same manifest in team-b's store: team-a's own entry does not apply there.
+    // The same object in team-b's store: team-a's own entry does not apply there.
     let bstore = namespace_store(&d, "team-b");
     let mut b = ManifestBuilder::new(1_000_000_000);
     b.insert(&["a.txt"], external(&src_bucket, "a-only/a.txt", 10, 2)).expect("insert");
     let m = b.finish().expect("manifest");
     let info = VersionInfo { datastore: "borrowed".into(), files: 1, bytes: 10, ..crafted_info() };
     let v = rt().block_on(bstore.commit_version("borrowed", info, &m)).expect("commit");
-    let t = mount(&d, &mut n, "vol-borrowed", &bstore.url().to_string(), "borrowed", v);
-    let err = std::fs::read(format!("{t}/a.txt")).expect_err("team-a's location served to team-b");
+    let ctx = params(&[("datastore", "borrowed"), ("version", &v.to_string()), ("store", &bstore.url().to_string())]);
+    let staging = d.kpath("plugins/staging/vol-borrowed");
+    std::fs::create_dir_all(&staging).expect("staging");
+    let err = rt()
+        .block_on(n.node_stage_volume(stage_req("vol-borrowed", &staging, &ctx)))
+        .expect_err("team-a's location was staged for team-b");
+    assert!(err.message().contains("outside the locations this node may read for namespace team-b"), "{}", err.message());
+}
+
+/// A volume staged while its location was allowed, recovered by a plugin whose list no longer
+/// allows it (the installer narrowed it): reads of its objects fail with EIO, logged with the
+/// cause, instead of being served with the node's credentials.
+#[test]
+fn reads_check_the_location_too() {
+    let (src, src_bucket) = bucket("refsrc");
+    put(&src, "b-only/x.txt", b"first");
+    put(&src, "b-only/y.txt", b"second");
+    let entry = format!("team-b=s3://{src_bucket}/b-only");
+    let mut d = Driver::start_with(&["--allowed-reference", &entry]);
+    let store = namespace_store(&d, "team-b");
+    let mut b = ManifestBuilder::new(1_000_000_000);
+    b.insert(&["x.txt"], external(&src_bucket, "b-only/x.txt", 5, 5)).expect("insert");
+    b.insert(&["y.txt"], external(&src_bucket, "b-only/y.txt", 6, 6)).expect("insert");
+    let m = b.finish().expect("manifest");
+    let info = VersionInfo { datastore: "refs".into(), files: 2, bytes: 11, ..crafted_info() };
+    let v = rt().block_on(store.commit_version("refs", info, &m)).expect("commit");
+    let mut n = d.node();
+    let t = mount(&d, &mut n, "vol-refs", &store.url().to_string(), "refs", v);
+    assert_eq!(std::fs::read(format!("{t}/x.txt")).expect("read allowed"), b"first");
+
+    d.kill9();
+    d.extra.clear();
+    d.spawn();
+    // Recovered before the socket serves; y.txt was never read (no page cache to hide behind).
+    let err = std::fs::read(format!("{t}/y.txt")).expect_err("a no-longer-allowed object was served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = d.log();
+    assert!(log.contains(&format!("s3://{src_bucket}/b-only/y.txt is outside the locations this node may read for namespace team-b")), "{log}");
 }
 
 fn crafted_info() -> VersionInfo {
