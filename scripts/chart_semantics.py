@@ -158,6 +158,9 @@ def check_controller(r: Rendered) -> None:
     ctl = cs["controller"]
     assert ctl["args"][:2] == ["csi", "--mode=controller"], ctl["args"]
     assert flag(ctl, "--driver-name") == driver_name()
+    want = [f"{a['namespace']}={a['location']}" for a in v["controller"]["sources"]["allowed"]]
+    got = [a.split("=", 1)[1] for a in ctl["args"] if a.startswith("--allowed-reference=")]
+    assert got == want, f"controller --allowed-reference {got} != controller.sources.allowed {want}"
     prov = cs["csi-provisioner"]
     assert prov["image"].startswith("registry.k8s.io/sig-storage/csi-provisioner:"), prov["image"]
     for f in ("--extra-create-metadata", "--leader-election"):
