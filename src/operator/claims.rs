@@ -114,12 +114,9 @@ mod tests {
     fn ds(capacity: Option<u32>) -> Datastore {
         let spec = DatastoreSpec {
             source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) },
-            mode: None,
             datastore_type: Some(DatastoreType::HighPerformance),
             high_performance: Some(HighPerformanceSpec { storage_capacity: capacity, ..Default::default() }),
-            schedule: None,
-            retain_versions: None,
-            mount_path: None,
+            ..Default::default()
         };
         let mut ds = Datastore::new("fast", spec);
         ds.metadata.uid = Some("u1".into());

@@ -24,7 +24,7 @@ pub const FINALIZER: &str = "datastores.grid.ai/cleanup";
 pub const REIMPORT_ANNOTATION: &str = "datastores.grid.ai/reimport";
 
 /// A versioned, read-only dataset that pods mount at `mountPath`.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "datastores.grid.ai",
     version = "v1alpha1",

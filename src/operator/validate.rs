@@ -116,12 +116,7 @@ mod tests {
                 }),
                 upload: None,
             },
-            mode: None,
-            datastore_type: None,
-            high_performance: None,
-            schedule: None,
-            retain_versions: None,
-            mount_path: None,
+            ..Default::default()
         }
     }
 

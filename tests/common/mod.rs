@@ -321,3 +321,28 @@ pub fn du(dir: &Path) -> u64 {
     }
     total
 }
+
+/// Whether `p` is a mount point (of this mount namespace).
+pub fn is_mounted(p: &Path) -> bool {
+    let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let p = p.to_string_lossy();
+    mi.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+/// Waits (polling, until `deadline`) for the `datastore mount` process `child` to mount `mnt`;
+/// fails at once if it exits.
+pub fn wait_until_mounted(mnt: &Path, child: &mut std::process::Child, deadline: std::time::Instant) {
+    while !is_mounted(mnt) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not appear",
+            mnt.display()
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "mount process of {} exited early",
+            mnt.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

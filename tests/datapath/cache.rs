@@ -237,19 +237,8 @@ impl MountProcs {
             procs.mounts.push(mnt);
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        for (i, mnt) in procs.mounts.iter().enumerate() {
-            while !is_mounted(mnt) {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{} did not appear",
-                    mnt.display()
-                );
-                assert!(
-                    procs.children[i].try_wait().expect("wait").is_none(),
-                    "mount process exited early"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
+        for (mnt, child) in procs.mounts.iter().zip(procs.children.iter_mut()) {
+            wait_until_mounted(mnt, child, deadline);
         }
         procs
     }
@@ -267,11 +256,6 @@ impl Drop for MountProcs {
     }
 }
 
-fn is_mounted(p: &std::path::Path) -> bool {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let p = p.to_string_lossy();
-    mi.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
-}
 
 /// Issue 16 item 8: several processes share one cache directory and read more than it holds,
 /// at once; a sampler measures the block files all along. Their total never exceeds the limit

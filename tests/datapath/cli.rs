@@ -26,11 +26,6 @@ fn ok(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn is_mounted(p: &Path) -> bool {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let p = p.to_string_lossy();
-    mi.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
-}
 
 #[test]
 fn cli_lifecycle() {
@@ -84,18 +79,7 @@ fn cli_lifecycle() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mount");
-    let started = Instant::now();
-    while !is_mounted(&mnt) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "mount did not appear"
-        );
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "mount exited early"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_mounted(&mnt, &mut child, Instant::now() + Duration::from_secs(20));
     assert_eq!(
         std::fs::read(mnt.join("hello.txt")).expect("read"),
         b"hello\n"

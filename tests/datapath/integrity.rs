@@ -215,18 +215,7 @@ fn a_mounted_version_is_not_deleted_until_unmounted() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn mount");
-    let started = Instant::now();
-    while !is_mounted(&mnt) {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "mount did not appear"
-        );
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "mount exited early"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_mounted(&mnt, &mut child, Instant::now() + Duration::from_secs(20));
     for args in [vec!["delete", "m", "--version", "1"], vec!["delete", "m"]] {
         let o = datastore(&store, &[], &args).output().expect("run");
         let err = String::from_utf8_lossy(&o.stderr);
@@ -296,11 +285,6 @@ fn mount_leases_block_deletes_of_their_version() {
         .expect("delete after release");
 }
 
-fn is_mounted(p: &Path) -> bool {
-    let mi = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let p = p.to_string_lossy();
-    mi.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
-}
 
 /// Hole 9: numbers are never reused, neither after deleting every version nor after
 /// deleting the datastore.

@@ -96,12 +96,7 @@ impl Env {
                 }),
                 upload: None,
             },
-            mode: None,
-            datastore_type: None,
-            high_performance: None,
-            schedule: None,
-            retain_versions: None,
-            mount_path: None,
+            ..Default::default()
         }
     }
 }

@@ -117,15 +117,7 @@ fn source_of_args(c: &CreateArgs) -> anyhow::Result<Source> {
 /// The spec `create` asks for: `source` as given; options given replace, options not given keep
 /// the current value, except S3-only options when the source is an upload.
 fn desired_spec(current: Option<&DatastoreSpec>, source: Source, c: &CreateArgs) -> DatastoreSpec {
-    let cur = current.cloned().unwrap_or_else(|| DatastoreSpec {
-        source: Source::default(),
-        mode: None,
-        datastore_type: None,
-        high_performance: None,
-        schedule: None,
-        retain_versions: None,
-        mount_path: None,
-    });
+    let cur = current.cloned().unwrap_or_default();
     let s3 = source.s3.is_some();
     let (datastore_type, high_performance) = if c.high_performance {
         let hp = HighPerformanceSpec {
