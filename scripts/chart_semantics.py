@@ -158,6 +158,9 @@ def check_controller(r: Rendered) -> None:
     ctl = cs["controller"]
     assert ctl["args"][:2] == ["csi", "--mode=controller"], ctl["args"]
     assert flag(ctl, "--driver-name") == driver_name()
+    want = [f"{a['namespace']}={a['location']}" for a in v["controller"]["sources"]["allowed"]]
+    got = [a.split("=", 1)[1] for a in ctl["args"] if a.startswith("--allowed-reference=")]
+    assert got == want, f"controller --allowed-reference {got} != controller.sources.allowed {want}"
     prov = cs["csi-provisioner"]
     assert prov["image"].startswith("registry.k8s.io/sig-storage/csi-provisioner:"), prov["image"]
     for f in ("--extra-create-metadata", "--leader-election"):
@@ -222,6 +225,10 @@ def check_node(r: Rendered) -> None:
     socket = flag(holder, "--socket")
     assert socket and flag(node, "--fd-holder-socket") == socket, "plugin and holder disagree on the socket"
     assert flag(node, "--spawn-fd-holder") == "false", "the plugin must not spawn its own holder"
+    # Reference-mode objects: the node reads the locations the operator reads sources from.
+    want = [f"{a['namespace']}={a['location']}" for a in v["controller"]["sources"]["allowed"]]
+    got = [a.split("=", 1)[1] for a in node["args"] if a.startswith("--allowed-reference=")]
+    assert got == want, f"--allowed-reference {got} != controller.sources.allowed {want}"
     holder_dirs = {m["mountPath"]: m["name"] for m in holder["volumeMounts"]}
     sock_dir = str(Path(socket).parent)
     assert sock_dir in holder_dirs and mounts.get(holder_dirs[sock_dir]), "holder socket dir not shared with the plugin"

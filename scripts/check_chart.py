@@ -109,6 +109,14 @@ SCENARIOS: dict[str, dict] = {
             "extraTags": {"team": "ml", "env": "prod"},
             "mountProgram": "/opt/lustre/sbin/mount",
         },
+        "controller": {
+            "sources": {
+                "allowed": [
+                    {"namespace": "*", "location": "s3://datasets/teams/{namespace}/"},
+                    {"namespace": "ml", "location": "s3://public-imagenet/"},
+                ]
+            }
+        },
     },
     "secret+minio+servicemonitor": {
         "store": {"url": "s3://data/team-a", "endpoint": "http://minio.minio.svc:9000"},

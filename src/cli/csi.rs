@@ -87,6 +87,14 @@ pub struct CsiArgs {
     /// (see `mount::faulty`).
     #[arg(long, value_name = "DIR", hide = true)]
     pub inject_mount_faults: Option<PathBuf>,
+    /// A location reference-mode objects of a namespace's volumes may be read from with the
+    /// node's credentials: NAMESPACE=s3://BUCKET[/PREFIX] (NAMESPACE `*` for every namespace,
+    /// `{namespace}` in the prefix stands for the volume's); repeatable. The syntax and Helm
+    /// value (`controller.sources.allowed`) are the operator's `--allowed-source`. Without any,
+    /// reference-mode objects are not read; objects in the store's bucket never are. Volumes
+    /// of a store that is no namespace's match `*` entries without `{namespace}` only.
+    #[arg(long = "allowed-reference", value_name = "NAMESPACE=s3://BUCKET/PREFIX")]
+    pub allowed_references: Vec<crate::store::locations::AllowedLocation>,
     #[command(flatten)]
     pub fsx: FsxArgs,
 }
@@ -174,10 +182,10 @@ pub async fn run(a: CsiArgs) -> anyhow::Result<()> {
     }
     let timeouts = ReadTimeouts::default();
     let default_url = StoreUrl::resolve(a.store.store.as_deref())?;
-    let stores = Arc::new(Stores::new(
-        default_url.clone(),
-        a.store.s3_options(timeouts),
-    ));
+    let stores = Arc::new(
+        Stores::new(default_url.clone(), a.store.s3_options(timeouts))
+            .with_allowed_references(a.allowed_references.clone()),
+    );
     let topology = a.zone.is_some();
     let identity = IdentityService::new(a.driver_name.clone(), a.mode, stores.clone(), topology);
     let controller = if a.mode.controller() {

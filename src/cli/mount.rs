@@ -105,6 +105,8 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
             }
         });
     }
+    // No reference scope (`store::locations`): the credentials are the CLI user's own, so S3
+    // decides which reference-mode objects they may read; the CSI node is the one that checks.
     let store = a.store.open_with(ReadTimeouts::default()).await?;
     let version = store.resolve_version(name, version).await?;
     // Registered before the manifest is loaded: deletes refuse, sweeps keep its objects.

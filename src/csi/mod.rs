@@ -23,6 +23,7 @@ use std::time::Instant;
 use tonic::{Response, Status};
 
 use crate::store::s3::S3Options;
+use crate::store::locations::{AllowedLocation, ReferenceScope, namespace_of};
 use crate::store::{Store, StoreUrl};
 use error::{CsiError, CsiResult};
 
@@ -120,6 +121,9 @@ impl Drop for KeyGuard<'_> {
 pub struct Stores {
     default: StoreUrl,
     s3: S3Options,
+    /// Where reference-mode objects may be read from (`--allowed-reference`); every store
+    /// opened here reads them only inside its [`ReferenceScope`]. Empty: nowhere.
+    references: Arc<Vec<AllowedLocation>>,
     open: tokio::sync::Mutex<HashMap<String, Store>>,
 }
 
@@ -128,8 +132,26 @@ impl Stores {
         Stores {
             default,
             s3,
+            references: Arc::new(Vec::new()),
             open: tokio::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// These stores, reading reference-mode objects inside `allowed` only.
+    pub fn with_allowed_references(mut self, allowed: Vec<AllowedLocation>) -> Stores {
+        self.references = Arc::new(allowed);
+        self
+    }
+
+    /// The reference scope of the store at `url`: its namespace's entries if it is a
+    /// namespace's store, else the namespace-independent `*` entries only; never the driver's
+    /// store bucket.
+    fn reference_scope(&self, url: &StoreUrl) -> ReferenceScope {
+        let store_bucket = match &self.default {
+            StoreUrl::S3 { bucket, .. } => Some(bucket.clone()),
+            StoreUrl::Local(_) => None,
+        };
+        ReferenceScope::new(self.references.clone(), namespace_of(&self.default, url), store_bucket)
     }
 
     pub fn default_url(&self) -> &StoreUrl {
@@ -149,13 +171,19 @@ impl Stores {
         }
         let parsed =
             StoreUrl::parse(url).map_err(|e| CsiError::Invalid(format!("store {url:?}: {e}")))?;
-        let store = Store::open(&parsed, self.s3.clone()).await?;
+        let store = Store::open(&parsed, self.s3.clone())
+            .await?
+            .with_reference_scope(self.reference_scope(&parsed));
         open.insert(url.to_owned(), store.clone());
         Ok(store)
     }
 
     /// Serves `store` for `url` from now on (tests hand in gated or failing object stores).
     pub async fn insert(&self, url: &str, store: Store) {
+        let store = match StoreUrl::parse(url) {
+            Ok(parsed) => store.with_reference_scope(self.reference_scope(&parsed)),
+            Err(_) => store,
+        };
         self.open.lock().await.insert(url.to_owned(), store);
     }
 

@@ -271,6 +271,12 @@ impl DatastoreFs {
             Kind::Symlink => return Err(libc::ELOOP),
             Kind::File => e.blob().ok_or(libc::EIO)?,
         };
+        // Before the cache is asked: a block another volume cached for an allowed reference
+        // must not be served to a manifest that is not allowed to name it.
+        if let Err(err) = self.fetcher.store().check_blob(&blob) {
+            tracing::error!(datastore = %self.name, version = self.version, ino, error = %err, "refusing a reference-mode object; returning EIO");
+            return Err(libc::EIO);
+        }
         let content = Arc::new(self.fetcher.content(self.name.clone(), blob, e.size()));
         Ok(Arc::new(Handle {
             content,

@@ -31,6 +31,10 @@ pub enum ExportError {
     Store(#[from] crate::store::Error),
     #[error(transparent)]
     Object(#[from] StoreError),
+    /// A reference-mode object outside the locations allowed for the store's namespace: never
+    /// copied with the driver's credentials (see `store::locations`).
+    #[error("file {path:?}: {source}")]
+    Reference { path: String, source: StoreError },
 }
 
 impl ExportError {
@@ -78,6 +82,9 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
         return Ok(url);
     }
     let manifest = store.load_manifest(name, version).await?;
+    if let Some((path, source)) = store.refused_reference(&manifest) {
+        return Err(ExportError::Reference { path, source });
+    }
     let tree = layout::tree_prefix(name, version);
     // (destination store key, source bucket, source key, source etag, size); empty directories.
     let mut copies = Vec::new();

@@ -22,61 +22,13 @@
 //! dropped); two spellings of one server that differ otherwise (an IP and a name) are two
 //! endpoints to this check, which is why the allow-lists, not the spec, say what is trusted.
 
-use std::str::FromStr;
-
 use super::crd::DatastoreSpec;
 use super::validate::s3_source;
 use crate::store::StoreUrl;
 
-/// An S3 location the operator may read with its own credentials for some namespaces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowedSource {
-    /// A namespace, or `*` for every namespace.
-    pub namespace: String,
-    pub bucket: String,
-    /// Without slashes at either end; may hold `{namespace}`. Empty: the whole bucket.
-    pub prefix: String,
-}
-
-impl FromStr for AllowedSource {
-    type Err = String;
-
-    /// `NAMESPACE=s3://BUCKET[/PREFIX]`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (ns, location) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?} is not NAMESPACE=s3://BUCKET/PREFIX (NAMESPACE may be *)"))?;
-        let ns = ns.trim();
-        if ns.is_empty() || (ns != "*" && !ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')) {
-            return Err(format!("{s:?}: {ns:?} is not a namespace name or *"));
-        }
-        // `{namespace}` is checked as a plain segment, then put back.
-        let probe = location.replace("{namespace}", "ns");
-        match StoreUrl::parse(&probe) {
-            Ok(StoreUrl::S3 { .. }) => {}
-            Ok(StoreUrl::Local(_)) => return Err(format!("{s:?}: the location must be an s3:// URL")),
-            Err(e) => return Err(format!("{s:?}: {e}")),
-        }
-        let rest = location.trim().trim_start_matches("s3://");
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.contains("{namespace}") {
-            return Err(format!("{s:?}: {{namespace}} may only appear in the prefix"));
-        }
-        Ok(AllowedSource { namespace: ns.to_owned(), bucket: bucket.to_owned(), prefix: prefix.trim_matches('/').to_owned() })
-    }
-}
-
-impl AllowedSource {
-    /// Whether `bucket`/`prefix` (an import's prefix: empty or ending in '/') lies inside this
-    /// location for a Datastore of `namespace`.
-    fn covers(&self, namespace: &str, bucket: &str, prefix: &str) -> bool {
-        if (self.namespace != "*" && self.namespace != namespace) || self.bucket != bucket {
-            return false;
-        }
-        let allowed = self.prefix.replace("{namespace}", namespace);
-        allowed.is_empty() || prefix.starts_with(&format!("{allowed}/"))
-    }
-}
+/// An S3 location the operator may read with its own credentials for some namespaces (the
+/// allow-list type is shared with the CSI node; see [`crate::store::locations`]).
+pub use crate::store::locations::AllowedLocation as AllowedSource;
 
 /// Why a source is refused: the condition reason and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq)]

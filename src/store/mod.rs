@@ -13,6 +13,7 @@ pub mod import;
 pub mod layout;
 pub mod lease;
 pub mod local;
+pub mod locations;
 pub mod manifest;
 pub mod names;
 pub mod object;
@@ -213,6 +214,9 @@ pub struct Store {
     s3_options: S3Options,
     /// Whether the store honours conditional writes (probed on the first commit).
     conditional: Arc<OnceCell<bool>>,
+    /// Where reference-mode objects may be read from; `None`: anywhere the credentials reach
+    /// (the CLI, whose user's own credentials these are). The CSI node always sets one.
+    references: Option<Arc<locations::ReferenceScope>>,
 }
 
 impl Store {
@@ -233,6 +237,7 @@ impl Store {
             s3,
             s3_options,
             conditional: Arc::new(OnceCell::new()),
+            references: None,
         })
     }
 
@@ -248,6 +253,44 @@ impl Store {
             s3: Arc::new(OnceCell::new()),
             s3_options,
             conditional: Arc::new(OnceCell::new()),
+            references: None,
+        }
+    }
+
+    /// This store, reading reference-mode objects only where `scope` allows.
+    pub fn with_reference_scope(mut self, scope: locations::ReferenceScope) -> Store {
+        self.references = Some(Arc::new(scope));
+        self
+    }
+
+    /// The first file of `m` (path, why) whose reference-mode object this store refuses to
+    /// read ([`Store::check_blob`]); `None` when every blob may be read or the store has no
+    /// reference scope. One pass over the manifest, in memory: run it off the async threads.
+    pub fn refused_reference(&self, m: &Manifest) -> Option<(String, StoreError)> {
+        self.references.as_ref()?;
+        let mut first = None;
+        m.walk(|path, e| {
+            if first.is_none()
+                && let Some(blob) = e.blob()
+                && let Err(err) = self.check_blob(&blob)
+            {
+                first = Some((String::from_utf8_lossy(path).into_owned(), err));
+            }
+        });
+        first
+    }
+
+    /// Whether `blob` may be read through this store: store objects always; an `External`
+    /// one only inside the reference scope, if the store has one.
+    pub fn check_blob(&self, blob: &Blob) -> Result<(), StoreError> {
+        match (&blob.location, &self.references) {
+            (Location::External(ext), Some(scope)) => {
+                scope.check(&ext.bucket, &ext.key).map_err(|message| StoreError::Denied {
+                    what: format!("s3://{}/{}", ext.bucket, ext.key),
+                    message,
+                })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -379,6 +422,8 @@ impl Store {
                     .await
             }
             Location::External(ext) => {
+                // Never with the reader's credentials outside the scope (confused deputy).
+                self.check_blob(blob)?;
                 let expect = Expect {
                     etag: ext.etag.as_deref(),
                     version_id: ext.version_id.as_deref(),

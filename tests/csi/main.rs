@@ -12,6 +12,7 @@ mod isolation;
 mod mounts;
 mod node_faults;
 mod provisioning;
+mod references;
 mod restart;
 mod leases;
 mod sanity;

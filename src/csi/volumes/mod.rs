@@ -362,8 +362,21 @@ impl NodeVolumes {
         }
         // Fail before mounting if the version cannot be read.
         let fetcher = self.fetcher(&state.context.store).await?;
-        self.manifest(&fetcher, &state.context, state.version)
+        let manifest = self
+            .manifest(&fetcher, &state.context, state.version)
             .await?;
+        // Reference-mode objects outside the allowed locations: refused here, naming the first
+        // (reads check again, returning EIO, for volumes recovered after the list changed).
+        let store = fetcher.store().clone();
+        let refused = tokio::task::spawn_blocking(move || store.refused_reference(&manifest))
+            .await
+            .map_err(|e| CsiError::Internal(e.to_string()))?;
+        if let Some((path, e)) = refused {
+            return Err(CsiError::PermissionDenied(format!(
+                "{}@{}: file {path:?}: {e}",
+                state.context.datastore, state.version
+            )));
+        }
         let source = format!("datastore:{}@{}", state.context.datastore, state.version);
         let m = self.mounter.clone();
         let target = at.at().to_path_buf();
