@@ -346,3 +346,15 @@ pub fn wait_until_mounted(mnt: &Path, child: &mut std::process::Child, deadline:
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The stdout of a command that must have succeeded (else its status, stdout and stderr).
+pub fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "expected success, got {}:\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}

@@ -16,15 +16,6 @@ fn datastore(store: &Path, args: &[&str]) -> Output {
         .expect("run datastore")
 }
 
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 
 #[test]

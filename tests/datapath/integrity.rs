@@ -2,7 +2,7 @@
 //! one writer wins each version number, and numbers are never reused.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,15 +32,6 @@ pub fn datastore(store: &str, envs: &[(&str, String)], args: &[&str]) -> Command
     c
 }
 
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// Every file of `name@version`, read through the store, compared with the source directory
 /// its `version.json` names; also checks that `version.json` describes this manifest.

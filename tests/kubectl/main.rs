@@ -248,16 +248,6 @@ impl World {
     }
 }
 
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "expected success, got {}:\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// The one line of error of a failed command.
 fn one_line_error(o: &Output) -> String {
