@@ -2,6 +2,8 @@
 //!
 //! The crate is one library and one binary (`datastore`). Layers, bottom up:
 //! - [`aws`]: the HTTP client the AWS SDK clients share (one TLS stack with kube's).
+//! - [`beneath`]: paths opened below a trusted directory without following symlinks (the
+//!   kubelet directory for mounts, the local store's directory for objects).
 //! - [`store`]: versions in an object store (S3 or a local directory): manifest, layout,
 //!   uploads and imports.
 //! - [`cache`]: the node-wide, bounded, checksummed block cache.
@@ -13,6 +15,7 @@
 //! - [`cli`]: the command line (and kubectl plugin), wiring the layers together.
 
 pub mod aws;
+pub mod beneath;
 pub mod cache;
 pub mod cli;
 pub mod csi;

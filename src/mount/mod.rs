@@ -6,12 +6,11 @@
 //! failing. Mount state is read from /proc/self/mountinfo, and a mount whose FUSE server is
 //! gone is recognised by ENOTCONN.
 //!
-//! Mount points may be given as `/proc/self/fd/N` (a directory opened with [`beneath`]): the
+//! Mount points may be given as `/proc/self/fd/N` (a directory opened with [`crate::beneath`]): the
 //! mount lands on that very directory, whatever its path leads to by then. Bind mounts are
 //! made with the new mount API (open_tree, mount_setattr, move_mount), so that they are
 //! read-only from their first moment and need no remount by path.
 
-pub mod beneath;
 pub mod faulty;
 pub mod holder;
 pub mod mountinfo;

@@ -146,7 +146,7 @@ pub struct NodeVolumes {
     locks: KeyedLocks,
     rt: tokio::runtime::Handle,
     /// The kubelet directory, opened at first use (see [`paths`]).
-    kubelet_root: Mutex<Option<Arc<crate::mount::beneath::Root>>>,
+    kubelet_root: Mutex<Option<Arc<crate::beneath::Root>>>,
 }
 
 impl NodeVolumes {

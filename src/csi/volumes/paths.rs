@@ -1,6 +1,6 @@
 //! Where the node plugin mounts: staging and target paths opened safely.
 //!
-//! Paths below the kubelet directory are opened with [`crate::mount::beneath`]: one component at
+//! Paths below the kubelet directory are opened with [`crate::beneath`]: one component at
 //! a time, no symlink followed, missing directories made under their parent's descriptor. The
 //! mounter is then handed `/proc/self/fd/N` of the opened directory, so the mount lands on the
 //! directory that was checked even if a component is swapped for a symlink meanwhile. A
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::NodeVolumes;
 use super::state::blocking;
 use crate::csi::error::{CsiError, CsiResult};
-use crate::mount::beneath::{BeneathError, OpenedDir, Root};
+use crate::beneath::{BeneathError, OpenedDir, Root};
 
 /// A directory to mount on (or bind from).
 #[derive(Debug)]

@@ -12,9 +12,14 @@
 //! the directory itself; the caller mounts on `/proc/self/fd/N` (as runc does), so a symlink
 //! swapped in after the check cannot redirect the mount. Any symlink below the root is refused,
 //! also one that would stay inside: kubelet makes none there.
+//!
+//! The local store uses the same root for its objects ([`Root::open_below`], [`Root::open_file`]):
+//! a key is a path below the store's directory, and whoever can write part of that directory
+//! (one namespace's prefix) must not be able to make a key of theirs, or of anyone else, read
+//! or write through a symlink to another namespace's data or anywhere else on the host.
 
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
@@ -63,7 +68,18 @@ pub struct OpenedDir {
     fd: OwnedFd,
 }
 
+impl std::os::fd::AsFd for OpenedDir {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl OpenedDir {
+    /// A directory descriptor the caller opened without following symlinks itself.
+    pub fn from_fd(fd: OwnedFd) -> OpenedDir {
+        OpenedDir { fd }
+    }
+
     /// `/proc/self/fd/N`: the directory itself, whatever its path now leads to.
     pub fn proc_path(&self) -> PathBuf {
         PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
@@ -112,6 +128,58 @@ impl Root {
                 path: path.to_path_buf(),
                 root: self.given.clone(),
             })?;
+        self.walk(path, rel, create.then_some(0o750))
+    }
+
+    /// Opens directory `rel` (relative to the root; empty for the root itself) without following
+    /// any symlink, creating missing directories with `create` (a mode, before the umask).
+    /// Blocking.
+    pub fn open_below(&self, rel: &Path, create: Option<u32>) -> Result<OpenedDir, BeneathError> {
+        if rel.as_os_str().is_empty() {
+            let fd = self.fd.try_clone().map_err(|source| BeneathError::Io {
+                component: self.given.clone(),
+                source,
+            })?;
+            return Ok(OpenedDir { fd });
+        }
+        self.walk(&self.given.join(rel), rel, create)
+    }
+
+    /// Opens file `rel` (relative to the root) with `flags` (O_CLOEXEC is added), following no
+    /// symlink on the way or at the end. Blocking.
+    pub fn open_file(&self, rel: &Path, flags: OFlag) -> Result<OwnedFd, BeneathError> {
+        let path = self.given.join(rel);
+        if rel.is_absolute() || rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+            return Err(BeneathError::Dots { path });
+        }
+        let how = OpenHow::new().flags(flags | OFlag::O_CLOEXEC).resolve(
+            ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+        openat2(&self.fd, rel, how).map_err(|e| self.error(e, path.clone(), path))
+    }
+
+    fn error(&self, e: Errno, path: PathBuf, component: PathBuf) -> BeneathError {
+        match e {
+            Errno::ELOOP => BeneathError::Symlink {
+                path,
+                component,
+                root: self.given.clone(),
+            },
+            Errno::EXDEV => BeneathError::Outside {
+                path,
+                root: self.given.clone(),
+            },
+            Errno::ENOTDIR => BeneathError::NotDirectory { path, component },
+            Errno::ENOENT => BeneathError::NotFound { path, component },
+            e => BeneathError::Io {
+                component,
+                source: e.into(),
+            },
+        }
+    }
+
+    /// Walks `rel` one component at a time (see the module note).
+    fn walk(&self, path: &Path, rel: &Path, create: Option<u32>) -> Result<OpenedDir, BeneathError> {
         let mut names: Vec<OsString> = Vec::new();
         for c in rel.components() {
             match c {
@@ -139,10 +207,10 @@ impl Root {
         let mut walked = self.given.clone();
         for name in &names {
             walked.push(name);
-            let parent = cur.as_ref().unwrap_or(&self.fd);
+            let parent = cur.as_ref().map(|f| f.as_fd()).unwrap_or(self.fd.as_fd());
             let mut opened = openat2(parent, name.as_os_str(), how());
-            if create && matches!(opened, Err(Errno::ENOENT)) {
-                match mkdirat(parent, name.as_os_str(), Mode::from_bits_truncate(0o750)) {
+            if let (Some(mode), Err(Errno::ENOENT)) = (create, &opened) {
+                match mkdirat(parent, name.as_os_str(), Mode::from_bits_truncate(mode)) {
                     Ok(()) | Err(Errno::EEXIST) => {}
                     Err(e) => {
                         return Err(BeneathError::Io {
@@ -153,25 +221,7 @@ impl Root {
                 }
                 opened = openat2(parent, name.as_os_str(), how());
             }
-            let component = walked.clone();
-            let path = path.to_path_buf();
-            cur = Some(opened.map_err(|e| match e {
-                Errno::ELOOP => BeneathError::Symlink {
-                    path,
-                    component,
-                    root: self.given.clone(),
-                },
-                Errno::EXDEV => BeneathError::Outside {
-                    path,
-                    root: self.given.clone(),
-                },
-                Errno::ENOTDIR => BeneathError::NotDirectory { path, component },
-                Errno::ENOENT => BeneathError::NotFound { path, component },
-                e => BeneathError::Io {
-                    component,
-                    source: e.into(),
-                },
-            })?);
+            cur = Some(opened.map_err(|e| self.error(e, path.to_path_buf(), walked.clone()))?);
         }
         let fd = cur.ok_or_else(|| BeneathError::Outside {
             path: path.to_path_buf(),
