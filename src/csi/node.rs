@@ -8,6 +8,7 @@ use super::error::{CsiError, CsiResult};
 use super::params::{VolumeContext, check_capability, check_path};
 use super::volumes::{NodeVolumes, ZONE_KEY};
 use super::{observe, pb};
+use crate::store::s3::StaticCredentials;
 
 pub struct NodeService {
     pub volumes: Arc<NodeVolumes>,
@@ -21,6 +22,15 @@ fn required(v: &str, field: &'static str) -> CsiResult<()> {
     } else {
         Ok(())
     }
+}
+
+/// The S3 credentials in a request's CSI secrets, if any (see [`StaticCredentials::from_lookup`]).
+fn secret_credentials(
+    secrets: &std::collections::HashMap<String, String>,
+    which: &str,
+) -> CsiResult<Option<StaticCredentials>> {
+    StaticCredentials::from_lookup(|k| secrets.get(k).cloned())
+        .map_err(|why| CsiError::Invalid(format!("the {which} secret {why}")))
 }
 
 impl NodeService {
@@ -42,7 +52,8 @@ impl NodeService {
                 "inline (ephemeral) volumes are not staged".into(),
             ));
         }
-        self.volumes.stage(&r.volume_id, &staging, ctx).await?;
+        let credentials = secret_credentials(&r.secrets, "node-stage")?;
+        self.volumes.stage(&r.volume_id, &staging, ctx, credentials).await?;
         Ok(pb::NodeStageVolumeResponse {})
     }
 
@@ -77,8 +88,15 @@ impl NodeService {
                 self.kubelet(),
             )?)
         };
+        // Inline volumes are staged here: their credentials come with the publish request
+        // (the pod's nodePublishSecretRef). A staged volume's came with its stage request.
+        let credentials = if ctx.ephemeral {
+            secret_credentials(&r.secrets, "node-publish")?
+        } else {
+            None
+        };
         self.volumes
-            .publish(&r.volume_id, staging.as_deref(), &target, ctx)
+            .publish(&r.volume_id, staging.as_deref(), &target, ctx, credentials)
             .await?;
         Ok(pb::NodePublishVolumeResponse {})
     }

@@ -87,20 +87,12 @@ async fn source_client(ds: &Datastore, ns: &str, ctx: &Context) -> Result<S3Clie
         let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
         let secret = secrets.get(&r.name).await?;
         let data = secret.data.unwrap_or_default();
-        let get = |keys: &[&str]| {
-            keys.iter().find_map(|k| data.get(*k)).map(|b| String::from_utf8_lossy(&b.0).trim().to_owned())
+        let get = |k: &str| data.get(k).map(|b| String::from_utf8_lossy(&b.0).into_owned());
+        opts.credentials = match StaticCredentials::from_lookup(get) {
+            Ok(Some(c)) => Some(c),
+            Ok(None) => return Err(Error::Invalid(format!("Secret {}/{} has no credentials: it needs accessKeyId and secretAccessKey (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", ns, r.name))),
+            Err(why) => return Err(Error::Invalid(format!("Secret {}/{} {why}", ns, r.name))),
         };
-        let (Some(id), Some(key)) = (get(&["accessKeyId", "AWS_ACCESS_KEY_ID"]), get(&["secretAccessKey", "AWS_SECRET_ACCESS_KEY"])) else {
-            return Err(Error::Invalid(format!(
-                "Secret {}/{} needs accessKeyId and secretAccessKey (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)",
-                ns, r.name
-            )));
-        };
-        opts.credentials = Some(StaticCredentials {
-            access_key_id: id,
-            secret_access_key: key,
-            session_token: get(&["sessionToken", "AWS_SESSION_TOKEN"]),
-        });
     }
     Ok(S3Client::new(&opts).await)
 }

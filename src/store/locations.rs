@@ -93,17 +93,25 @@ impl ReferenceScope {
         ReferenceScope { allowed, namespace, store_bucket }
     }
 
-    /// `Ok` when `s3://bucket/key` may be read for this store; else why not.
-    pub fn check(&self, bucket: &str, key: &str) -> Result<(), String> {
-        let whose = match &self.namespace {
-            Some(ns) => format!("namespace {ns}"),
-            None => "a store that is no namespace's (only `*` entries without {namespace} apply)".to_owned(),
-        };
+    /// `Ok` unless `s3://bucket/key` is in the driver's store bucket, which no reference may
+    /// name, whatever the credentials.
+    pub fn check_store_bucket(&self, bucket: &str, key: &str) -> Result<(), String> {
         if self.store_bucket.as_deref() == Some(bucket) {
             return Err(format!(
                 "reference-mode object s3://{bucket}/{key} is in the driver's store bucket, which holds every namespace's data; the node never reads it for a reference"
             ));
         }
+        Ok(())
+    }
+
+    /// `Ok` when `s3://bucket/key` may be read for this store with the node's own
+    /// credentials; else why not.
+    pub fn check(&self, bucket: &str, key: &str) -> Result<(), String> {
+        let whose = match &self.namespace {
+            Some(ns) => format!("namespace {ns}"),
+            None => "a store that is no namespace's (only `*` entries without {namespace} apply)".to_owned(),
+        };
+        self.check_store_bucket(bucket, key)?;
         let ok = match &self.namespace {
             Some(ns) => self.allowed.iter().any(|a| a.covers(ns, bucket, key)),
             None => self.allowed.iter().any(|a| a.covers_any_namespace(bucket, key)),

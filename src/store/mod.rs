@@ -217,6 +217,12 @@ pub struct Store {
     /// Where reference-mode objects may be read from; `None`: anywhere the credentials reach
     /// (the CLI, whose user's own credentials these are). The CSI node always sets one.
     references: Option<Arc<locations::ReferenceScope>>,
+    /// A client with credentials of the volume's own (CSI node-stage/publish secrets) that
+    /// reads reference-mode objects instead of the store's client. Whatever those credentials
+    /// reach, their owner could read anyway, so the scope's allow-list does not apply to them
+    /// (its store-bucket rule does).
+    reference_client: Option<Arc<OnceCell<S3Client>>>,
+    reference_credentials: Option<s3::StaticCredentials>,
 }
 
 impl Store {
@@ -238,6 +244,8 @@ impl Store {
             s3_options,
             conditional: Arc::new(OnceCell::new()),
             references: None,
+            reference_client: None,
+            reference_credentials: None,
         })
     }
 
@@ -254,6 +262,8 @@ impl Store {
             s3_options,
             conditional: Arc::new(OnceCell::new()),
             references: None,
+            reference_client: None,
+            reference_credentials: None,
         }
     }
 
@@ -261,6 +271,28 @@ impl Store {
     pub fn with_reference_scope(mut self, scope: locations::ReferenceScope) -> Store {
         self.references = Some(Arc::new(scope));
         self
+    }
+
+    /// This store, reading reference-mode objects with `credentials` (a volume's own, from
+    /// its CSI secrets) instead of the store's: same endpoint and region, other key.
+    pub fn with_reference_credentials(mut self, credentials: s3::StaticCredentials) -> Store {
+        self.reference_client = Some(Arc::new(OnceCell::new()));
+        self.reference_credentials = Some(credentials);
+        self
+    }
+
+    /// The client that reads reference-mode objects.
+    async fn reference_s3(&self) -> &S3Client {
+        match (&self.reference_client, &self.reference_credentials) {
+            (Some(cell), Some(creds)) => {
+                cell.get_or_init(|| {
+                    let opts = S3Options { credentials: Some(creds.clone()), ..self.s3_options.clone() };
+                    async move { S3Client::new(&opts).await }
+                })
+                .await
+            }
+            _ => self.s3().await,
+        }
     }
 
     /// The first file of `m` (path, why) whose reference-mode object this store refuses to
@@ -285,7 +317,12 @@ impl Store {
     pub fn check_blob(&self, blob: &Blob) -> Result<(), StoreError> {
         match (&blob.location, &self.references) {
             (Location::External(ext), Some(scope)) => {
-                scope.check(&ext.bucket, &ext.key).map_err(|message| StoreError::Denied {
+                let checked = if self.reference_credentials.is_some() {
+                    scope.check_store_bucket(&ext.bucket, &ext.key)
+                } else {
+                    scope.check(&ext.bucket, &ext.key)
+                };
+                checked.map_err(|message| StoreError::Denied {
                     what: format!("s3://{}/{}", ext.bucket, ext.key),
                     message,
                 })
@@ -429,7 +466,7 @@ impl Store {
                     version_id: ext.version_id.as_deref(),
                     size: Some(size),
                 };
-                self.s3()
+                self.reference_s3()
                     .await
                     .get_range(&ext.bucket, &ext.key, range, expect)
                     .await

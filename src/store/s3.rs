@@ -79,11 +79,43 @@ pub struct S3Options {
 }
 
 /// An access key pair. `Debug` never shows the secret.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct StaticCredentials {
     pub access_key_id: String,
     pub secret_access_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_token: Option<String>,
+}
+
+impl StaticCredentials {
+    /// The key pair in a Secret's data (Kubernetes Secrets, CSI secrets): `accessKeyId` and
+    /// `secretAccessKey` (or their `AWS_*` environment spellings), optional `sessionToken`.
+    /// `Ok(None)` when neither key is there; an error naming what is missing when one is.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<StaticCredentials>, String> {
+        let find = |keys: &[&str]| keys.iter().find_map(|k| get(k)).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+        let id = find(&["accessKeyId", "AWS_ACCESS_KEY_ID"]);
+        let key = find(&["secretAccessKey", "AWS_SECRET_ACCESS_KEY"]);
+        match (id, key) {
+            (None, None) => Ok(None),
+            (Some(access_key_id), Some(secret_access_key)) => Ok(Some(StaticCredentials {
+                access_key_id,
+                secret_access_key,
+                session_token: find(&["sessionToken", "AWS_SESSION_TOKEN"]),
+            })),
+            _ => Err("needs both accessKeyId and secretAccessKey (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)".into()),
+        }
+    }
+
+    /// A short, non-reversible name of these credentials (to key clients by, never the secret).
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [&self.access_key_id, &self.secret_access_key, self.session_token.as_deref().unwrap_or("")] {
+            h.update(part.as_bytes());
+            h.update([0u8]);
+        }
+        hex::encode(&h.finalize()[..8])
+    }
 }
 
 impl std::fmt::Debug for StaticCredentials {

@@ -3,6 +3,7 @@
 //! (`--allowed-reference`): a crafted manifest in a namespace's store prefix cannot make the
 //! node serve another bucket's objects or another namespace's data (no confused deputy).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use bytes::Bytes;
@@ -173,6 +174,113 @@ fn reads_check_the_location_too() {
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let log = d.log();
     assert!(log.contains(&format!("s3://{src_bucket}/b-only/y.txt is outside the locations this node may read for namespace team-b")), "{log}");
+}
+
+/// A team's reference-mode version of objects in its own bucket, which the node's role cannot
+/// read: with the team's credentials as the volume's node-stage secret (node-publish for an
+/// inline volume) the node reads them with those, outside its allow-list, and only them:
+/// without the secret the stage is refused, with it the driver's store bucket stays refused,
+/// wrong credentials read nothing, and a restarted plugin keeps reading with the recorded ones.
+#[test]
+fn reference_objects_are_read_with_the_volumes_own_credentials() {
+    let name = unique("teamonly");
+    server().create_bucket(&name).expect("bucket");
+    server().set_tenant_only(&name);
+    let tenant = |secret: &str| {
+        let mut o = s3_options(server(), fast_timeouts());
+        o.credentials = Some(datastore::store::s3::StaticCredentials {
+            access_key_id: s3_test_server::TENANT_ACCESS_KEY.into(),
+            secret_access_key: secret.into(),
+            session_token: None,
+        });
+        o
+    };
+    let tenant_bucket = S3Store::new(rt().block_on(S3Client::new(&tenant(s3_test_server::TENANT_SECRET_KEY))), &name, "");
+    put(&tenant_bucket, "data/x.txt", b"team bytes x");
+    put(&tenant_bucket, "data/y.txt", b"team bytes yy");
+    put(&tenant_bucket, "data/w.txt", b"team bytes www");
+    put(&tenant_bucket, "data/z.txt", b"team bytes zzzz");
+    // The node's own key cannot read the team's bucket at all.
+    let node_client = rt().block_on(S3Client::new(&s3_options(server(), fast_timeouts())));
+    let denied = rt().block_on(S3Store::new(node_client, &name, "").get("data/x.txt"));
+    assert!(denied.is_err(), "the test server let the node's key into the team's bucket");
+
+    let mut d = Driver::start_with(&[]);
+    let store = namespace_store(&d, "team-a");
+    let mut b = ManifestBuilder::new(1_000_000_000);
+    b.insert(&["x.txt"], external(&name, "data/x.txt", 12, 7)).expect("insert");
+    b.insert(&["y.txt"], external(&name, "data/y.txt", 13, 8)).expect("insert");
+    b.insert(&["w.txt"], external(&name, "data/w.txt", 14, 10)).expect("insert");
+    b.insert(&["z.txt"], external(&name, "data/z.txt", 15, 11)).expect("insert");
+    let m = b.finish().expect("manifest");
+    let info = VersionInfo { datastore: "own".into(), files: 4, bytes: 54, ..crafted_info() };
+    let v = rt().block_on(store.commit_version("own", info, &m)).expect("commit");
+    let mut b = ManifestBuilder::new(1_000_000_000);
+    b.insert(&["z.txt"], external(&d.bucket, "pfx/namespaces/team-b/raw.txt", 11, 9)).expect("insert");
+    let m = b.finish().expect("manifest");
+    let info = VersionInfo { datastore: "storebucket".into(), files: 1, bytes: 11, ..crafted_info() };
+    let vs = rt().block_on(store.commit_version("storebucket", info, &m)).expect("commit");
+    let url = store.url().to_string();
+    let secrets = |secret: &str| params(&[("accessKeyId", s3_test_server::TENANT_ACCESS_KEY), ("secretAccessKey", secret)]);
+    let mut n = d.node();
+    let stage = |n: &mut pb::node_client::NodeClient<tonic::transport::Channel>, id: &str, ds: &str, v: u64, secrets: HashMap<String, String>| {
+        let ctx = params(&[("datastore", ds), ("version", &v.to_string()), ("store", &url)]);
+        let staging = d.kpath(&format!("plugins/staging/{id}"));
+        std::fs::create_dir_all(&staging).expect("staging");
+        let mut req = stage_req(id, &staging, &ctx);
+        req.secrets = secrets;
+        (rt().block_on(n.node_stage_volume(req)), staging, ctx)
+    };
+
+    // No secret: the node's own credentials would be used, and the location is not allowed.
+    let (r, _, _) = stage(&mut n, "vol-nosecret", "own", v, HashMap::new());
+    assert_eq!(r.expect_err("staged without credentials").code(), tonic::Code::PermissionDenied);
+    // Half a secret is a clear INVALID_ARGUMENT.
+    let (r, _, _) = stage(&mut n, "vol-half", "own", v, params(&[("accessKeyId", "x")]));
+    let err = r.expect_err("half a secret");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("secretAccessKey"), "{}", err.message());
+    // A secret never opens the driver's store bucket.
+    let (r, _, _) = stage(&mut n, "vol-store", "storebucket", vs, secrets(s3_test_server::TENANT_SECRET_KEY));
+    assert_eq!(r.expect_err("a reference into the store bucket").code(), tonic::Code::PermissionDenied);
+
+    // The team's credentials: staged, read with them.
+    let (r, staging, ctx) = stage(&mut n, "vol-own", "own", v, secrets(s3_test_server::TENANT_SECRET_KEY));
+    r.expect("stage with the volume's credentials");
+    let target = d.kpath("pods/own/volumes/kubernetes.io~csi/pv/mount");
+    std::fs::create_dir_all(Path::new(&target).parent().expect("parent")).expect("parent");
+    rt().block_on(n.node_publish_volume(publish_req("vol-own", &staging, &target, &ctx))).expect("publish");
+    assert_eq!(std::fs::read(format!("{target}/x.txt")).expect("read x"), b"team bytes x");
+    let record = std::fs::read_dir(d.state_dir().join("volumes")).expect("records").flatten().next().expect("a record");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(record.metadata().expect("meta").permissions().mode() & 0o777, 0o600, "a record holding credentials is readable by others");
+
+    // Wrong credentials: staged (nothing is read at stage), but no byte is served (of a file
+    // no volume read yet: what the team's volumes cached is the team's, served from the cache
+    // to any volume of the same datastore).
+    let (r, staging_w, ctx_w) = stage(&mut n, "vol-wrong", "own", v, secrets("not-the-secret"));
+    r.expect("stage");
+    let target_w = d.kpath("pods/wrong/volumes/kubernetes.io~csi/pv/mount");
+    std::fs::create_dir_all(Path::new(&target_w).parent().expect("parent")).expect("parent");
+    rt().block_on(n.node_publish_volume(publish_req("vol-wrong", &staging_w, &target_w, &ctx_w))).expect("publish");
+    let err = std::fs::read(format!("{target_w}/w.txt")).expect_err("read with wrong credentials");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
+    // An inline volume carries its credentials in the publish request.
+    let inline_ctx = params(&[("datastore", "own"), ("version", &v.to_string()), ("store", &url), ("csi.storage.k8s.io/ephemeral", "true")]);
+    let inline_target = d.kpath("pods/inline/volumes/kubernetes.io~csi/own/mount");
+    std::fs::create_dir_all(Path::new(&inline_target).parent().expect("parent")).expect("parent");
+    let mut req = publish_req("csi-inline-own", "", &inline_target, &inline_ctx);
+    req.secrets = secrets(s3_test_server::TENANT_SECRET_KEY);
+    rt().block_on(n.node_publish_volume(req)).expect("inline publish");
+    assert_eq!(std::fs::read(format!("{inline_target}/y.txt")).expect("read inline"), b"team bytes yy");
+
+    // A restarted plugin recovers the volume with the credentials it recorded (z.txt was never
+    // read: not in any cache).
+    d.kill9();
+    d.spawn();
+    assert_eq!(std::fs::read(format!("{target}/z.txt")).expect("read after restart"), b"team bytes zzzz");
+    assert!(!d.log().contains(s3_test_server::TENANT_SECRET_KEY), "the secret was logged");
 }
 
 fn crafted_info() -> VersionInfo {

@@ -31,6 +31,12 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub const ACCESS_KEY: &str = "datastore-test";
 /// The matching secret key.
 pub const SECRET_KEY: &str = "datastore-test-secret";
+/// A second key pair, a tenant's: it reaches only the buckets marked with
+/// [`TestServer::set_tenant_only`], which the main key cannot reach (like a team's own bucket
+/// that the driver's role has no access to).
+pub const TENANT_ACCESS_KEY: &str = "datastore-tenant";
+/// The tenant key's secret.
+pub const TENANT_SECRET_KEY: &str = "datastore-tenant-secret";
 
 /// Request counts of one bucket, by operation.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +77,8 @@ struct BucketState {
     faults: Mutex<Faults>,
     /// Behave like an S3-compatible server that ignores `If-None-Match` on PutObject.
     ignore_if_none_match: std::sync::atomic::AtomicBool,
+    /// Reachable with the tenant key only.
+    tenant_only: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -174,6 +182,14 @@ impl TestServer {
             .store(ignore, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Makes a bucket reachable with the tenant key ([`TENANT_ACCESS_KEY`]) and only with it.
+    pub fn set_tenant_only(&self, bucket: &str) {
+        self.shared
+            .bucket(bucket)
+            .tenant_only
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Stops serving: closes the listener and every connection.
     pub fn stop(&mut self) {
         if let Some(rt) = self.runtime.take() {
@@ -219,7 +235,10 @@ fn spawn(
     let addr = std_listener.local_addr()?;
     let fs = Fast::new(root, shared.clone())?;
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
-    builder.set_auth(s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let mut auth = s3s::auth::SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY);
+    auth.register(TENANT_ACCESS_KEY.to_owned(), TENANT_SECRET_KEY.into());
+    builder.set_auth(auth);
+    builder.set_access(TenantAccess { shared: shared.clone() });
     let service = builder.build();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let thread = std::thread::Builder::new().name(format!("s3-test-server-{}", addr.port())).spawn(move || {
@@ -440,6 +459,32 @@ fn file_stream(
         }
     });
     rx
+}
+
+/// Which key reaches which bucket: the tenant key only its buckets, the main key all others.
+struct TenantAccess {
+    shared: Arc<Shared>,
+}
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for TenantAccess {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+        let Some(key) = cx.credentials().map(|c| c.access_key.clone()) else {
+            return Err(s3_error!(AccessDenied, "anonymous request"));
+        };
+        let bucket = match cx.s3_path() {
+            s3s::path::S3Path::Bucket { bucket } | s3s::path::S3Path::Object { bucket, .. } => Some(bucket.to_string()),
+            s3s::path::S3Path::Root => None,
+        };
+        let tenant_only = bucket.is_some_and(|b| {
+            self.shared.bucket(&b).tenant_only.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        if tenant_only == (key == TENANT_ACCESS_KEY) {
+            Ok(())
+        } else {
+            Err(s3_error!(AccessDenied, "this key has no access to this bucket"))
+        }
+    }
 }
 
 #[async_trait::async_trait]

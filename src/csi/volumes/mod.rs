@@ -41,6 +41,7 @@ use crate::mount::{LustreSource, MountState, Mounter, notify_resend};
 use crate::store::lease::Lease;
 use crate::store::manifest::Manifest;
 use crate::store::object::StoreError;
+use crate::store::s3::StaticCredentials;
 pub use recovery::RecoveryPolicy;
 use state::{StateDir, blocking};
 
@@ -76,6 +77,11 @@ pub struct VolumeState {
     /// one that crashes the plugin counts too); at `RecoveryPolicy::attempts` it is given up.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub recovery_attempts: u32,
+    /// Credentials from the request's CSI secrets (node-stage, or node-publish for inline
+    /// volumes) that reference-mode objects are read with instead of the node's own; kept so
+    /// that a restarted plugin reads them the same way (the record is readable by root only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_credentials: Option<StaticCredentials>,
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -187,14 +193,25 @@ impl NodeVolumes {
         self.live().len()
     }
 
-    async fn fetcher(&self, store_url: &str) -> CsiResult<Arc<Fetcher>> {
+    /// The fetcher of a volume's store: one per store URL, and one per store URL and set of
+    /// credentials for volumes that read reference-mode objects with their own.
+    async fn fetcher(&self, state: &VolumeState) -> CsiResult<Arc<Fetcher>> {
+        let store_url = &state.context.store;
+        let creds = state.reference_credentials.as_ref();
+        let key = match creds {
+            Some(c) => format!("{store_url}#{}", c.fingerprint()),
+            None => store_url.clone(),
+        };
         let mut f = self.fetchers.lock().await;
-        if let Some(x) = f.get(store_url) {
+        if let Some(x) = f.get(&key) {
             return Ok(x.clone());
         }
-        let store = self.stores.get(store_url).await?;
+        let mut store = self.stores.get(store_url).await?;
+        if let Some(c) = creds {
+            store = store.with_reference_credentials(c.clone());
+        }
         let fetcher = Fetcher::new(store, self.cache.clone(), self.cfg.fetch.clone());
-        f.insert(store_url.to_owned(), fetcher.clone());
+        f.insert(key, fetcher.clone());
         Ok(fetcher)
     }
 
@@ -231,7 +248,7 @@ impl NodeVolumes {
         fresh: bool,
         lease: MountLease,
     ) -> CsiResult<Live> {
-        let fetcher = self.fetcher(&state.context.store).await?;
+        let fetcher = self.fetcher(state).await?;
         let manifest = self
             .manifest(&fetcher, &state.context, state.version)
             .await?;
@@ -283,7 +300,7 @@ impl NodeVolumes {
     /// a restarted plugin takes a new one when it recovers the volume). Credentials that may
     /// not write leases still mount, with a warning: a delete would not wait for this mount.
     async fn lease(&self, state: &VolumeState) -> CsiResult<MountLease> {
-        let fetcher = self.fetcher(&state.context.store).await?;
+        let fetcher = self.fetcher(state).await?;
         match fetcher
             .store()
             .lease_mount(&state.context.datastore, state.version)
@@ -306,7 +323,7 @@ impl NodeVolumes {
             Ok(l) => Ok(l),
             Err(e) => {
                 tracing::warn!(volume = %state.volume_id, error = %e, "cannot register the mount in the store yet; retrying in the background");
-                let fetcher = self.fetcher(&state.context.store).await?;
+                let fetcher = self.fetcher(state).await?;
                 let (store, name, version) = (
                     fetcher.store().clone(),
                     state.context.datastore.clone(),
@@ -361,7 +378,7 @@ impl NodeVolumes {
             });
         }
         // Fail before mounting if the version cannot be read.
-        let fetcher = self.fetcher(&state.context.store).await?;
+        let fetcher = self.fetcher(state).await?;
         let manifest = self
             .manifest(&fetcher, &state.context, state.version)
             .await?;

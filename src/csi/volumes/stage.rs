@@ -15,18 +15,22 @@ use super::state::{blocking, file_id};
 use super::{NodeVolumes, VolumeState};
 use crate::csi::error::{CsiError, CsiResult};
 use crate::csi::params::VolumeContext;
+use crate::store::s3::StaticCredentials;
 use crate::mount::{MountState, mounts};
 
 impl NodeVolumes {
     /// NodeStageVolume.
+    /// `credentials` (from the request's secrets) read the version's reference-mode objects
+    /// instead of the node's own.
     pub async fn stage(
         &self,
         volume_id: &str,
         staging: &Path,
         ctx: VolumeContext,
+        credentials: Option<StaticCredentials>,
     ) -> CsiResult<()> {
         let _guard = self.locks.lock(volume_id).await;
-        self.stage_locked(volume_id, staging, ctx).await
+        self.stage_locked(volume_id, staging, ctx, credentials).await
     }
 
     pub(super) async fn stage_locked(
@@ -34,6 +38,7 @@ impl NodeVolumes {
         volume_id: &str,
         staging: &Path,
         ctx: VolumeContext,
+        credentials: Option<StaticCredentials>,
     ) -> CsiResult<()> {
         let unrecovered = self.unrecovered().get(volume_id).cloned();
         // Targets of a broken volume that is mounted again: bound again afterwards.
@@ -85,6 +90,7 @@ impl NodeVolumes {
             version,
             targets,
             recovery_attempts: 0,
+            reference_credentials: credentials,
         };
         // Recorded before mounting: a crash from here on leaves a record, never an unknown
         // mount.
@@ -181,13 +187,14 @@ impl NodeVolumes {
         staging: Option<&Path>,
         target: &Path,
         ctx: VolumeContext,
+        credentials: Option<StaticCredentials>,
     ) -> CsiResult<()> {
         let _guard = self.locks.lock(volume_id).await;
         // Checked (and made) first: nothing is staged for a target that is refused.
         let target_at = self.mount_point(target, "target_path", true).await?;
         let staging = if ctx.ephemeral {
             let s = self.ephemeral_staging(volume_id);
-            self.stage_locked(volume_id, &s, ctx).await?;
+            self.stage_locked(volume_id, &s, ctx, credentials).await?;
             s
         } else {
             let staging = staging.ok_or(CsiError::Missing("staging_target_path"))?;

@@ -264,7 +264,11 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!("{name}.tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
+    // Root only: a volume's record may hold the credentials of its CSI secrets.
+    let mut f = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?
+    };
     let written = f
         .write_all(data)
         .and_then(|()| f.sync_all())
@@ -297,6 +301,7 @@ mod tests {
             version,
             targets: Default::default(),
             recovery_attempts: 0,
+            reference_credentials: None,
         }
     }
 
