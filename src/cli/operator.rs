@@ -19,6 +19,10 @@ pub struct OperatorArgs {
     /// StorageClass of the PVCs the operator creates.
     #[arg(long, default_value = "datastore")]
     pub storage_class: String,
+    /// StorageClass of the PVCs of reference-mode datastores whose S3 source names a Secret
+    /// (the node reads their objects with it, as the volume's node-stage secret).
+    #[arg(long, default_value = "datastore-credentials")]
+    pub credentials_storage_class: String,
     /// The CSI driver name (to find the PersistentVolumes of a datastore).
     #[arg(long, default_value = crate::csi::DRIVER_NAME)]
     pub driver_name: String,
@@ -82,6 +86,7 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("--allowed-source-endpoint: {e}"))?;
     ctx.storage_class = a.storage_class;
     ctx.hp_storage_class = a.hp_storage_class;
+    ctx.credentials_storage_class = a.credentials_storage_class;
     ctx.fsx = a.fsx.client().await;
     ctx.driver_name = a.driver_name;
     ctx.imports = crate::operator::imports::ImportManager::new(a.max_imports);

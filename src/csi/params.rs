@@ -17,6 +17,10 @@ pub const K8S_PREFIX: &str = "csi.storage.k8s.io/";
 pub const PVC_DATASTORE_ANNOTATION: &str = "datastores.grid.ai/datastore";
 /// PVC annotation naming the version a claim mounts (set by the operator).
 pub const PVC_VERSION_ANNOTATION: &str = "datastores.grid.ai/version";
+/// PVC annotation naming the Secret (in the claim's namespace) whose S3 credentials the node
+/// reads a reference-mode version's objects with: the chart's credentials StorageClass turns it
+/// into the PV's node-stage secret.
+pub const PVC_CREDENTIALS_SECRET_ANNOTATION: &str = "datastores.grid.ai/credentials-secret";
 /// PVC annotations carrying a high-performance Datastore's own FSx options (set by the
 /// operator from `spec.highPerformance`); they override the StorageClass's parameter only when
 /// the claim's owning Datastore says the same (see [`super::controller::Claim`]), and never its

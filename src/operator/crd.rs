@@ -291,6 +291,17 @@ impl Datastore {
         self.spec.datastore_type == Some(DatastoreType::HighPerformance)
     }
 
+    /// The Secret whose credentials the node reads this datastore's objects with: that of its
+    /// S3 source, for a standard datastore imported in reference mode (its objects stay in the
+    /// source bucket, which the node's own role need not reach).
+    pub fn reference_credentials_secret(&self) -> Option<&str> {
+        let s3 = self.spec.source.s3.as_ref()?;
+        let reference = self.spec.mode == Some(ImportModeSpec::Reference);
+        (reference && !self.is_high_performance())
+            .then(|| s3.credentials_secret_ref.as_ref().map(|r| r.name.as_str()))
+            .flatten()
+    }
+
     /// The datastore's mount path in run pods.
     pub fn mount_path(&self) -> String {
         self.spec

@@ -139,6 +139,9 @@ pub struct Context {
     pub storage_class: String,
     /// StorageClass of high-performance datastores' claims.
     pub hp_storage_class: String,
+    /// StorageClass of reference-mode datastores whose source names a Secret: the claim's
+    /// annotation names it, the class makes it the node-stage secret.
+    pub credentials_storage_class: String,
     /// FSx for Lustre (when enabled): file systems' status, cleanup, orphans.
     pub fsx: Option<crate::fsx::Fsx>,
     pub driver_name: String,
@@ -168,6 +171,7 @@ impl Context {
             imports: ImportManager::new(4),
             storage_class: "datastore".into(),
             hp_storage_class: "datastore-hp".into(),
+            credentials_storage_class: "datastore-credentials".into(),
             fsx: None,
             driver_name: crate::csi::DRIVER_NAME.into(),
             progress_interval: Duration::from_secs(10),

@@ -17,7 +17,7 @@ use kube::{Resource, ResourceExt};
 use super::crd::{Datastore, labels};
 use super::events::Note;
 use super::{Context, Error};
-use crate::csi::params::{PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION};
+use crate::csi::params::{PVC_CREDENTIALS_SECRET_ANNOTATION, PVC_DATASTORE_ANNOTATION, PVC_VERSION_ANNOTATION};
 
 /// The FSx annotations of a high-performance Datastore's claim, from its `spec.highPerformance`
 /// (the CSI controller honours a claim's FSx annotations only when they are exactly these).
@@ -36,6 +36,9 @@ pub fn desired_claim(ds: &Datastore, name: &str, version: u64, storage_class: &s
     });
     for (annotation, v) in fsx_annotations(ds) {
         annotations[annotation] = serde_json::Value::String(v);
+    }
+    if let Some(secret) = ds.reference_credentials_secret() {
+        annotations[PVC_CREDENTIALS_SECRET_ANNOTATION] = serde_json::Value::String(secret.to_owned());
     }
     let mut pvc: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
@@ -60,10 +63,23 @@ pub fn desired_claim(ds: &Datastore, name: &str, version: u64, storage_class: &s
     pvc
 }
 
+/// The StorageClass of a datastore's claim: high-performance; standard with the node reading
+/// reference-mode objects with the datastore's own credentials (its class makes the annotated
+/// Secret the volume's node-stage secret); or standard.
+pub fn storage_class<'a>(ds: &Datastore, ctx: &'a Context) -> &'a String {
+    if ds.is_high_performance() {
+        &ctx.hp_storage_class
+    } else if ds.reference_credentials_secret().is_some() {
+        &ctx.credentials_storage_class
+    } else {
+        &ctx.storage_class
+    }
+}
+
 /// Creates the claim, or replaces an unused one pinned to an older version.
 pub async fn ensure_claim(ds: &Datastore, ns: &str, name: &str, latest: u64, ctx: &Context, notes: &mut Vec<Note>) -> Result<(), Error> {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-    let class = if ds.is_high_performance() { &ctx.hp_storage_class } else { &ctx.storage_class };
+    let class = storage_class(ds, ctx);
     let Some(pvc) = pvcs.get_opt(name).await? else {
         match pvcs.create(&PostParams::default(), &desired_claim(ds, name, latest, class)).await {
             Ok(_) => notes.push(Note::normal("ClaimCreated", format!("PersistentVolumeClaim {name} mounts version {latest}"))),
@@ -145,4 +161,37 @@ pub async fn pods_using(ctx: &Context, ns: &str, name: &str) -> Result<Vec<Strin
         .filter(|p| active(p) && datastores_of_pod(p, &ctx.driver_name).iter().any(|d| d == name))
         .map(|p| p.name_any())
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn datastore(spec: serde_json::Value) -> Datastore {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "datastores.grid.ai/v1alpha1",
+            "kind": "Datastore",
+            "metadata": { "name": "d", "namespace": "team-a", "uid": "u1" },
+            "spec": spec,
+        }))
+        .expect("datastore")
+    }
+
+    /// Only a reference-mode datastore whose source names a Secret has its objects read with
+    /// that Secret: its claim names it, the other claims name nothing.
+    #[test]
+    fn claims_name_the_reference_credentials_only_when_the_node_needs_them() {
+        let s3 = serde_json::json!({ "bucket": "b", "credentialsSecretRef": { "name": "team-s3" } });
+        let reference = datastore(serde_json::json!({ "source": { "s3": s3 }, "mode": "reference" }));
+        let copy = datastore(serde_json::json!({ "source": { "s3": s3 }, "mode": "copy" }));
+        let no_secret = datastore(serde_json::json!({ "source": { "s3": { "bucket": "b" } }, "mode": "reference" }));
+        let annotation = |ds: &Datastore| {
+            desired_claim(ds, "d", 1, "c").metadata.annotations.unwrap_or_default().get(PVC_CREDENTIALS_SECRET_ANNOTATION).cloned()
+        };
+        assert_eq!(annotation(&reference).as_deref(), Some("team-s3"));
+        assert_eq!(annotation(&copy), None);
+        assert_eq!(annotation(&no_secret), None);
+        assert_eq!(reference.reference_credentials_secret(), Some("team-s3"));
+        assert_eq!(copy.reference_credentials_secret(), None);
+    }
 }

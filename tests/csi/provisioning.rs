@@ -168,7 +168,15 @@ fn provisioner_binds_rox_refuses_rwo_and_deletes() {
     );
     class.metadata.name = Some(class_name.clone());
     class.provisioner = driver_name.clone();
+    let mut creds_class: StorageClass = chart_object("storageclass-credentials.yaml");
+    let creds_class_name = format!("{}-{suffix}", creds_class.metadata.name.clone().expect("StorageClass name"));
+    creds_class.metadata.name = Some(creds_class_name.clone());
+    creds_class.provisioner = driver_name.clone();
     rt().block_on(async {
+        Api::<StorageClass>::all(client.clone())
+            .create(&PostParams::default(), &creds_class)
+            .await
+            .expect("create the credentials StorageClass");
         Api::<CSIDriver>::all(client.clone())
             .create(&PostParams::default(), &driver_obj)
             .await
@@ -344,6 +352,27 @@ fn provisioner_binds_rox_refuses_rwo_and_deletes() {
             rw.spec.and_then(|s| s.volume_name).is_none(),
             "no volume for the RWO claim"
         );
+
+        // (d) The credentials class: the Secret the claim's annotation names (in the claim's
+        // namespace, whatever else it names) becomes the PV's node-stage secret, which kubelet
+        // hands to NodeStageVolume.
+        let mut with_creds = claim("creds", &creds_class_name, "ReadOnlyMany", "imagenet", version);
+        with_creds.metadata.annotations.get_or_insert_default().insert(
+            datastore::csi::params::PVC_CREDENTIALS_SECRET_ANNOTATION.into(),
+            "team-s3".into(),
+        );
+        pvcs.create(&PostParams::default(), &with_creds).await.expect("create credentials claim");
+        let creds_pv = wait_for("the credentials claim to be Bound", Duration::from_secs(60), || async {
+            let pvc = pvcs.get("creds").await.ok()?;
+            let bound = pvc.status?.phase.as_deref() == Some("Bound");
+            bound.then(|| pvc.spec?.volume_name).flatten()
+        })
+        .await;
+        let csi_creds = pvs.get(&creds_pv).await.expect("get PV").spec.and_then(|s| s.csi).expect("a CSI PV");
+        let secret_ref = csi_creds.node_stage_secret_ref.expect("a node-stage secret");
+        assert_eq!(secret_ref.name.as_deref(), Some("team-s3"));
+        assert_eq!(secret_ref.namespace.as_deref(), Some(ns.as_str()));
+        assert!(csi_creds.node_publish_secret_ref.is_none());
 
         // (c) Deleting the bound claim deletes its PV and, through DeleteVolume, the record.
         let deleted = Instant::now();
