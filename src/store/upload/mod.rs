@@ -21,6 +21,7 @@
 //! serve. A file that changes while it is uploaded fails the create (its bytes would not match
 //! its id); nothing is committed and a re-run picks it up.
 
+pub mod forms;
 pub mod scan;
 pub mod sink;
 pub mod staged;
