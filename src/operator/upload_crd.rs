@@ -16,6 +16,9 @@ use kube::CustomResourceExt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::store::post_form::PostForm;
+use crate::store::upload::post_sink::Forms;
+
 /// An upload session: the client creates it, uploads with the forms in its status, then sets
 /// `spec.commit`.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
@@ -122,6 +125,30 @@ pub struct DatastoreUploadStatus {
     /// When the session reached its final phase (RFC 3339); it is deleted some time later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+}
+
+impl From<PostForm> for UploadForm {
+    fn from(f: PostForm) -> UploadForm {
+        UploadForm { url: f.url, fields: f.fields }
+    }
+}
+
+impl From<UploadForm> for PostForm {
+    fn from(f: UploadForm) -> PostForm {
+        PostForm { url: f.url, fields: f.fields }
+    }
+}
+
+impl DatastoreUploadStatus {
+    /// The forms of a Ready session.
+    pub fn forms(&self) -> Option<Forms> {
+        Some(Forms {
+            objects: self.objects.clone()?.into(),
+            object_key_prefix: self.object_key_prefix.clone()?,
+            max_object_bytes: self.max_object_bytes.unwrap_or(crate::store::post_form::MAX_POST_OBJECT),
+            manifest: self.manifest.clone()?.into(),
+        })
+    }
 }
 
 /// The CRD as YAML (what `datastore crd datastoreuploads` prints and the chart ships).

@@ -35,10 +35,9 @@ use serde_json::{Value, json};
 
 use super::crd::Datastore;
 use super::status::{parse_rfc3339, rfc3339};
-use super::upload_crd::{DatastoreUpload, DatastoreUploadStatus, UploadForm, UploadPhase};
+use super::upload_crd::{DatastoreUpload, DatastoreUploadStatus, UploadPhase};
 use super::{Context, Error};
 use crate::store::lease::Lease;
-use crate::store::post_form::PostForm;
 use crate::store::upload::staged::StagedError;
 use crate::store::{Store, VersionInfo, names};
 
@@ -92,10 +91,6 @@ impl SessionLeases {
     fn take(&self, uid: &str) -> Option<Lease> {
         self.lock().remove(uid).map(|h| h.lease)
     }
-}
-
-fn form(f: PostForm) -> UploadForm {
-    UploadForm { url: f.url, fields: f.fields }
 }
 
 /// Entry point for the controller.
@@ -191,10 +186,10 @@ async fn publish_forms(up: &DatastoreUpload, ns: &str, uid: &str, ctx: &Context,
         phase: Some(UploadPhase::Ready),
         message: Some("upload objects and the manifest with the forms, then set spec.commit".into()),
         datastore: Some(ds.clone()),
-        objects: Some(form(forms.objects)),
+        objects: Some(forms.objects.into()),
         object_key_prefix: Some(forms.object_key_prefix),
         max_object_bytes: Some(forms.max_object_bytes),
-        manifest: Some(form(forms.manifest)),
+        manifest: Some(forms.manifest.into()),
         present_objects_url: Some(forms.present_objects_url),
         signed_at: Some(rfc3339(now)),
         expires_at: Some(rfc3339(expires)),

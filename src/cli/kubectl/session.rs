@@ -4,7 +4,7 @@
 //! 2. Create a `DatastoreUpload` (generateName `NAME-`) in the namespace: RBAC on it is the
 //!    authorization. Wait until the operator made it Ready (or refused it).
 //! 3. GET the listing of present objects, send the missing ones with the objects form
-//!    ([`PostSink`]), `--concurrency` at a time, then the manifest with the manifest form.
+//!    (`store::upload::post_sink`), `--concurrency` at a time, then the manifest with the manifest form.
 //! 4. Set `spec.commit` and wait for Committed (the version) or Failed/Expired (why).
 //!
 //! The session is deleted at the end whatever happened (best effort; the operator expires and
@@ -24,9 +24,9 @@ use serde_json::json;
 
 use super::cluster::{Cluster, api_error};
 use super::create::CreateArgs;
-use super::post_upload::{Forms, PostSink, get, http_client};
 use crate::cli::progress::ProgressReporter;
 use crate::operator::upload_crd::{DatastoreUpload, DatastoreUploadSpec, DatastoreUploadStatus, UploadPhase};
+use crate::store::upload::post_sink::{Forms, PostSink, get, http_client};
 use crate::store::upload::{Built, Progress, SymlinkPolicy, scan_source, send_and_build};
 
 /// Field manager of the plugin's writes.
@@ -86,7 +86,7 @@ pub async fn upload(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<u64> {
 async fn run(api: &Api<DatastoreUpload>, session: &str, scan: crate::store::upload::scan::Scan, c: &CreateArgs, progress: &Progress) -> anyhow::Result<(u64, Built)> {
     let st = wait(api, session, "the operator to open the upload session", READY_WAIT, |st| st.phase.is_some()).await?;
     let forms = match st.phase {
-        Some(UploadPhase::Ready) => Forms::from_status(&st).ok_or_else(|| anyhow!("upload session {session} is Ready without forms"))?,
+        Some(UploadPhase::Ready) => st.forms().ok_or_else(|| anyhow!("upload session {session} is Ready without forms"))?,
         _ => bail!("upload session {session}: {}", st.message.unwrap_or_else(|| "refused".into())),
     };
     let http = http_client()?;
@@ -138,7 +138,7 @@ async fn refresh_forms(api: Api<DatastoreUpload>, session: String, forms: Arc<Rw
         tokio::time::sleep(FORMS_REFRESH).await;
         match api.get(&session).await {
             Ok(up) => {
-                if let Some(fresh) = up.status.as_ref().and_then(Forms::from_status)
+                if let Some(fresh) = up.status.as_ref().and_then(DatastoreUploadStatus::forms)
                     && let Ok(mut f) = forms.write()
                 {
                     *f = fresh;

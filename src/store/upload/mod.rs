@@ -22,6 +22,7 @@
 //! its id); nothing is committed and a re-run picks it up.
 
 pub mod forms;
+pub mod post_sink;
 pub mod scan;
 pub mod sink;
 pub mod staged;

@@ -2,8 +2,7 @@
 //!
 //! A create decides *which* contents to send (scan, ids, what the store already holds) and a
 //! sink only *sends* one content under its id. [`StoreSink`] writes with the caller's own
-//! credentials into a store it opened; the kubectl plugin's POST sink
-//! (`cli::kubectl::post_upload`) sends through presigned S3 POST forms that the operator
+//! credentials into a store it opened; [`super::post_sink::PostSink`] sends through presigned S3 POST forms that the operator
 //! signed, so that its user needs no credentials at all.
 //!
 //! Invariant: a sink never leaves an object whose bytes do not match its id when it can help

@@ -1,4 +1,5 @@
-//! Sending objects through presigned S3 POST forms (the [`ObjectSink`] of upload sessions).
+//! Sending objects through presigned S3 POST forms (the [`ObjectSink`] of upload sessions,
+//! used by the kubectl plugin; see `operator::uploads` for who signs the forms).
 //!
 //! One multipart/form-data POST per object: the form's fields, `key`, then the bytes as the
 //! last part `file`, with an exact Content-Length (S3 refuses chunked POSTs). Small contents
@@ -27,43 +28,32 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 
-use crate::operator::upload_crd::{DatastoreUploadStatus, UploadForm};
-use crate::store::object::{Progress, StoreError};
-use crate::store::post_form::KEY_FIELD;
-use crate::store::upload::sink::{ObjectSink, changed_while_sent};
+use super::super::object::{Progress, StoreError};
+use super::super::post_form::{KEY_FIELD, PostForm};
+use super::sink::{ObjectSink, changed_while_sent};
 
 type Body = BoxBody<Bytes, std::io::Error>;
-type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
+pub type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Body>;
 
 /// Attempts of one POST when the failure is transient.
 const ATTEMPTS: u32 = 4;
 
-/// The forms of a session, as its status gives them.
+/// The forms of an upload session.
 #[derive(Debug, Clone)]
 pub struct Forms {
-    pub objects: UploadForm,
+    /// Writes objects: keys must start with `object_key_prefix`.
+    pub objects: PostForm,
     pub object_key_prefix: String,
     pub max_object_bytes: u64,
-    pub manifest: UploadForm,
-}
-
-impl Forms {
-    /// The forms of a Ready session's status.
-    pub fn from_status(st: &DatastoreUploadStatus) -> Option<Forms> {
-        Some(Forms {
-            objects: st.objects.clone()?,
-            object_key_prefix: st.object_key_prefix.clone()?,
-            max_object_bytes: st.max_object_bytes.unwrap_or(crate::store::post_form::MAX_POST_OBJECT),
-            manifest: st.manifest.clone()?,
-        })
-    }
+    /// Writes the manifest (its key is in the form).
+    pub manifest: PostForm,
 }
 
 /// An HTTP(S) client on the project's TLS stack.
-pub fn http_client() -> anyhow::Result<Http> {
+pub fn http_client() -> Result<Http, StoreError> {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()
-        .map_err(|e| anyhow::anyhow!("loading the system's TLS roots: {e}"))?
+        .map_err(|e| StoreError::Config(format!("loading the system's TLS roots: {e}")))?
         .https_or_http()
         .enable_http1()
         .build();
@@ -76,7 +66,7 @@ pub async fn get(http: &Http, url: &str) -> Result<Bytes, StoreError> {
     let req = hyper::Request::get(url)
         .body(Full::new(Bytes::new()).map_err(|never| match never {}).boxed())
         .map_err(|e| StoreError::Request { what: what.clone(), message: e.to_string() })?;
-    let resp = http.request(req).await.map_err(|e| StoreError::Network { what: what.clone(), message: super::cluster::root_cause(&e) })?;
+    let resp = http.request(req).await.map_err(|e| StoreError::Network { what: what.clone(), message: root_cause(&e) })?;
     let status = resp.status();
     let body = resp.into_body().collect().await.map_err(|e| StoreError::Network { what: what.clone(), message: e.to_string() })?.to_bytes();
     if !status.is_success() {
@@ -107,14 +97,14 @@ impl PostSink {
         self.post_bytes(&form, &key, bytes).await
     }
 
-    fn object_key(&self, id: &[u8; 32]) -> (UploadForm, String, u64) {
+    fn object_key(&self, id: &[u8; 32]) -> (PostForm, String, u64) {
         let f = self.current();
         let hex = hex::encode(id);
         let key = format!("{}{}/{hex}", f.object_key_prefix, &hex[..2]);
         (f.objects, key, f.max_object_bytes)
     }
 
-    async fn post_bytes(&self, form: &UploadForm, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+    async fn post_bytes(&self, form: &PostForm, key: &str, bytes: Bytes) -> Result<(), StoreError> {
         let mut backoff = Duration::from_millis(200);
         for attempt in 1..=ATTEMPTS {
             let (pre, epi, boundary) = envelope(form, key);
@@ -136,14 +126,14 @@ impl PostSink {
         unreachable!("the last attempt returns")
     }
 
-    async fn post(&self, form: &UploadForm, key: &str, boundary: &str, len: u64, body: Body) -> Result<(), StoreError> {
+    async fn post(&self, form: &PostForm, key: &str, boundary: &str, len: u64, body: Body) -> Result<(), StoreError> {
         let what = format!("POST {key}");
         let req = hyper::Request::post(&form.url)
             .header(hyper::header::CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"))
             .header(hyper::header::CONTENT_LENGTH, len)
             .body(body)
             .map_err(|e| StoreError::Request { what: what.clone(), message: e.to_string() })?;
-        let resp = self.http.request(req).await.map_err(|e| StoreError::Network { what: what.clone(), message: super::cluster::root_cause(&e) })?;
+        let resp = self.http.request(req).await.map_err(|e| StoreError::Network { what: what.clone(), message: root_cause(&e) })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
@@ -228,9 +218,18 @@ impl ObjectSink for PostSink {
     }
 }
 
+/// The innermost error ("Connection refused" says more than "client error").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
 /// The multipart envelope of one object: everything before its bytes (the fields, `key`, the
 /// `file` part's header), everything after, and the boundary.
-fn envelope(form: &UploadForm, key: &str) -> (Vec<u8>, Vec<u8>, String) {
+fn envelope(form: &PostForm, key: &str) -> (Vec<u8>, Vec<u8>, String) {
     let boundary = format!("datastore-{:032x}", rand::random::<u128>());
     let mut pre = Vec::new();
     let mut field = |name: &str, value: &str| {
@@ -274,7 +273,7 @@ mod tests {
 
     #[test]
     fn envelope_puts_fields_then_key_then_the_file_last() {
-        let form = UploadForm { url: "u".into(), fields: [("policy".to_owned(), "p".to_owned()), ("key".to_owned(), "ignored".to_owned())].into() };
+        let form = PostForm { url: "u".into(), fields: [("policy".to_owned(), "p".to_owned()), ("key".to_owned(), "ignored".to_owned())].into() };
         let (pre, epi, boundary) = envelope(&form, "k/1");
         let pre = String::from_utf8(pre).expect("utf8");
         let policy = pre.find("name=\"policy\"\r\n\r\np\r\n").expect("policy");
