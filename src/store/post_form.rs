@@ -63,7 +63,9 @@ pub struct PostForm {
 pub const KEY_FIELD: &str = "key";
 
 fn amz_date(t: SystemTime) -> String {
-    DateTime::<Utc>::from(t).format("%Y%m%dT%H%M%SZ").to_string()
+    DateTime::<Utc>::from(t)
+        .format("%Y%m%dT%H%M%SZ")
+        .to_string()
 }
 
 fn short_date(t: SystemTime) -> String {
@@ -71,11 +73,18 @@ fn short_date(t: SystemTime) -> String {
 }
 
 fn expiration(t: SystemTime) -> String {
-    DateTime::<Utc>::from(t).format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    DateTime::<Utc>::from(t)
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
 }
 
 /// The policy document (JSON) of `policy`, signed by `credential` at `date`.
-pub fn policy_document(policy: &FormPolicy, credential: &str, date: &str, token: Option<&str>) -> String {
+pub fn policy_document(
+    policy: &FormPolicy,
+    credential: &str,
+    date: &str,
+    token: Option<&str>,
+) -> String {
     let key = match &policy.key {
         KeyRule::Prefix(p) => serde_json::json!(["starts-with", "$key", p]),
         KeyRule::Exact(k) => serde_json::json!(["eq", "$key", k]),
@@ -91,7 +100,8 @@ pub fn policy_document(policy: &FormPolicy, credential: &str, date: &str, token:
     if let Some(t) = token {
         conditions.push(serde_json::json!(["eq", "$x-amz-security-token", t]));
     }
-    serde_json::json!({ "expiration": expiration(policy.expires), "conditions": conditions }).to_string()
+    serde_json::json!({ "expiration": expiration(policy.expires), "conditions": conditions })
+        .to_string()
 }
 
 /// The SigV4 signature of a base64 policy: HMAC-SHA256 with the signing key of `secret` for
@@ -102,9 +112,19 @@ pub fn sign_policy(policy_b64: &str, secret: &str, at: SystemTime, region: &str)
 }
 
 /// Builds the signed form for `policy` at `url`, signed at `now`.
-pub fn build(url: &str, policy: &FormPolicy, creds: &StaticCredentials, region: &str, now: SystemTime) -> PostForm {
+pub fn build(
+    url: &str,
+    policy: &FormPolicy,
+    creds: &StaticCredentials,
+    region: &str,
+    now: SystemTime,
+) -> PostForm {
     let date = amz_date(now);
-    let credential = format!("{}/{}/{region}/s3/aws4_request", creds.access_key_id, short_date(now));
+    let credential = format!(
+        "{}/{}/{region}/s3/aws4_request",
+        creds.access_key_id,
+        short_date(now)
+    );
     let token = creds.session_token.as_deref();
     let doc = policy_document(policy, &credential, &date, token);
     let b64 = aws_smithy_types::base64::encode(doc.as_bytes());
@@ -122,7 +142,10 @@ pub fn build(url: &str, policy: &FormPolicy, creds: &StaticCredentials, region: 
     if let Some(t) = token {
         fields.insert("x-amz-security-token".to_owned(), t.to_owned());
     }
-    PostForm { url: url.to_owned(), fields }
+    PostForm {
+        url: url.to_owned(),
+        fields,
+    }
 }
 
 /// The POST URL of `bucket`: path-style on a custom endpoint, virtual-hosted on AWS (path-style
@@ -138,7 +161,10 @@ pub fn bucket_url(endpoint: Option<&str>, region: &str, bucket: &str) -> String 
 /// `now + ttl`, rounded down to a whole second (the form's and the status's expiry agree).
 pub fn expiry(now: SystemTime, ttl: Duration) -> SystemTime {
     let t = now + ttl;
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
@@ -153,8 +179,16 @@ mod tests {
     fn signature_matches_the_aws_documentation_example() {
         const POLICY: &str = "eyAiZXhwaXJhdGlvbiI6ICIyMDE1LTEyLTMwVDEyOjAwOjAwLjAwMFoiLA0KICAiY29uZGl0aW9ucyI6IFsNCiAgICB7ImJ1Y2tldCI6ICJzaWd2NGV4YW1wbGVidWNrZXQifSwNCiAgICBbInN0YXJ0cy13aXRoIiwgIiRrZXkiLCAidXNlci91c2VyMS8iXSwNCiAgICB7ImFjbCI6ICJwdWJsaWMtcmVhZCJ9LA0KICAgIHsic3VjY2Vzc19hY3Rpb25fcmVkaXJlY3QiOiAiaHR0cDovL3NpZ3Y0ZXhhbXBsZWJ1Y2tldC5zMy5hbWF6b25hd3MuY29tL3N1Y2Nlc3NmdWxfdXBsb2FkLmh0bWwifSwNCiAgICBbInN0YXJ0cy13aXRoIiwgIiRDb250ZW50LVR5cGUiLCAiaW1hZ2UvIl0sDQogICAgeyJ4LWFtei1tZXRhLXV1aWQiOiAiMTQzNjUxMjM2NTEyNzQifSwNCiAgICB7IngtYW16LXNlcnZlci1zaWRlLWVuY3J5cHRpb24iOiAiQUVTMjU2In0sDQogICAgWyJzdGFydHMtd2l0aCIsICIkeC1hbXotbWV0YS10YWciLCAiIl0sDQoNCiAgICB7IngtYW16LWNyZWRlbnRpYWwiOiAiQUtJQUlPU0ZPRE5ON0VYQU1QTEUvMjAxNTEyMjkvdXMtZWFzdC0xL3MzL2F3czRfcmVxdWVzdCJ9LA0KICAgIHsieC1hbXotYWxnb3JpdGhtIjogIkFXUzQtSE1BQy1TSEEyNTYifSwNCiAgICB7IngtYW16LWRhdGUiOiAiMjAxNTEyMjlUMDAwMDAwWiIgfQ0KICBdDQp9";
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_451_347_200); // 2015-12-29T00:00:00Z
-        let sig = sign_policy(POLICY, "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", at, "us-east-1");
-        assert_eq!(sig, "8afdbf4008c03f22c2cd3cdb72e4afbb1f6a588f3255ac628749a66d7f09699e");
+        let sig = sign_policy(
+            POLICY,
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            at,
+            "us-east-1",
+        );
+        assert_eq!(
+            sig,
+            "8afdbf4008c03f22c2cd3cdb72e4afbb1f6a588f3255ac628749a66d7f09699e"
+        );
     }
 
     fn creds(token: Option<&str>) -> StaticCredentials {
@@ -174,9 +208,21 @@ mod tests {
             max_bytes: MAX_POST_OBJECT,
             expires: expiry(now, Duration::from_secs(3600)),
         };
-        let form = build("http://127.0.0.1:9000/b", &policy, &creds(Some("tok")), "us-east-1", now);
-        assert!(!form.fields.contains_key(KEY_FIELD), "the client names each object");
-        assert_eq!(form.fields["x-amz-credential"], "AKIAIOSFODNN7EXAMPLE/20151229/us-east-1/s3/aws4_request");
+        let form = build(
+            "http://127.0.0.1:9000/b",
+            &policy,
+            &creds(Some("tok")),
+            "us-east-1",
+            now,
+        );
+        assert!(
+            !form.fields.contains_key(KEY_FIELD),
+            "the client names each object"
+        );
+        assert_eq!(
+            form.fields["x-amz-credential"],
+            "AKIAIOSFODNN7EXAMPLE/20151229/us-east-1/s3/aws4_request"
+        );
         assert_eq!(form.fields["x-amz-date"], "20151229T000000Z");
         assert_eq!(form.fields["x-amz-security-token"], "tok");
         let doc = aws_smithy_types::base64::decode(&form.fields["policy"]).expect("base64");
@@ -185,7 +231,11 @@ mod tests {
         let conditions = doc["conditions"].as_array().expect("conditions");
         for want in [
             serde_json::json!(["eq", "$bucket", "b"]),
-            serde_json::json!(["starts-with", "$key", "p/namespaces/x/datastores/d/objects/"]),
+            serde_json::json!([
+                "starts-with",
+                "$key",
+                "p/namespaces/x/datastores/d/objects/"
+            ]),
             serde_json::json!(["content-length-range", 0, MAX_POST_OBJECT]),
             serde_json::json!(["eq", "$x-amz-security-token", "tok"]),
             serde_json::json!(["eq", "$x-amz-credential", form.fields["x-amz-credential"]]),
@@ -193,28 +243,63 @@ mod tests {
             assert!(conditions.contains(&want), "{want} missing from {doc}");
         }
         // Every field but the signature and policy is covered by a condition.
-        for name in form.fields.keys().filter(|n| !matches!(n.as_str(), "policy" | "x-amz-signature")) {
-            assert!(conditions.iter().any(|c| c[1] == format!("${name}")), "{name} not in the policy");
+        for name in form
+            .fields
+            .keys()
+            .filter(|n| !matches!(n.as_str(), "policy" | "x-amz-signature"))
+        {
+            assert!(
+                conditions.iter().any(|c| c[1] == format!("${name}")),
+                "{name} not in the policy"
+            );
         }
-        assert_eq!(form.fields["x-amz-signature"], sign_policy(&form.fields["policy"], "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", now, "us-east-1"));
-        assert_ne!(form.fields["x-amz-signature"], sign_policy(&form.fields["policy"], "another secret", now, "us-east-1"));
+        assert_eq!(
+            form.fields["x-amz-signature"],
+            sign_policy(
+                &form.fields["policy"],
+                "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+                now,
+                "us-east-1"
+            )
+        );
+        assert_ne!(
+            form.fields["x-amz-signature"],
+            sign_policy(&form.fields["policy"], "another secret", now, "us-east-1")
+        );
     }
 
     #[test]
     fn exact_form_fills_the_key() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-        let policy = FormPolicy { bucket: "b".into(), key: KeyRule::Exact("k/manifest".into()), max_bytes: 10, expires: now };
+        let policy = FormPolicy {
+            bucket: "b".into(),
+            key: KeyRule::Exact("k/manifest".into()),
+            max_bytes: 10,
+            expires: now,
+        };
         let form = build("u", &policy, &creds(None), "eu-west-1", now);
         assert_eq!(form.fields[KEY_FIELD], "k/manifest");
         assert!(!form.fields.contains_key("x-amz-security-token"));
-        let doc = String::from_utf8(aws_smithy_types::base64::decode(&form.fields["policy"]).expect("b64")).expect("utf8");
+        let doc = String::from_utf8(
+            aws_smithy_types::base64::decode(&form.fields["policy"]).expect("b64"),
+        )
+        .expect("utf8");
         assert!(doc.contains(r#"["eq","$key","k/manifest"]"#), "{doc}");
     }
 
     #[test]
     fn urls() {
-        assert_eq!(bucket_url(Some("http://127.0.0.1:9000/"), "us-east-1", "b"), "http://127.0.0.1:9000/b");
-        assert_eq!(bucket_url(None, "eu-west-1", "b"), "https://b.s3.eu-west-1.amazonaws.com/");
-        assert_eq!(bucket_url(None, "eu-west-1", "a.b"), "https://s3.eu-west-1.amazonaws.com/a.b");
+        assert_eq!(
+            bucket_url(Some("http://127.0.0.1:9000/"), "us-east-1", "b"),
+            "http://127.0.0.1:9000/b"
+        );
+        assert_eq!(
+            bucket_url(None, "eu-west-1", "b"),
+            "https://b.s3.eu-west-1.amazonaws.com/"
+        );
+        assert_eq!(
+            bucket_url(None, "eu-west-1", "a.b"),
+            "https://s3.eu-west-1.amazonaws.com/a.b"
+        );
     }
 }

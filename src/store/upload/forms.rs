@@ -31,7 +31,11 @@ impl StoreUrl {
         match self {
             StoreUrl::S3 { bucket, prefix } => {
                 let p = prefix.trim_matches('/');
-                let full = if p.is_empty() { key.to_owned() } else { format!("{p}/{key}") };
+                let full = if p.is_empty() {
+                    key.to_owned()
+                } else {
+                    format!("{p}/{key}")
+                };
                 Some((bucket.clone(), full))
             }
             StoreUrl::Local(_) => None,
@@ -41,13 +45,29 @@ impl StoreUrl {
 
 impl Store {
     /// Signs the forms of upload session `session` of `name`, valid until `expires`.
-    pub async fn upload_forms(&self, name: &str, session: &str, expires: SystemTime, max_manifest: u64) -> Result<SessionForms> {
+    pub async fn upload_forms(
+        &self,
+        name: &str,
+        session: &str,
+        expires: SystemTime,
+        max_manifest: u64,
+    ) -> Result<SessionForms> {
         names::validate_datastore_name(name)?;
         let url = self.url().clone();
-        let local = || Error::Store(StoreError::Config("uploads without store credentials need an S3 store".into()));
-        let (bucket, object_key_prefix) = url.s3_object(&layout::objects_prefix(name)).ok_or_else(local)?;
-        let (_, manifest_key) = url.s3_object(&layout::upload_manifest_key(name, session)).ok_or_else(local)?;
-        let (_, present_key) = url.s3_object(&layout::upload_present_key(name, session)).ok_or_else(local)?;
+        let local = || {
+            Error::Store(StoreError::Config(
+                "uploads without store credentials need an S3 store".into(),
+            ))
+        };
+        let (bucket, object_key_prefix) = url
+            .s3_object(&layout::objects_prefix(name))
+            .ok_or_else(local)?;
+        let (_, manifest_key) = url
+            .s3_object(&layout::upload_manifest_key(name, session))
+            .ok_or_else(local)?;
+        let (_, present_key) = url
+            .s3_object(&layout::upload_present_key(name, session))
+            .ok_or_else(local)?;
         let client = self.s3().await;
         let creds = client.signing_credentials().await?;
         let region = client.region();
@@ -59,8 +79,16 @@ impl Store {
             max_bytes: post_form::MAX_POST_OBJECT,
             expires,
         };
-        let manifest_policy = FormPolicy { bucket: bucket.clone(), key: KeyRule::Exact(manifest_key), max_bytes: max_manifest, expires };
-        let valid_for = expires.duration_since(now).unwrap_or(Duration::ZERO).max(Duration::from_secs(1));
+        let manifest_policy = FormPolicy {
+            bucket: bucket.clone(),
+            key: KeyRule::Exact(manifest_key),
+            max_bytes: max_manifest,
+            expires,
+        };
+        let valid_for = expires
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .max(Duration::from_secs(1));
         let present_objects_url = client.presign_get(&bucket, &present_key, valid_for).await?;
         Ok(SessionForms {
             objects: post_form::build(&post_url, &objects_policy, &creds, &region, now),

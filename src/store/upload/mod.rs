@@ -104,13 +104,21 @@ pub struct Report {
 }
 
 /// Scans `src` off the async threads and sets the progress totals.
-pub(crate) async fn scan_source(src: &Path, policy: SymlinkPolicy, progress: &Progress) -> Result<Scan> {
+pub(crate) async fn scan_source(
+    src: &Path,
+    policy: SymlinkPolicy,
+    progress: &Progress,
+) -> Result<Scan> {
     let src_owned = src.to_path_buf();
     let scan = tokio::task::spawn_blocking(move || scan::scan(&src_owned, policy))
         .await
         .map_err(|e| Error::Source(format!("scanning failed: {e}")))??;
-    progress.files_total.store(scan.files.len() as u64, Ordering::Relaxed);
-    progress.bytes_total.store(scan.files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
+    progress
+        .files_total
+        .store(scan.files.len() as u64, Ordering::Relaxed);
+    progress
+        .bytes_total
+        .store(scan.files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
     tracing::info!(source = %src.display(), files = scan.files.len(), "scanned source");
     Ok(scan)
 }
@@ -183,7 +191,12 @@ pub(crate) async fn send_and_build(
 }
 
 /// The `version.json` of an upload of `manifest` from `source` (number 0 until committed).
-pub fn version_info(name: &str, source: &str, manifest: &Manifest, progress: &Progress) -> VersionInfo {
+pub fn version_info(
+    name: &str,
+    source: &str,
+    manifest: &Manifest,
+    progress: &Progress,
+) -> VersionInfo {
     let totals = manifest.totals();
     VersionInfo {
         datastore: name.to_owned(),

@@ -64,11 +64,29 @@ pub fn http_client() -> Result<Http, StoreError> {
 pub async fn get(http: &Http, url: &str) -> Result<Bytes, StoreError> {
     let what = "the session's listing of present objects".to_owned();
     let req = hyper::Request::get(url)
-        .body(Full::new(Bytes::new()).map_err(|never| match never {}).boxed())
-        .map_err(|e| StoreError::Request { what: what.clone(), message: e.to_string() })?;
-    let resp = http.request(req).await.map_err(|e| StoreError::Network { what: what.clone(), message: root_cause(&e) })?;
+        .body(
+            Full::new(Bytes::new())
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .map_err(|e| StoreError::Request {
+            what: what.clone(),
+            message: e.to_string(),
+        })?;
+    let resp = http.request(req).await.map_err(|e| StoreError::Network {
+        what: what.clone(),
+        message: root_cause(&e),
+    })?;
     let status = resp.status();
-    let body = resp.into_body().collect().await.map_err(|e| StoreError::Network { what: what.clone(), message: e.to_string() })?.to_bytes();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| StoreError::Network {
+            what: what.clone(),
+            message: e.to_string(),
+        })?
+        .to_bytes();
     if !status.is_success() {
         return Err(refusal(&what, status.as_u16(), &body));
     }
@@ -113,7 +131,9 @@ impl PostSink {
             body.extend_from_slice(&pre);
             body.extend_from_slice(&bytes);
             body.extend_from_slice(&epi);
-            let body = Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed();
+            let body = Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed();
             match self.post(form, key, &boundary, len, body).await {
                 Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                     tracing::debug!(key, error = %e, "POST failed; retrying");
@@ -126,19 +146,43 @@ impl PostSink {
         unreachable!("the last attempt returns")
     }
 
-    async fn post(&self, form: &PostForm, key: &str, boundary: &str, len: u64, body: Body) -> Result<(), StoreError> {
+    async fn post(
+        &self,
+        form: &PostForm,
+        key: &str,
+        boundary: &str,
+        len: u64,
+        body: Body,
+    ) -> Result<(), StoreError> {
         let what = format!("POST {key}");
         let req = hyper::Request::post(&form.url)
-            .header(hyper::header::CONTENT_TYPE, format!("multipart/form-data; boundary={boundary}"))
+            .header(
+                hyper::header::CONTENT_TYPE,
+                format!("multipart/form-data; boundary={boundary}"),
+            )
             .header(hyper::header::CONTENT_LENGTH, len)
             .body(body)
-            .map_err(|e| StoreError::Request { what: what.clone(), message: e.to_string() })?;
-        let resp = self.http.request(req).await.map_err(|e| StoreError::Network { what: what.clone(), message: root_cause(&e) })?;
+            .map_err(|e| StoreError::Request {
+                what: what.clone(),
+                message: e.to_string(),
+            })?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| StoreError::Network {
+                what: what.clone(),
+                message: root_cause(&e),
+            })?;
         let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
-        let body = http_body_util::Limited::new(resp.into_body(), 16 << 10).collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = http_body_util::Limited::new(resp.into_body(), 16 << 10)
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         Err(refusal(&what, status.as_u16(), &body))
     }
 }
@@ -150,17 +194,30 @@ impl ObjectSink for PostSink {
         self.post_bytes(&form, &key, bytes).await
     }
 
-    async fn put_file(&self, id: &[u8; 32], path: &Path, size: u64, progress: Progress<'_>) -> Result<(), StoreError> {
+    async fn put_file(
+        &self,
+        id: &[u8; 32],
+        path: &Path,
+        size: u64,
+        progress: Progress<'_>,
+    ) -> Result<(), StoreError> {
         let (form, key, max) = self.object_key(id);
         if size > max {
             return Err(StoreError::Request {
                 what: path.display().to_string(),
-                message: format!("{size} bytes: uploads through the cluster take objects of at most {max} bytes; use --direct (your own S3 credentials)"),
+                message: format!(
+                    "{size} bytes: uploads through the cluster take objects of at most {max} bytes; use --direct (your own S3 credentials)"
+                ),
             });
         }
         let mut backoff = Duration::from_millis(200);
         for attempt in 1..=ATTEMPTS {
-            let file = tokio::fs::File::open(path).await.map_err(|e| StoreError::Io { what: path.display().to_string(), source: e })?;
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|e| StoreError::Io {
+                    what: path.display().to_string(),
+                    source: e,
+                })?;
             let (pre, epi, boundary) = envelope(&form, &key);
             let len = pre.len() as u64 + size + epi.len() as u64;
             let hasher = Arc::new(std::sync::Mutex::new((Sha256::new(), 0u64)));
@@ -168,19 +225,28 @@ impl ObjectSink for PostSink {
             // The body runs on the connection's task ('static): it counts, this task reports.
             let sent = Arc::new(AtomicU64::new(0));
             let counter = sent.clone();
-            let data = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
-                let chunk = chunk?;
-                if let Ok(mut g) = h.lock() {
-                    g.0.update(&chunk);
-                    g.1 += chunk.len() as u64;
-                }
-                counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                Ok(Frame::data(chunk))
-            });
+            let data =
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).map(move |chunk| {
+                    let chunk = chunk?;
+                    if let Ok(mut g) = h.lock() {
+                        g.0.update(&chunk);
+                        g.1 += chunk.len() as u64;
+                    }
+                    counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    Ok(Frame::data(chunk))
+                });
             let stream = futures::stream::once(async move { Ok(Frame::data(Bytes::from(pre))) })
                 .chain(data)
-                .chain(futures::stream::once(async move { Ok(Frame::data(Bytes::from(epi))) }));
-            let request = self.post(&form, &key, &boundary, len, BodyExt::boxed(StreamBody::new(stream)));
+                .chain(futures::stream::once(async move {
+                    Ok(Frame::data(Bytes::from(epi)))
+                }));
+            let request = self.post(
+                &form,
+                &key,
+                &boundary,
+                len,
+                BodyExt::boxed(StreamBody::new(stream)),
+            );
             tokio::pin!(request);
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut reported = 0;
@@ -233,7 +299,12 @@ fn envelope(form: &PostForm, key: &str) -> (Vec<u8>, Vec<u8>, String) {
     let boundary = format!("datastore-{:032x}", rand::random::<u128>());
     let mut pre = Vec::new();
     let mut field = |name: &str, value: &str| {
-        pre.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").as_bytes());
+        pre.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
     };
     for (name, value) in form.fields.iter().filter(|(n, _)| n.as_str() != KEY_FIELD) {
         field(name, value);
@@ -261,9 +332,19 @@ fn refusal(what: &str, status: u16, body: &[u8]) -> StoreError {
         _ => format!("HTTP {status}"),
     };
     match status {
-        403 => StoreError::Denied { what: what.to_owned(), message },
-        429 | 503 => StoreError::Throttled { what: what.to_owned(), message },
-        _ => StoreError::Server { what: what.to_owned(), status, message },
+        403 => StoreError::Denied {
+            what: what.to_owned(),
+            message,
+        },
+        429 | 503 => StoreError::Throttled {
+            what: what.to_owned(),
+            message,
+        },
+        _ => StoreError::Server {
+            what: what.to_owned(),
+            status,
+            message,
+        },
     }
 }
 
@@ -273,7 +354,14 @@ mod tests {
 
     #[test]
     fn envelope_puts_fields_then_key_then_the_file_last() {
-        let form = PostForm { url: "u".into(), fields: [("policy".to_owned(), "p".to_owned()), ("key".to_owned(), "ignored".to_owned())].into() };
+        let form = PostForm {
+            url: "u".into(),
+            fields: [
+                ("policy".to_owned(), "p".to_owned()),
+                ("key".to_owned(), "ignored".to_owned()),
+            ]
+            .into(),
+        };
         let (pre, epi, boundary) = envelope(&form, "k/1");
         let pre = String::from_utf8(pre).expect("utf8");
         let policy = pre.find("name=\"policy\"\r\n\r\np\r\n").expect("policy");
@@ -286,8 +374,15 @@ mod tests {
 
     #[test]
     fn refusals_carry_the_s3_code() {
-        let e = refusal("POST k", 403, b"<Error><Code>AccessDenied</Code><Message>Policy condition failed</Message></Error>");
-        assert!(matches!(&e, StoreError::Denied { message, .. } if message == "AccessDenied: Policy condition failed"), "{e}");
+        let e = refusal(
+            "POST k",
+            403,
+            b"<Error><Code>AccessDenied</Code><Message>Policy condition failed</Message></Error>",
+        );
+        assert!(
+            matches!(&e, StoreError::Denied { message, .. } if message == "AccessDenied: Policy condition failed"),
+            "{e}"
+        );
         assert!(!e.is_transient());
         assert!(refusal("x", 503, b"").is_transient());
     }

@@ -32,7 +32,11 @@ pub(crate) struct ScannedFile {
 impl ScannedFile {
     /// The path below the root as manifest bytes (`a/b/c`).
     pub fn rel(&self) -> Vec<u8> {
-        self.comps.iter().map(|c| c.as_bytes()).collect::<Vec<_>>().join(&b'/')
+        self.comps
+            .iter()
+            .map(|c| c.as_bytes())
+            .collect::<Vec<_>>()
+            .join(&b'/')
     }
 }
 
@@ -187,4 +191,3 @@ pub(crate) fn hash_file(path: &Path, size: u64) -> std::io::Result<([u8; 32], Op
     }
     Ok((hasher.finalize().into(), None))
 }
-

@@ -27,7 +27,13 @@ pub trait ObjectSink: Send + Sync {
 
     /// Sends the file at `path` (`size` bytes when it was hashed) as `id`; fails if the bytes
     /// sent do not have that id. `progress` is told every chunk sent.
-    async fn put_file(&self, id: &[u8; 32], path: &Path, size: u64, progress: Progress<'_>) -> Result<(), StoreError>;
+    async fn put_file(
+        &self,
+        id: &[u8; 32],
+        path: &Path,
+        size: u64,
+        progress: Progress<'_>,
+    ) -> Result<(), StoreError>;
 }
 
 /// The error of a file that changed while it was sent.
@@ -47,16 +53,29 @@ pub struct StoreSink<'a> {
 #[async_trait]
 impl ObjectSink for StoreSink<'_> {
     async fn put_bytes(&self, id: &[u8; 32], bytes: Bytes) -> Result<(), StoreError> {
-        self.store.objects().put(&layout::object_key(self.name, id), bytes, false).await
+        self.store
+            .objects()
+            .put(&layout::object_key(self.name, id), bytes, false)
+            .await
     }
 
-    async fn put_file(&self, id: &[u8; 32], path: &Path, _size: u64, progress: Progress<'_>) -> Result<(), StoreError> {
+    async fn put_file(
+        &self,
+        id: &[u8; 32],
+        path: &Path,
+        _size: u64,
+        progress: Progress<'_>,
+    ) -> Result<(), StoreError> {
         let key = layout::object_key(self.name, id);
         let sent = self.store.objects().put_file(&key, path, progress).await?;
         if sent == *id {
             return Ok(());
         }
-        let _ = self.store.objects().delete(std::slice::from_ref(&key)).await;
+        let _ = self
+            .store
+            .objects()
+            .delete(std::slice::from_ref(&key))
+            .await;
         Err(changed_while_sent(path))
     }
 }

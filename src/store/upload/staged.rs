@@ -37,8 +37,15 @@ pub enum StagedError {
     External { path: String },
     #[error("{path}: its content {id} was not uploaded")]
     MissingObject { path: String, id: String },
-    #[error("{path}: its content {id} has {found} bytes in the store, the manifest says {expected}")]
-    WrongSize { path: String, id: String, expected: u64, found: u64 },
+    #[error(
+        "{path}: its content {id} has {found} bytes in the store, the manifest says {expected}"
+    )]
+    WrongSize {
+        path: String,
+        id: String,
+        expected: u64,
+        found: u64,
+    },
     #[error(transparent)]
     Store(#[from] Error),
 }
@@ -73,13 +80,24 @@ impl Store {
                 n += 1;
             }
         }
-        self.objects.put(&layout::upload_present_key(name, session), out.freeze(), false).await?;
+        self.objects
+            .put(
+                &layout::upload_present_key(name, session),
+                out.freeze(),
+                false,
+            )
+            .await?;
         Ok(n)
     }
 
     /// The manifest session `session` staged, decoded with at most `max_bytes` compressed and
     /// decompressed.
-    pub async fn load_staged_manifest(&self, name: &str, session: &str, max_bytes: u64) -> Result<Manifest, StagedError> {
+    pub async fn load_staged_manifest(
+        &self,
+        name: &str,
+        session: &str,
+        max_bytes: u64,
+    ) -> Result<Manifest, StagedError> {
         names::validate_datastore_name(name).map_err(Error::from)?;
         let key = layout::upload_manifest_key(name, session);
         let size = match self.objects.head(&key).await.map_err(Error::from)? {
@@ -87,7 +105,10 @@ impl Store {
             None => return Err(StagedError::Missing),
         };
         if size > max_bytes {
-            return Err(StagedError::TooLarge { size, max: max_bytes });
+            return Err(StagedError::TooLarge {
+                size,
+                max: max_bytes,
+            });
         }
         let bytes = match self.objects.get(&key).await {
             Ok(b) => b,
@@ -96,7 +117,10 @@ impl Store {
         };
         // The object may have been replaced between HEAD and GET: bound what was read too.
         if bytes.len() as u64 > max_bytes {
-            return Err(StagedError::TooLarge { size: bytes.len() as u64, max: max_bytes });
+            return Err(StagedError::TooLarge {
+                size: bytes.len() as u64,
+                max: max_bytes,
+            });
         }
         tokio::task::spawn_blocking(move || Manifest::from_compressed_limited(&bytes, max_bytes))
             .await
@@ -118,7 +142,10 @@ impl Store {
 
     /// Removes what session `session` staged (its listing and manifest). Best effort.
     pub async fn delete_upload_session(&self, name: &str, session: &str) {
-        let keys = [layout::upload_present_key(name, session), layout::upload_manifest_key(name, session)];
+        let keys = [
+            layout::upload_present_key(name, session),
+            layout::upload_manifest_key(name, session),
+        ];
         if let Err(e) = self.objects.delete(&keys).await {
             tracing::warn!(datastore = name, session, error = %e, "could not delete an upload session's staging objects");
         }
@@ -126,7 +153,10 @@ impl Store {
 
     /// Writes `bytes` at the session's manifest key (tests and the direct path's equivalent).
     pub async fn put_staged_manifest(&self, name: &str, session: &str, bytes: Bytes) -> Result<()> {
-        Ok(self.objects.put(&layout::upload_manifest_key(name, session), bytes, false).await?)
+        Ok(self
+            .objects
+            .put(&layout::upload_manifest_key(name, session), bytes, false)
+            .await?)
     }
 }
 
@@ -142,8 +172,16 @@ fn check_against(manifest: &Manifest, present: &HashMap<[u8; 32], u64>) -> Resul
         problem = match blob.location {
             Location::External(_) => Some(StagedError::External { path }),
             Location::Store => match present.get(&blob.id) {
-                None => Some(StagedError::MissingObject { path, id: hex::encode(blob.id) }),
-                Some(&found) if found != e.size() => Some(StagedError::WrongSize { path, id: hex::encode(blob.id), expected: e.size(), found }),
+                None => Some(StagedError::MissingObject {
+                    path,
+                    id: hex::encode(blob.id),
+                }),
+                Some(&found) if found != e.size() => Some(StagedError::WrongSize {
+                    path,
+                    id: hex::encode(blob.id),
+                    expected: e.size(),
+                    found,
+                }),
                 Some(_) => None,
             },
         };
@@ -159,8 +197,17 @@ mod tests {
     fn manifest(files: &[(&str, [u8; 32], u64, Location)]) -> Manifest {
         let mut b = ManifestBuilder::new(0);
         for (path, id, size, location) in files {
-            let node = Node::File { mode: 0o644, mtime_ns: 0, size: *size, blob: Blob { id: *id, location: location.clone() } };
-            b.insert(&path.split('/').collect::<Vec<_>>(), node).expect("insert");
+            let node = Node::File {
+                mode: 0o644,
+                mtime_ns: 0,
+                size: *size,
+                blob: Blob {
+                    id: *id,
+                    location: location.clone(),
+                },
+            };
+            b.insert(&path.split('/').collect::<Vec<_>>(), node)
+                .expect("insert");
         }
         b.finish().expect("finish")
     }
@@ -168,13 +215,49 @@ mod tests {
     #[test]
     fn staged_manifests_name_only_present_objects_of_the_right_size() {
         let present = HashMap::from([([1; 32], 3), ([2; 32], 5)]);
-        assert!(check_against(&manifest(&[("a", [1; 32], 3, Location::Store), ("d/b", [2; 32], 5, Location::Store)]), &present).is_ok());
-        let missing = check_against(&manifest(&[("a", [1; 32], 3, Location::Store), ("c", [3; 32], 1, Location::Store)]), &present);
-        assert!(matches!(missing, Err(StagedError::MissingObject { ref path, .. }) if path == "c"), "{missing:?}");
+        assert!(
+            check_against(
+                &manifest(&[
+                    ("a", [1; 32], 3, Location::Store),
+                    ("d/b", [2; 32], 5, Location::Store)
+                ]),
+                &present
+            )
+            .is_ok()
+        );
+        let missing = check_against(
+            &manifest(&[
+                ("a", [1; 32], 3, Location::Store),
+                ("c", [3; 32], 1, Location::Store),
+            ]),
+            &present,
+        );
+        assert!(
+            matches!(missing, Err(StagedError::MissingObject { ref path, .. }) if path == "c"),
+            "{missing:?}"
+        );
         let size = check_against(&manifest(&[("a", [1; 32], 4, Location::Store)]), &present);
-        assert!(matches!(size, Err(StagedError::WrongSize { expected: 4, found: 3, .. })), "{size:?}");
-        let ext = Location::External(ExternalObject { bucket: "other".into(), key: "k".into(), etag: None, version_id: None });
+        assert!(
+            matches!(
+                size,
+                Err(StagedError::WrongSize {
+                    expected: 4,
+                    found: 3,
+                    ..
+                })
+            ),
+            "{size:?}"
+        );
+        let ext = Location::External(ExternalObject {
+            bucket: "other".into(),
+            key: "k".into(),
+            etag: None,
+            version_id: None,
+        });
         let external = check_against(&manifest(&[("x/y", [1; 32], 3, ext)]), &present);
-        assert!(matches!(external, Err(StagedError::External { ref path }) if path == "x/y"), "{external:?}");
+        assert!(
+            matches!(external, Err(StagedError::External { ref path }) if path == "x/y"),
+            "{external:?}"
+        );
     }
 }
