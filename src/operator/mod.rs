@@ -254,6 +254,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 Err(e @ controller::Error::RunnerError(_)) => tracing::warn!(error = %e, "controller runner failed"),
             }
         });
+    // A cluster upgraded without applying the new CRD (Helm does not install CRDs on upgrade)
+    // still runs Datastores; uploads then need --direct until the CRD is applied and the
+    // operator restarted.
+    let served = match sessions.list(&kube::api::ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            tracing::info!("the DatastoreUpload CRD is not installed: upload sessions are off (apply it and restart to turn them on)");
+            false
+        }
+        _ => true,
+    };
     let sessions = Controller::new(sessions, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(uploads::reconcile, uploads::error_policy, ctx.clone())
@@ -266,7 +276,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 Err(e @ controller::Error::RunnerError(_)) => tracing::warn!(error = %e, "upload controller runner failed"),
             }
         });
-    futures::future::join(datastores, sessions).await;
+    if served {
+        futures::future::join(datastores, sessions).await;
+    } else {
+        drop(sessions);
+        datastores.await;
+    }
 }
 
 /// Stops the orphan report and every import when dropped.
