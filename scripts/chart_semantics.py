@@ -368,6 +368,8 @@ def check_rbac(r: Rendered) -> None:
         need.update({
             ("datastores.grid.ai", "datastores"): {"get", "list", "watch", "patch"},
             ("datastores.grid.ai", "datastores/status"): {"patch"},
+            ("datastores.grid.ai", "datastoreuploads"): {"get", "list", "watch", "patch", "delete"},
+            ("datastores.grid.ai", "datastoreuploads/status"): {"patch"},
             ("", "pods"): {"list", "watch"},
             ("events.k8s.io", "events"): {"create", "patch"},
         })
@@ -380,6 +382,7 @@ def check_rbac(r: Rendered) -> None:
     assert granted.get(("", "secrets"), set()) <= {"get"}, "Secrets: get only (no list/watch)"
     if not v["controller"]["operatorEnabled"]:
         assert granted.get(("datastores.grid.ai", "datastores")) == {"get"}, "without the operator: get Datastores only"
+    check_user_roles(r)
     # Nothing is bound to the node's service account.
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         for b in r.find(kind):
@@ -400,6 +403,30 @@ def check_rbac(r: Rendered) -> None:
             comment = []
         elif not stripped.startswith(("resources:", "verbs:")):
             comment = []
+
+
+def check_user_roles(r: Rendered) -> None:
+    """Namespace users get Datastores and upload sessions through the aggregated built-in roles:
+    never a status subresource (only the operator writes those), and `view` never sees upload
+    sessions (their status holds upload forms)."""
+    v = r.values
+    roles = {c["metadata"]["name"]: c for c in r.find("ClusterRole")}
+    edit, view = roles.get(f"{fullname(r)}-edit"), roles.get(f"{fullname(r)}-view")
+    want = v["controller"]["operatorEnabled"] and v["controller"]["uploads"]["userRoles"]
+    assert bool(edit) == bool(view) == bool(want), "aggregated user roles iff the operator runs and uploads.userRoles"
+    if not want:
+        return
+    labels = edit["metadata"]["labels"]
+    assert labels.get("rbac.authorization.k8s.io/aggregate-to-edit") == "true"
+    assert labels.get("rbac.authorization.k8s.io/aggregate-to-admin") == "true"
+    assert view["metadata"]["labels"].get("rbac.authorization.k8s.io/aggregate-to-view") == "true"
+    edit_res = {res for rule in edit["rules"] for res in rule["resources"]}
+    assert {"datastores", "datastoreuploads"} <= edit_res, edit_res
+    for role in (edit, view):
+        for rule in role["rules"]:
+            assert rule["apiGroups"] == ["datastores.grid.ai"], rule
+            assert not any(res.endswith("/status") for res in rule["resources"]), f"users never write a status: {rule}"
+    assert all("datastoreuploads" not in rule["resources"] for rule in view["rules"]), "view must not read upload forms"
 
 
 def check_images(r: Rendered) -> None:

@@ -83,7 +83,7 @@ from chart_semantics import (  # noqa: E402
 
 CHART = ROOT / "charts" / "datastore-csi"
 MANIFESTS = ROOT / "manifests"
-CRD = CHART / "crds" / "datastores.grid.ai.yaml"
+CRDS = sorted((CHART / "crds").glob("*.yaml"))
 # csi-provisioner v6 (the default sidecar) needs Kubernetes 1.34; also check the newest known.
 KUBE_VERSIONS = ["1.34.0", kubernetes_validate.latest_version()]
 
@@ -254,12 +254,13 @@ def check_schemas(r: Rendered) -> None:
 
 
 def check_crd_schema() -> None:
-    crd = yaml.safe_load(CRD.read_text())
-    for version in KUBE_VERSIONS:
-        try:
-            kubernetes_validate.validate(crd, version, strict=True)
-        except kubernetes_validate.ValidationError as e:
-            fail(f"{CRD.name} (Kubernetes {version}): {'.'.join(str(p) for p in e.path)}: {e.message}")
+    for path in CRDS:
+        crd = yaml.safe_load(path.read_text())
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(crd, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                fail(f"{path.name} (Kubernetes {version}): {'.'.join(str(p) for p in e.path)}: {e.message}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -272,7 +273,7 @@ def lint_yaml(text: str, what: str) -> list[str]:
 
 
 def check_yamllint_files() -> None:
-    files = [CHART / "values.yaml", CHART / "Chart.yaml", CRD, ROOT / ".yamllint", *sorted(MANIFESTS.glob("*.yaml"))]
+    files = [CHART / "values.yaml", CHART / "Chart.yaml", *CRDS, ROOT / ".yamllint", *sorted(MANIFESTS.glob("*.yaml"))]
     problems = []
     for f in files:
         problems += lint_yaml(f.read_text(), str(f.relative_to(ROOT)))
@@ -295,14 +296,15 @@ def check_drift() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         render_manifests.write(Path(tmp))
         want = {p.name: p.read_text() for p in Path(tmp).glob("*.yaml")}
-    have = {p.name: p.read_text() for p in MANIFESTS.glob("*.yaml") if p.name != render_manifests.CRD_FILE}
+    have = {p.name: p.read_text() for p in MANIFESTS.glob("*.yaml") if p.name not in render_manifests.CRD_FILES}
     differ = sorted(n for n in want if have.get(n) != want[n])
     extra = sorted(set(have) - set(want))
     problems = [f"{n} differs" if n in have else f"{n} is missing" for n in differ]
     problems += [f"{n} is not generated (stale)" for n in extra]
-    crd = MANIFESTS / render_manifests.CRD_FILE
-    if not crd.exists() or crd.read_text() != CRD.read_text():
-        problems.append(f"{render_manifests.CRD_FILE} differs from {CRD.relative_to(ROOT)}")
+    for name, source in render_manifests.CRD_FILES.items():
+        crd, chart_crd = MANIFESTS / name, CHART / "crds" / source
+        if not crd.exists() or crd.read_text() != chart_crd.read_text():
+            problems.append(f"{name} differs from {chart_crd.relative_to(ROOT)}")
     if problems:
         fail("manifests/ is out of date (" + "; ".join(problems) + "): run scripts/generate.sh")
 
@@ -317,7 +319,7 @@ def check_kustomize() -> None:
         fail(f"kubectl kustomize manifests/ failed: {out.stderr.strip()}")
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(out.stdout) if d)
     want = sorted(
-        [o["kind"] for o in Rendered({}).objects] + ["Namespace", "CustomResourceDefinition"]
+        [o["kind"] for o in Rendered({}).objects] + ["Namespace"] + ["CustomResourceDefinition"] * len(render_manifests.CRD_FILES)
     )
     if kinds != want:
         fail(f"kustomize builds {kinds}, expected {want}")

@@ -61,8 +61,11 @@ pub enum Command {
     FdHolder(csi::FdHolderArgs),
     /// Run the Datastore operator (imports, versions, PVCs, cleanup).
     Operator(Box<operator::OperatorArgs>),
-    /// Print the Datastore CustomResourceDefinition (YAML).
-    Crd,
+    /// Print a CustomResourceDefinition (YAML): `datastores` (default) or `datastoreuploads`.
+    Crd {
+        #[arg(value_enum, default_value = "datastores")]
+        which: operator::CrdKind,
+    },
     /// The kubectl plugin's commands (same as `kubectl datastore …`).
     Kubectl(kubectl::KubectlArgs),
 }
@@ -185,7 +188,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Csi(a) => csi::run(*a).await,
         Command::FdHolder(a) => tokio::task::spawn_blocking(move || csi::fd_holder(a)).await?,
         Command::Operator(a) => operator::run_operator(*a).await,
-        Command::Crd => operator::print_crd(),
+        Command::Crd { which } => operator::print_crd(which),
         Command::Kubectl(a) => kubectl::run(a).await,
     }
 }

@@ -73,6 +73,15 @@ pub struct OperatorArgs {
     /// Repeatable.
     #[arg(long = "allowed-source-endpoint", value_name = "URL")]
     pub allowed_source_endpoints: Vec<String>,
+    /// Upload sessions (DatastoreUploads): how long one and its forms live.
+    #[arg(long, default_value = "1h", value_parser = super::parse_duration)]
+    pub upload_session_ttl: Duration,
+    /// Upload sessions: how long a finished one stays before it is deleted.
+    #[arg(long, default_value = "1h", value_parser = super::parse_duration)]
+    pub upload_retention: Duration,
+    /// Upload sessions: the largest manifest accepted, in bytes (compressed and decompressed).
+    #[arg(long, default_value_t = 512 << 20)]
+    pub upload_max_manifest: u64,
     /// FSx for Lustre: status of file systems, cleanup, orphan reports.
     #[command(flatten)]
     pub fsx: super::csi::FsxArgs,
@@ -95,6 +104,11 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
     ctx.watch_namespace = a.watch_namespace.filter(|n| !n.is_empty());
     ctx.retry_min = a.import_retry_min.max(Duration::from_secs(1));
     ctx.retry_max = a.import_retry_max.max(ctx.retry_min);
+    ctx.uploads = crate::operator::uploads::UploadSettings {
+        ttl: a.upload_session_ttl.max(Duration::from_secs(1)),
+        retention: a.upload_retention,
+        max_manifest: a.upload_max_manifest,
+    };
     let ctx = Arc::new(ctx);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
@@ -127,13 +141,24 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
             // act by then. Dropping `run` stopped the controller and its in-flight reconciles
             // (and with them any prune), and the imports it started; exiting ends the rest.
             ctx.imports.abort_all();
+            ctx.session_leases.drop_all();
             tracing::error!(identity = %identity, "stopped leading: every reconcile and import is stopped");
             anyhow::bail!("lost leadership; exiting so that another replica leads")
         }
     }
 }
 
-pub fn print_crd() -> anyhow::Result<()> {
-    print!("{}", crate::operator::crd::crd_yaml());
+/// Which CRD `datastore crd` prints.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CrdKind {
+    Datastores,
+    Datastoreuploads,
+}
+
+pub fn print_crd(which: CrdKind) -> anyhow::Result<()> {
+    match which {
+        CrdKind::Datastores => print!("{}", crate::operator::crd::crd_yaml()),
+        CrdKind::Datastoreuploads => print!("{}", crate::operator::upload_crd::crd_yaml()),
+    }
     Ok(())
 }

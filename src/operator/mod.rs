@@ -6,6 +6,9 @@
 //! that a PVC names. Errors are split once ([`Error::action`]): transient ones requeue with
 //! backoff, a bad spec waits for the next change, a datastore in use is retried.
 //!
+//! A second controller runs upload sessions (`DatastoreUpload`, see [`uploads`]): uploads that
+//! Kubernetes RBAC authorizes, signed with the operator's store credentials.
+//!
 //! Besides Datastores, the controller reacts to their claims (owned), to pods that mount a
 //! datastore (a pod going away moves a claim or lets a deletion proceed at once), and to imports
 //! ending (Ready follows the commit at once). Errors are logged with the API's message and code,
@@ -22,12 +25,14 @@ pub mod reconcile;
 pub mod s3_source;
 pub mod source_policy;
 pub mod status;
+pub mod upload_crd;
+pub mod uploads;
 pub mod validate;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -39,6 +44,7 @@ use crate::csi::Stores;
 use crate::store::s3::S3Options;
 use crate::store::{Store, StoreUrl};
 use crd::Datastore;
+use upload_crd::DatastoreUpload;
 use imports::ImportManager;
 
 /// What can go wrong in a reconcile.
@@ -158,6 +164,10 @@ pub struct Context {
     pub retry_max: Duration,
     /// Current time, Unix seconds (tests use a fixed clock).
     pub clock: Arc<dyn Fn() -> i64 + Send + Sync>,
+    /// Upload sessions (DatastoreUploads): lifetimes and limits.
+    pub uploads: uploads::UploadSettings,
+    /// Upload leases of live sessions, held by this process.
+    pub session_leases: uploads::SessionLeases,
 }
 
 impl Context {
@@ -186,6 +196,8 @@ impl Context {
                     .map(|d| d.as_secs() as i64)
                     .unwrap_or(0)
             }),
+            uploads: Default::default(),
+            session_leases: Default::default(),
         }
     }
 
@@ -211,24 +223,30 @@ fn error_policy(ds: Arc<Datastore>, err: &Error, _ctx: Arc<Context>) -> Action {
     action
 }
 
-/// Runs the controller until `shutdown`; only while this replica holds the leader lease.
+/// Runs the controllers (Datastores, and DatastoreUpload sessions) until `shutdown`; only while
+/// this replica holds the leader lease.
 pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
     let client = ctx.client.clone();
-    let (datastores, claims, pods): (Api<Datastore>, Api<PersistentVolumeClaim>, Api<Pod>) = match &ctx.watch_namespace {
-        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
-        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
+    let (datastores, claims, pods, sessions): (Api<Datastore>, Api<PersistentVolumeClaim>, Api<Pod>, Api<DatastoreUpload>) = match &ctx.watch_namespace {
+        Some(ns) => (Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client.clone(), ns), Api::namespaced(client, ns)),
+        None => (Api::all(client.clone()), Api::all(client.clone()), Api::all(client.clone()), Api::all(client)),
     };
     let driver = ctx.driver_name.clone();
     let finished = ctx.imports.finished().map(|(ns, name)| ObjectRef::<Datastore>::new(&name).within(&ns));
     tracing::info!(namespace = ctx.watch_namespace.as_deref().unwrap_or("(all)"), "datastore operator running");
     // However `run` ends, finished or dropped (a leader that loses its lease drops it), what
     // it started in the background stops with it.
-    let _stop = StopOnDrop { ctx: ctx.clone(), orphans: tokio::spawn(reconcile::report_orphans_forever(ctx.clone())) };
-    Controller::new(datastores, watcher::Config::default())
+    let _stop = StopOnDrop {
+        ctx: ctx.clone(),
+        orphans: tokio::spawn(reconcile::report_orphans_forever(ctx.clone())),
+        janitor: tokio::spawn(uploads::janitor_forever(ctx.clone())),
+    };
+    let shutdown = shutdown.shared();
+    let datastores = Controller::new(datastores, watcher::Config::default())
         .owns(claims, watcher::Config::default())
         .watches(pods, watcher::Config::default(), move |pod| pvc::pod_to_datastores(pod, &driver))
         .reconcile_on(finished)
-        .graceful_shutdown_on(shutdown)
+        .graceful_shutdown_on(shutdown.clone())
         .run(reconcile::reconcile, error_policy, ctx.clone())
         .for_each(|r| async move {
             match r {
@@ -239,19 +257,49 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
                 Err(controller::Error::QueueError(e)) => tracing::warn!(error = %describe_watch_error(&e), "watching the API failed; retrying"),
                 Err(e @ controller::Error::RunnerError(_)) => tracing::warn!(error = %e, "controller runner failed"),
             }
-        })
-        .await;
+        });
+    // A cluster upgraded without applying the new CRD (Helm does not install CRDs on upgrade)
+    // still runs Datastores; uploads then need --direct until the CRD is applied and the
+    // operator restarted.
+    let served = match sessions.list(&kube::api::ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            tracing::info!("the DatastoreUpload CRD is not installed: upload sessions are off (apply it and restart to turn them on)");
+            false
+        }
+        _ => true,
+    };
+    let sessions = Controller::new(sessions, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(uploads::reconcile, uploads::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            match r {
+                Ok((obj, _)) => tracing::debug!(session = %obj.name, "reconciled upload session"),
+                Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(controller::Error::ObjectNotFound(obj)) => tracing::debug!(session = %obj.name, "gone before its reconcile"),
+                Err(controller::Error::QueueError(e)) => tracing::warn!(error = %describe_watch_error(&e), "watching DatastoreUploads failed (is its CRD installed?); retrying"),
+                Err(e @ controller::Error::RunnerError(_)) => tracing::warn!(error = %e, "upload controller runner failed"),
+            }
+        });
+    if served {
+        futures::future::join(datastores, sessions).await;
+    } else {
+        drop(sessions);
+        datastores.await;
+    }
 }
 
 /// Stops the orphan report and every import when dropped.
 struct StopOnDrop {
     ctx: Arc<Context>,
     orphans: tokio::task::JoinHandle<()>,
+    janitor: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.orphans.abort();
+        self.janitor.abort();
+        self.ctx.session_leases.drop_all();
         self.ctx.imports.abort_all();
     }
 }

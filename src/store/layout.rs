@@ -6,6 +6,8 @@
 //! datastores/<name>/objects/<aa>/<id>           one plain object per file content (sha256 id)
 //! datastores/<name>/leases/<kind>/<id>          live uploads, mounts, sweeps (see `lease`)
 //! datastores/<name>/trash/<N>/manifest          a deleted version's manifest, until swept
+//! datastores/<name>/uploads/<session>/present   ids of present objects, for an upload session
+//! datastores/<name>/uploads/<session>/manifest  the manifest an upload session staged
 //! high-water/<name>/<N>                         N was used: numbers never go below it again
 //! probes/<id>                                   a short-lived conditional-write probe
 //! ```
@@ -71,6 +73,22 @@ pub fn leases_prefix(name: &str, kind: &str) -> String {
 
 pub fn lease_key(name: &str, kind: &str, id: &str) -> String {
     format!("{ROOT}{name}/leases/{kind}/{id}")
+}
+
+/// Everything of one upload session (`operator::uploads`); `session` is the DatastoreUpload's
+/// uid, which the API server makes.
+pub fn upload_session_prefix(name: &str, session: &str) -> String {
+    format!("{ROOT}{name}/uploads/{session}/")
+}
+
+/// The ids of the objects present when the session began (32 bytes each, concatenated).
+pub fn upload_present_key(name: &str, session: &str) -> String {
+    format!("{ROOT}{name}/uploads/{session}/present")
+}
+
+/// The manifest the session's client staged (the only key its manifest form may write).
+pub fn upload_manifest_key(name: &str, session: &str) -> String {
+    format!("{ROOT}{name}/uploads/{session}/manifest")
 }
 
 pub fn high_water_prefix(name: &str) -> String {

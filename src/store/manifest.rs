@@ -487,10 +487,17 @@ impl Manifest {
 
     /// Decodes a stored manifest: decompress (bounded), then [`Manifest::parse`].
     pub fn from_compressed(data: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::from_compressed_limited(data, MAX_RAW_LEN)
+    }
+
+    /// [`Manifest::from_compressed`] refusing (without decompressing further) one that
+    /// decompresses to more than `max_raw` bytes: for manifests from untrusted writers.
+    pub fn from_compressed_limited(data: &[u8], max_raw: u64) -> Result<Manifest, ManifestError> {
+        let max_raw = max_raw.min(MAX_RAW_LEN);
         let dec = zstd::stream::Decoder::new(data)?;
         let mut raw = Vec::new();
-        dec.take(MAX_RAW_LEN + 1).read_to_end(&mut raw)?;
-        if raw.len() as u64 > MAX_RAW_LEN {
+        dec.take(max_raw + 1).read_to_end(&mut raw)?;
+        if raw.len() as u64 > max_raw {
             return Err(ManifestError::TooLarge);
         }
         Manifest::parse(raw)

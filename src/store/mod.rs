@@ -17,6 +17,7 @@ pub mod locations;
 pub mod manifest;
 pub mod names;
 pub mod object;
+pub mod post_form;
 pub mod s3;
 pub mod upload;
 

@@ -66,6 +66,8 @@ pub struct S3Client {
     data: Client,
     timeouts: ReadTimeouts,
     endpoint: Option<String>,
+    /// The chain's credentials provider (for signing POST policies).
+    credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
 }
 
 /// Where an S3 endpoint is and how to reach it; everything else comes from the AWS chain.
@@ -148,6 +150,7 @@ impl S3Client {
         }
         let shared = loader.load().await;
         let endpoint = shared.endpoint_url().map(str::to_owned);
+        let credentials = shared.credentials_provider();
         let mut base = aws_sdk_s3::config::Builder::from(&shared);
         if shared.region().is_none() {
             // A local or on-premises endpoint rarely has a region; signing needs one.
@@ -173,12 +176,57 @@ impl S3Client {
             data: Client::from_conf(data),
             timeouts: opts.timeouts,
             endpoint,
+            credentials,
         }
     }
 
     /// The custom endpoint, if one is configured.
     pub fn endpoint(&self) -> Option<&str> {
         self.endpoint.as_deref()
+    }
+
+    /// The region requests are signed for.
+    pub fn region(&self) -> String {
+        self.control
+            .config()
+            .region()
+            .map(|r| r.as_ref().to_owned())
+            .unwrap_or_else(|| "us-east-1".to_owned())
+    }
+
+    /// The credentials this client signs with, from its provider chain (for signing POST
+    /// policies; never logged).
+    pub async fn signing_credentials(&self) -> Result<StaticCredentials, StoreError> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let provider = self
+            .credentials
+            .as_ref()
+            .ok_or_else(|| StoreError::Config("no AWS credentials configured".into()))?;
+        let c = provider
+            .provide_credentials()
+            .await
+            .map_err(|e| StoreError::Config(format!("AWS credentials: {}", DisplayErrorContext(&e))))?;
+        Ok(StaticCredentials {
+            access_key_id: c.access_key_id().to_owned(),
+            secret_access_key: c.secret_access_key().to_owned(),
+            session_token: c.session_token().map(str::to_owned),
+        })
+    }
+
+    /// A presigned GET URL of one object, valid for `expires_in`.
+    pub async fn presign_get(&self, bucket: &str, key: &str, expires_in: Duration) -> Result<String, StoreError> {
+        let what = format!("s3://{bucket}/{key}");
+        let config = aws_sdk_s3::presigning::PresigningConfig::expires_in(expires_in)
+            .map_err(|e| StoreError::Config(format!("presigning {what}: {e}")))?;
+        let req = self
+            .control
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| map_err(&what, e))?;
+        Ok(req.uri().to_owned())
     }
 
     /// One attempt at reading `range` of an object (see the module docs for the checks).

@@ -197,9 +197,14 @@ pub async fn namespace(client: &Client, prefix: &str) -> String {
 /// Applies the checked-in Datastore CRD (manifests/crd.yaml) and waits until it is Established.
 /// Idempotent: tests sharing the control plane may all call it.
 pub async fn apply_crd(client: &Client) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests/crd.yaml");
-    let text = std::fs::read_to_string(&path).expect("read manifests/crd.yaml");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("manifests/crd.yaml is a CRD");
+    apply_crd_file(client, "manifests/crd.yaml").await;
+}
+
+/// Applies a checked-in CRD (`manifests/…`) and waits until it is Established. Idempotent.
+pub async fn apply_crd_file(client: &Client, file: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {file}: {e}"));
+    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{file} is not a CRD: {e}"));
     let name = crd.metadata.name.clone().expect("the CRD has a name");
     let api = Api::<CustomResourceDefinition>::all(client.clone());
     api.patch(&name, &PatchParams::apply("datastore-tests").force(), &Patch::Apply(&crd))

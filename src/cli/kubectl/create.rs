@@ -7,6 +7,9 @@
 //! first sent as a server-side dry run, before anything is uploaded: a spec, a namespace or a
 //! permission the server refuses then costs nothing and leaves no version behind.
 //!
+//! Uploads go through an upload session (`session`: RBAC authorizes, the operator signs) or,
+//! with --direct, straight to the store with the user's own credentials (see [`upload`]).
+//!
 //! Re-imports: the annotation [`REIMPORT_ANNOTATION`] holds an opaque token (the time, in
 //! nanoseconds); the operator imports when it differs from `status.observedReimport` and records
 //! it there. `create NAME s3://…` with the source the datastore already has sets it too.
@@ -21,6 +24,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 
 use super::cluster::{Cluster, api_error, datastore_not_found, get_datastore};
+use super::session;
 use crate::cli::progress::ProgressReporter;
 use crate::csi::namespace_store;
 use crate::operator::crd::{
@@ -81,6 +85,11 @@ pub struct CreateArgs {
     /// Files uploaded at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// Upload with your own S3 credentials (the AWS chain: environment, profile, role) straight
+    /// to the store, instead of through an upload session that the operator authorizes by
+    /// Kubernetes RBAC. Needed for files over 5 GiB. Implied by --store.
+    #[arg(long)]
+    pub direct: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -269,7 +278,32 @@ pub async fn create(cl: &Cluster, api: &Api<Datastore>, c: &CreateArgs) -> anyho
 }
 
 /// Uploads the directory to the namespace's part of the cluster's store; returns the version.
+///
+/// Through an upload session (no credentials needed here, RBAC decides) unless --direct or
+/// --store is given, the cluster's store is a local directory (no forms to hand out), or the
+/// cluster does not serve DatastoreUploads.
 async fn upload(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<u64> {
+    if !c.direct && c.store.is_none() {
+        // Users who may not read the driver's ConfigMap still upload: the operator knows.
+        let s3_store = match cluster_store(cl, c).await {
+            Ok((url, _)) => matches!(url, StoreUrl::S3 { .. }),
+            Err(e) => {
+                tracing::debug!(error = %e, "the cluster's store is unknown here; asking the operator");
+                true
+            }
+        };
+        if s3_store {
+            if session::available(cl).await? {
+                return session::upload(cl, c).await;
+            }
+            eprintln!("note: this cluster has no DatastoreUpload resource (an older chart?); uploading with your own credentials");
+        }
+    }
+    direct_upload(cl, c).await
+}
+
+/// Uploads with the user's own credentials straight to the store.
+async fn direct_upload(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<u64> {
     let (base, s3) = cluster_store(cl, c).await?;
     let store = Store::open(&namespace_store(&base, &cl.namespace), s3).await?;
     let progress = Arc::new(Progress::default());

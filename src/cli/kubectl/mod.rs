@@ -2,13 +2,15 @@
 //! reachable as `datastore kubectl …`. It manages `Datastore` objects; `create NAME ./dir`
 //! uploads to the cluster's store first (found in the ConfigMap the chart installs, or --store).
 //!
-//! One file per group of subcommands: `create` (create, re-import), `delete` (delete and wait),
+//! One file per group of subcommands: `create` (create, re-import; uploads through an upload
+//! session, `session`, or directly), `delete` (delete and wait),
 //! `show` (list, get, versions), `status` (status and --watch), `cluster` (kubeconfig, client,
 //! one-line errors). Every error the user sees is one line (see [`run`]).
 
 mod cluster;
 mod create;
 mod delete;
+mod session;
 mod show;
 mod status;
 

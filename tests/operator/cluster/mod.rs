@@ -14,6 +14,7 @@ mod leader;
 mod lifecycle;
 pub mod proxy;
 mod tenancy;
+mod uploads;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
