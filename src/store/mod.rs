@@ -8,6 +8,7 @@
 //! [`lease`]); the mount reads through [`Store::read_blob`].
 
 pub mod commit;
+pub mod fetch_guard;
 pub mod gc;
 pub mod import;
 pub mod layout;

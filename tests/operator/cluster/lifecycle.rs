@@ -153,7 +153,7 @@ fn uploaded_versions_appear() {
             datastore::store::upload::create_from_dir(&store, "pushed", src.path(), &Default::default(), &Default::default()).await.expect("upload").version
         };
         let v1 = upload(b"one").await;
-        let spec = DatastoreSpec { source: Source { s3: None, upload: Some(UploadSpec { version: Some(v1) }) }, ..env.s3_spec("") };
+        let spec = DatastoreSpec { source: Source { upload: Some(UploadSpec { version: Some(v1) }), ..Default::default() }, ..env.s3_spec("") };
         c.create("pushed", spec).await;
         ready_at(&c, "pushed", 1, &mut op).await;
         let v2 = upload(b"two").await;

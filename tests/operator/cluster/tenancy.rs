@@ -237,7 +237,7 @@ fn fsx_sizing_in_claim_annotations_needs_the_owning_datastore_and_stays_within_l
             pvc
         };
         let hp = |capacity: u32| DatastoreSpec {
-            source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) },
+            source: Source { upload: Some(UploadSpec { version: Some(1) }), ..Default::default() },
             datastore_type: Some(DatastoreType::HighPerformance),
             high_performance: Some(HighPerformanceSpec { storage_capacity: Some(capacity), ..Default::default() }),
             ..env.s3_spec("")
