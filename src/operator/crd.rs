@@ -218,10 +218,6 @@ pub struct DatastoreStatus {
     /// Fingerprint of the source and mode of the last import (a change starts a new import).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_hash: Option<String>,
-    /// HTTP sources: the server's validator (ETag or Last-Modified) of the URL when the last
-    /// import checked it. A scheduled re-import that finds the same one downloads nothing.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_validator: Option<String>,
     /// The PersistentVolumeClaim run pods mount.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,

@@ -1,18 +1,16 @@
 //! HTTP(S) sources: the headers an import sends (from the Secret its Datastore names), the guard
-//! its connections go through ([`super::http_policy`]), and the check that spares a download.
+//! its connections go through ([`super::http_policy`]), and the import's options. When and how
+//! imports run is [`super::sources`]'s.
 //!
-//! A new version only when the content changed, without downloading when the server can say so:
-//! a scheduled re-import first asks the server for the URL's validator (ETag, else
-//! Last-Modified) and, when it is the one recorded for the version being served
-//! (`status.sourceValidator`), confirms that version and downloads nothing. Otherwise (no
-//! validator, a different one, a new source, or a re-import requested by a person, who may know
-//! better than the server's validator) it downloads, and a re-import of the source being served
-//! compares the content with that version, so that the same bytes make no version either way.
-//! The validator recorded is the one seen before the download; a change between the two only
-//! costs one more download at the next tick.
+//! A new version only when the content changed: a re-import of the source being served (a
+//! schedule tick, a request) runs with `skip_if_unchanged`, so the store library compares the
+//! server's validator (ETag, else Last-Modified and length) with the one recorded in the served
+//! version's `version.json` before reading the body, and, failing that, the downloaded content
+//! with that version's. A new source (URL, headers Secret, unpack) always makes a version.
 //!
 //! Header values are secrets (an Authorization header, a token): they go into requests only,
-//! never into a log line, an Event or the status; errors about them name the Secret's key.
+//! never into a log line, an Event or the status; errors about them name the Secret's key. The
+//! URL is shown without its query (pre-signed URLs carry signatures there).
 
 use std::sync::Arc;
 
@@ -20,11 +18,11 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
 use super::crd::{Datastore, UnpackSpec};
-use super::imports::{ImportError, Imported, JobSource};
+use super::imports::{ImportError, JobSource};
 use super::{Context, Error};
 use crate::store::Store;
 use crate::store::fetch_guard::FetchGuard;
-use crate::store::http::{HttpImportOptions, HttpSource, Unpack, import_from_http, probe};
+use crate::store::http::{HttpImportOptions, HttpSource, Unpack, import_from_http};
 use crate::store::upload::{Progress, Report};
 
 /// Headers a Secret may not set: they frame or route the request, which is the client's job.
@@ -34,26 +32,33 @@ const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding
 pub struct HttpJob {
     pub source: HttpSource,
     pub options: HttpImportOptions,
-    /// Where its connections may go.
-    pub guard: Arc<dyn FetchGuard>,
-    /// The validator of the version being served, when a matching one may skip the download.
-    pub known_validator: Option<String>,
 }
 
-/// Whether a version's recorded mode is one an HTTP import writes.
-pub(crate) fn is_http_mode(mode: &str) -> bool {
-    mode == crate::store::http::VERSION_MODE
+/// Whether a version's recorded source and mode are those of this HTTP source.
+pub(crate) fn made_from(ds: &Datastore, source: &str, mode: &str) -> bool {
+    let Some(http) = &ds.spec.source.http else { return false };
+    let unpack = match http.unpack {
+        Some(UnpackSpec::Never) => Unpack::Never,
+        Some(UnpackSpec::Auto) | None => Unpack::Auto,
+    };
+    shown_url(&http.url) == source && mode == unpack.mode()
+}
+
+/// The URL as messages show it: without query, fragment or credentials.
+pub(crate) fn shown_url(url: &str) -> String {
+    crate::store::http::shown_url(url)
 }
 
 /// The import of the Datastore's HTTP source; `changed`: the source is new (always a version).
-pub(crate) async fn job(ds: &Datastore, ns: &str, ctx: &Context, changed: bool, known_validator: Option<String>) -> Result<JobSource, Error> {
+pub(crate) async fn job(ds: &Datastore, ns: &str, ctx: &Context, changed: bool) -> Result<JobSource, Error> {
     let http = ds.spec.source.http.as_ref().ok_or_else(|| Error::Invalid("no http source".into()))?;
     let headers = match &http.headers_secret_ref {
         Some(r) => headers_from_secret(ctx, ns, &r.name).await?,
         None => Vec::new(),
     };
+    let guard: Arc<dyn FetchGuard> = ctx.http_sources.guard(ns);
     Ok(JobSource::Http(HttpJob {
-        source: HttpSource { url: http.url.clone(), headers },
+        source: HttpSource { url: http.url.clone(), headers, guard: Some(guard) },
         options: HttpImportOptions {
             unpack: match http.unpack {
                 Some(UnpackSpec::Never) => Unpack::Never,
@@ -63,8 +68,6 @@ pub(crate) async fn job(ds: &Datastore, ns: &str, ctx: &Context, changed: bool, 
             skip_if_unchanged: !changed,
             ..Default::default()
         },
-        guard: ctx.http_sources.guard(ns),
-        known_validator,
     }))
 }
 
@@ -94,20 +97,9 @@ fn header(ns: &str, secret: &str, key: &str, value: &[u8]) -> Result<(String, St
     Ok((name.as_str().to_owned(), value.to_owned()))
 }
 
-/// Probes the URL; downloads unless the validator says the served version is current.
-pub async fn run_http(store: &Store, datastore: &str, job: &HttpJob, progress: &Progress) -> Result<Imported, ImportError> {
-    let failed = |e: crate::store::Error| ImportError::Failed(e.to_string());
-    let validator = probe(&job.source, &job.options).await.map_err(failed)?;
-    if let (Some(seen), Some(known)) = (&validator, &job.known_validator)
-        && seen == known
-        && let Some(latest) = store.latest(datastore).await.map_err(failed)?
-    {
-        tracing::info!(datastore, version = latest, "the source's validator is unchanged; nothing downloaded");
-        let info = store.version_info(datastore, latest).await.map_err(failed)?;
-        return Ok(Imported { report: Report { version: latest, info, skipped: Vec::new(), unchanged: true }, validator });
-    }
-    let report = import_from_http(store, datastore, &job.source, &job.options, progress).await.map_err(failed)?;
-    Ok(Imported { report, validator })
+/// Downloads and unpacks the source into a version (or confirms the served one).
+pub async fn run_http(store: &Store, datastore: &str, job: &HttpJob, progress: &Progress) -> Result<Report, ImportError> {
+    import_from_http(store, datastore, &job.source, &job.options, progress).await.map_err(|e| ImportError::Failed(e.to_string()))
 }
 
 #[cfg(test)]

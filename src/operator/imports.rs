@@ -18,8 +18,8 @@
 //! again and only the missing objects are copied. A version committed by an import whose status
 //! write was lost to a restart is recognized from the store instead ([`super::sources`]).
 //!
-//! Every kind of source runs here alike ([`JobSource`]): an S3 prefix is listed and copied; an
-//! HTTP(S) URL is first probed (see [`super::http_source`]), then downloaded and unpacked.
+//! Every kind of source runs here alike ([`JobSource`]): an S3 prefix is listed and copied, an
+//! HTTP(S) URL downloaded and unpacked ([`super::http_source`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -76,7 +76,7 @@ pub struct Started {
 struct Running {
     started: Started,
     progress: Arc<Progress>,
-    result: Arc<Mutex<Option<Result<Imported, ImportError>>>>,
+    result: Arc<Mutex<Option<Result<Report, ImportError>>>>,
     task: JoinHandle<()>,
     /// The result was handed out: [`ImportManager::settle`] may let it go.
     seen: bool,
@@ -88,21 +88,13 @@ pub enum ImportState {
     Idle,
     Running(ProgressStatus, Started),
     /// Finished: the report, or why it failed.
-    Done(Result<Imported, ImportError>, Started),
+    Done(Result<Report, ImportError>, Started),
 }
 
 pub struct ImportManager {
     running: Mutex<HashMap<Key, Running>>,
     slots: Arc<Semaphore>,
     finished: broadcast::Sender<Key>,
-}
-
-/// What a finished import made or confirmed.
-#[derive(Debug, Clone)]
-pub struct Imported {
-    pub report: Report,
-    /// HTTP sources: the server's validator (ETag / Last-Modified) of what was checked.
-    pub validator: Option<String>,
 }
 
 /// Everything an import needs.
@@ -230,12 +222,9 @@ impl ImportManager {
     }
 }
 
-async fn run(job: &ImportJob, progress: &Progress) -> Result<Imported, ImportError> {
+async fn run(job: &ImportJob, progress: &Progress) -> Result<Report, ImportError> {
     match &job.source {
-        JobSource::S3 { client, source, options } => {
-            let report = run_s3(&job.store, &job.datastore, client, source, options, progress).await?;
-            Ok(Imported { report, validator: None })
-        }
+        JobSource::S3 { client, source, options } => run_s3(&job.store, &job.datastore, client, source, options, progress).await,
         JobSource::Http(http) => run_http(&job.store, &job.datastore, http, progress).await,
     }
 }

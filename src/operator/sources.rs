@@ -33,11 +33,12 @@ use kube::ResourceExt;
 
 use super::crd::{Datastore, DatastoreStatus, ImportFailure, Phase, REIMPORT_ANNOTATION};
 use super::events::Note;
-use super::imports::{ImportError, ImportJob, ImportState, Imported, Started, Trigger};
+use super::imports::{ImportError, ImportJob, ImportState, Started, Trigger};
 use super::status::{parse_rfc3339, rfc3339, set_importing, set_phase, set_versions, versions};
 use super::validate::{next_run, source_hash};
 use super::{Context, Error, http_source, s3_source};
 use crate::store::Store;
+use crate::store::upload::Report;
 
 /// The delay before attempt `failures + 1`: `min`, doubling per failure, at most `max`.
 pub fn retry_delay(min: Duration, max: Duration, failures: u32) -> Duration {
@@ -71,7 +72,7 @@ struct Pass<'a> {
     store: &'a Store,
     ns: String,
     name: String,
-    /// The spec's source as a URL (`s3://bucket/prefix/`, `https://…`).
+    /// The spec's source as a URL (`s3://bucket/prefix/`, `https://host/path` without a query).
     url: String,
     /// The served version is of the spec's source: a re-import keeps it Ready.
     serving: bool,
@@ -82,7 +83,7 @@ struct Pass<'a> {
 fn source_url(ds: &Datastore) -> String {
     match (&ds.spec.source.s3, &ds.spec.source.http) {
         (Some(_), _) => super::validate::s3_source(&ds.spec).map(|s| s.url()).unwrap_or_default(),
-        (None, Some(h)) => h.url.clone(),
+        (None, Some(h)) => http_source::shown_url(&h.url),
         (None, None) => String::new(),
     }
 }
@@ -112,8 +113,8 @@ pub async fn reconcile_source(ds: &Datastore, ctx: &Context, store: &Store, st: 
             }
             Ok(ctx.progress_interval)
         }
-        ImportState::Done(Ok(imported), started) => {
-            pass.record_success(st, notes, &imported, started).await?;
+        ImportState::Done(Ok(report), started) => {
+            pass.record_success(st, notes, &report, started).await?;
             Ok(pass.idle_requeue(st))
         }
         ImportState::Done(Err(e), started) => Ok(pass.record_failure(st, notes, &e, started)),
@@ -176,9 +177,7 @@ impl Pass<'_> {
     async fn start(&self, st: &mut DatastoreStatus, notes: &mut Vec<Note>, started: Started, changed: bool) -> Result<(), Error> {
         // A new source always makes a version; a re-import only when the content changed.
         let source = if self.ds.spec.source.http.is_some() {
-            // The validator of the served version lets a schedule tick skip the download.
-            let known = st.source_validator.clone().filter(|_| !changed && started.trigger == Trigger::Schedule);
-            http_source::job(self.ds, &self.ns, self.ctx, changed, known).await?
+            http_source::job(self.ds, &self.ns, self.ctx, changed).await?
         } else {
             s3_source::job(self.ds, &self.ns, self.ctx, changed).await?
         };
@@ -196,12 +195,10 @@ impl Pass<'_> {
         Ok(())
     }
 
-    async fn record_success(&self, st: &mut DatastoreStatus, notes: &mut Vec<Note>, imported: &Imported, started: Started) -> Result<(), Error> {
-        let report = &imported.report;
+    async fn record_success(&self, st: &mut DatastoreStatus, notes: &mut Vec<Note>, report: &Report, started: Started) -> Result<(), Error> {
         set_versions(st, versions(self.store, &self.name).await?);
         st.last_import = Some(rfc3339(self.now));
         st.source_hash = Some(started.source_hash);
-        st.source_validator = imported.validator.clone();
         st.progress = None;
         st.import_failure = None;
         if let Some(t) = started.token {
@@ -233,18 +230,16 @@ impl Pass<'_> {
             return Ok(false);
         }
         let info = self.store.version_info(&self.name, latest).await?;
-        let mode_matches = match &self.ds.spec.source.http {
-            Some(_) => http_source::is_http_mode(&info.mode),
-            None => info.mode == s3_source::import_mode(&self.ds.spec).as_str(),
+        let made_from_it = match &self.ds.spec.source.http {
+            Some(_) => http_source::made_from(self.ds, &info.source, &info.mode),
+            None => info.source == self.url && info.mode == s3_source::import_mode(&self.ds.spec).as_str(),
         };
-        if info.source != self.url || !mode_matches {
+        if !made_from_it {
             return Ok(false);
         }
         set_versions(st, versions(self.store, &self.name).await?);
         st.last_import = Some(parse_rfc3339(&info.created).map_or_else(|| rfc3339(self.now), rfc3339));
         st.source_hash = Some(hash.to_owned());
-        // Unknown: the next tick downloads and compares the content.
-        st.source_validator = None;
         st.progress = None;
         st.import_failure = None;
         let msg = format!("version {latest}: {} files, {}", info.files, bytesize::ByteSize(info.bytes));

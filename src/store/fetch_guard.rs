@@ -10,11 +10,20 @@
 //! address, and connects only to one the guard accepted.
 //!
 //! [`non_public`] says why an address is not a public unicast one; guards refuse those unless
-//! their installer allowed the target. Tools fetching on their own user's behalf (the CLI) use no
-//! guard.
+//! their installer allowed the target. [`GuardedConnector`] is the connector that asks them.
+//! Tools fetching on their own user's behalf (the CLI) use no guard.
 
 use std::fmt::Debug;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 
 /// What a connection is for: the URL's scheme, host (as written, lowercase, IPv6 without
 /// brackets) and port.
@@ -103,9 +112,129 @@ fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A TCP connector (for hyper's client, under TLS) that connects only where its guard allows:
+/// it resolves the host itself, asks the guard about every address, and connects to the first
+/// allowed one that answers, so the address checked is the address used. Without a guard it
+/// resolves and connects like hyper's own `HttpConnector`.
+#[derive(Clone, Debug)]
+pub struct GuardedConnector {
+    guard: Option<Arc<dyn FetchGuard>>,
+    connect_timeout: Duration,
+}
+
+impl GuardedConnector {
+    pub fn new(guard: Option<Arc<dyn FetchGuard>>, connect_timeout: Duration) -> GuardedConnector {
+        GuardedConnector { guard, connect_timeout }
+    }
+
+    async fn connect(self, uri: Uri) -> Result<TokioIo<TcpStream>, BoxError> {
+        let scheme = uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
+        let host = uri.host().ok_or("the URL has no host")?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let port = uri.port_u16().unwrap_or(if scheme == "https" { 443 } else { 80 });
+        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => tokio::net::lookup_host((host.as_str(), port)).await.map_err(|e| format!("resolving {host}: {e}"))?.collect(),
+        };
+        let target = Target { scheme: &scheme, host: &host, port };
+        let (mut refused, mut failed) = (None, None);
+        for addr in addrs {
+            if let Some(guard) = &self.guard
+                && let Err(why) = guard.check(&target, addr.ip())
+            {
+                tracing::debug!(%target, %addr, "address refused by the fetch guard");
+                refused.get_or_insert(why);
+                continue;
+            }
+            match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Ok(TokioIo::new(stream));
+                }
+                Ok(Err(e)) => failed = Some(format!("connecting to {addr}: {e}")),
+                Err(_) => failed = Some(format!("connecting to {addr}: no answer within {:?}", self.connect_timeout)),
+            }
+        }
+        // A refusal says more than "no address": it is why nothing was tried.
+        Err(match (failed, refused) {
+            (Some(f), _) => f.into(),
+            (None, Some(r)) => Refused(r).into(),
+            (None, None) => format!("{host} resolves to no address").into(),
+        })
+    }
+}
+
+/// A connection the guard did not allow.
+#[derive(Debug)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+impl tower_service::Service<Uri> for GuardedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(self.clone().connect(uri))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refuses everything but one port on loopback.
+    #[derive(Debug)]
+    struct OnlyPort(u16);
+
+    impl FetchGuard for OnlyPort {
+        fn check(&self, target: &Target<'_>, addr: IpAddr) -> Result<(), String> {
+            if target.port == self.0 { Ok(()) } else { Err(format!("{target} at {addr}: not port {}", self.0)) }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_connector_connects_only_where_the_guard_allows() {
+        use tower_service::Service;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((_s, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let guard: Arc<dyn FetchGuard> = Arc::new(OnlyPort(port + 1));
+        let mut refusing = GuardedConnector::new(Some(guard), Duration::from_secs(5));
+        for host in ["127.0.0.1", "localhost"] {
+            let uri: Uri = format!("http://{host}:{port}/x").parse().expect("uri");
+            let e = refusing.call(uri).await.expect_err("refused");
+            assert!(e.to_string().starts_with("refused:") && e.to_string().contains("not port"), "{e}");
+        }
+        let mut open = GuardedConnector::new(None, Duration::from_secs(5));
+        open.call(format!("http://localhost:{port}/x").parse().expect("uri")).await.expect("no guard: connects");
+        let allowing: Arc<dyn FetchGuard> = Arc::new(OnlyPort(port));
+        GuardedConnector::new(Some(allowing), Duration::from_secs(5)).call(format!("http://127.0.0.1:{port}/").parse().expect("uri")).await.expect("allowed");
+        // Only the two allowed connections reached the listener.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while accepted.load(std::sync::atomic::Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn only_public_unicast_addresses_are_public() {
