@@ -19,7 +19,7 @@ async fn claim_version(c: &Cluster, name: &str) -> Option<String> {
     pvc.annotations().get(PVC_VERSION_ANNOTATION).cloned()
 }
 
-async fn ready_at(c: &Cluster, name: &str, version: u64, op: &mut Operator) -> DatastoreStatus {
+pub(super) async fn ready_at(c: &Cluster, name: &str, version: u64, op: &mut Operator) -> DatastoreStatus {
     c.wait_status(name, &format!("{name} Ready at version {version}"), Duration::from_secs(60), op, |st| {
         (st.phase == Some(Phase::Ready) && st.latest_version == Some(version)).then(|| st.clone())
     })

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::*;
 
-async fn failed(c: &Cluster, name: &str, op: &mut Operator) -> DatastoreStatus {
+pub(super) async fn failed(c: &Cluster, name: &str, op: &mut Operator) -> DatastoreStatus {
     c.wait_status(name, "the phase to settle", Duration::from_secs(60), op, |st| {
         matches!(st.phase, Some(Phase::Ready) | Some(Phase::Failed)).then(|| st.clone())
     })
