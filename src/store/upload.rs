@@ -10,6 +10,9 @@
 //! 4. Commit: claim a number with `version.json`, then the manifest (see `commit`). Until
 //!    then no version is visible.
 //!
+//! Steps 3 and 4 are [`super::ingest`], shared with the HTTP source (archives feed it
+//! member by member).
+//!
 //! Special files (FIFOs, sockets, devices) are skipped and reported: they have no bytes to
 //! serve. A file that changes while it is uploaded fails the create (its bytes would not match
 //! its id); nothing is committed and a re-run picks it up.
@@ -20,7 +23,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -28,7 +31,8 @@ use sha2::{Digest, Sha256};
 
 use super::manifest::{Blob, Kind, Location, ManifestBuilder, Node};
 use super::object::StoreError;
-use super::{Error, Result, Store, VersionInfo, layout, names};
+use super::ingest::{Body, Ingest, Origin};
+use super::{Error, Result, Store, VersionInfo, names};
 
 /// Files up to this size are read once into memory, hashed and uploaded from there.
 const READ_ONCE_MAX: u64 = 8 << 20;
@@ -56,7 +60,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn file_done(&self, bytes: u64) {
+    pub(crate) fn file_done(&self, bytes: u64) {
         self.files_done.fetch_add(1, Ordering::Relaxed);
         self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -289,19 +293,17 @@ pub async fn create_from_dir(
         },
         None => None,
     };
-    // The lease goes first: a sweep that misses it must be one this upload waited for.
-    let lease = store.begin_upload(name).await?;
-    let present = Arc::new(Mutex::new(store.object_ids(name).await?));
+    let ingest = Ingest::begin(store, name, progress).await?;
     let previous = Arc::new(previous);
 
     let files = &files;
+    let shared = &ingest;
     let results: Vec<(usize, [u8; 32])> = futures::stream::iter(0..files.len())
         .map(|i| {
-            let present = present.clone();
             let previous = previous.clone();
             async move {
                 let f = &files[i];
-                let id = upload_one(store, name, f, &previous, &present, progress).await?;
+                let id = upload_one(shared, f, &previous).await?;
                 progress.file_done(f.size);
                 Ok::<_, Error>((i, id))
             }
@@ -331,53 +333,19 @@ pub async fn create_from_dir(
             });
         }
     }
-    let manifest = tokio::task::spawn_blocking(move || builder.finish())
-        .await
-        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
-    let totals = manifest.totals();
-    let info = VersionInfo {
-        datastore: name.to_owned(),
-        version: 0,
-        created: super::now_rfc3339(),
+    let origin = Origin {
         source: src.display().to_string(),
         mode: "upload".into(),
-        files: totals.files,
-        dirs: totals.dirs,
-        symlinks: totals.symlinks,
-        bytes: totals.bytes,
-        transferred_files: progress.files_transferred.load(Ordering::Relaxed),
-        transferred_bytes: progress.bytes_transferred.load(Ordering::Relaxed),
-        manifest_bytes: 0,
+        validator: None,
     };
-    let version = store
-        .commit_guarded(name, info.clone(), &manifest, Some(&lease))
-        .await?;
-    lease.release().await;
-    let info = VersionInfo { version, ..info };
-    tracing::info!(
-        datastore = name,
-        version,
-        files = info.files,
-        bytes = info.bytes,
-        transferred_bytes = info.transferred_bytes,
-        "committed version"
-    );
-    Ok(Report {
-        version,
-        info,
-        skipped,
-        unchanged: false,
-    })
+    ingest.commit(builder, skipped, origin, false).await
 }
 
 /// Gives one file its id and uploads its content unless the store already has it.
 async fn upload_one(
-    store: &Store,
-    name: &str,
+    ingest: &Ingest<'_>,
     f: &ScannedFile,
     previous: &Option<super::manifest::Manifest>,
-    present: &Mutex<HashSet<[u8; 32]>>,
-    progress: &Progress,
 ) -> Result<[u8; 32]> {
     let reused = previous.as_ref().and_then(|m| {
         let rel: Vec<u8> = f
@@ -394,10 +362,10 @@ async fn upload_one(
             && blob.location == Location::Store)
             .then_some(blob.id)
     });
-    if let Some(id) = reused {
-        if present.lock().map(|s| s.contains(&id)).unwrap_or(false) {
-            return Ok(id);
-        }
+    if let Some(id) = reused
+        && ingest.has(&id)
+    {
+        return Ok(id);
     }
     let path = f.path.clone();
     let size = f.size;
@@ -405,43 +373,14 @@ async fn upload_one(
         .await
         .map_err(|e| Error::Source(format!("hashing failed: {e}")))?
         .map_err(|e| Error::Store(StoreError::io(f.path.display().to_string(), e)))?;
-    // Claim the id: the first file with this content uploads it, the others reuse it.
-    let claimed = present.lock().map(|mut s| s.insert(id)).unwrap_or(false);
-    if !claimed {
-        return Ok(id);
-    }
-    let key = layout::object_key(name, &id);
-    let result = match data {
-        Some(bytes) => {
-            let n = bytes.len() as u64;
-            store.objects().put(&key, bytes, false).await.map(|()| {
-                progress.bytes_transferred.fetch_add(n, Ordering::Relaxed);
-            })
-        }
-        None => {
-            let on_bytes = |n: u64| {
-                progress.bytes_transferred.fetch_add(n, Ordering::Relaxed);
-            };
-            match store.objects().put_file(&key, &f.path, &on_bytes).await {
-                Ok(sent) if sent == id => Ok(()),
-                Ok(_) => {
-                    let _ = store.objects().delete(std::slice::from_ref(&key)).await;
-                    Err(StoreError::Body {
-                        what: f.path.display().to_string(),
-                        message: "the file changed while it was being uploaded; run create again"
-                            .into(),
-                    })
-                }
-                Err(e) => Err(e),
-            }
-        }
+    let shown = f.path.display().to_string();
+    let body = match data {
+        Some(bytes) => Body::Memory(bytes),
+        None => Body::File {
+            path: &f.path,
+            what: &shown,
+        },
     };
-    if let Err(e) = result {
-        if let Ok(mut s) = present.lock() {
-            s.remove(&id);
-        }
-        return Err(e.into());
-    }
-    progress.files_transferred.fetch_add(1, Ordering::Relaxed);
+    ingest.put(id, body).await?;
     Ok(id)
 }
