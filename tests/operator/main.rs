@@ -24,7 +24,7 @@ use datastore::operator::Context;
 use datastore::store::object::ObjectStore;
 use datastore::store::s3::{S3Client, S3Store};
 use datastore::store::{Store, StoreUrl};
-use http::Method;
+use ::http::Method;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 

@@ -42,6 +42,12 @@ fn http_spec(url: &str, secret: Option<&str>) -> DatastoreSpec {
     }
 }
 
+/// The port a test server listens on.
+fn port_of(server: &HttpServer) -> String {
+    let url = server.url("/");
+    url.trim_end_matches('/').rsplit(':').next().unwrap_or_default().to_owned()
+}
+
 /// Pretends the last import was ten minutes ago, so that a `*/5` schedule is due now.
 async fn make_schedule_due(c: &Cluster, name: &str) {
     let long_ago = chrono::Utc::now() - chrono::Duration::minutes(10);
@@ -74,7 +80,7 @@ fn walkdir(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn an_http_source_becomes_ready_and_makes_a_version_only_when_its_content_changes() {
     let env = Env::new();
     let v1: &[(&str, &[u8])] = &[("data/a.txt", b"one"), ("data/dir/b b.txt", b"two"), ("data/empty", b"")];
-    let web = HttpServer::start(vec![("/data.tar.gz".to_owned(), tar_gz(v1))]);
+    let web = HttpServer::start([("/data.tar.gz", tar_gz(v1))]);
     let cp = k8s::control_plane();
     let (store, url) = rt().block_on(async {
         let c = Cluster::new(cp).await;
@@ -124,14 +130,14 @@ fn an_http_source_becomes_ready_and_makes_a_version_only_when_its_content_change
 fn loopback_needs_the_installer_and_secret_headers_reach_the_server_only() {
     let env = Env::new();
     let archive = tar_gz(&[("x.txt", b"x")]);
-    let allowed = HttpServer::start(vec![("/d.tar.gz".to_owned(), archive.clone())]);
-    let other = HttpServer::start(vec![("/d.tar.gz".to_owned(), archive)]);
+    let allowed = HttpServer::start([("/d.tar.gz", archive.clone())]);
+    let other = HttpServer::start([("/d.tar.gz", archive)]);
     let token = format!("Bearer {}", unique("s3cr3t-token"));
     let cp = k8s::control_plane();
     rt().block_on(async {
         let c = Cluster::new(cp).await;
         // Only `localhost` on the first server's port, for this namespace.
-        let allow = format!("{}=http://localhost:{}", c.ns, allowed.port());
+        let allow = format!("{}=http://localhost:{}", c.ns, port_of(&allowed));
         let mut op = Operator::start(cp, &env, &c.ns, &["--progress-interval", "1", "--import-retry-min", "30s", "--allowed-http-source", &allow]);
         let secret: Secret = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "dl-auth"},
@@ -150,7 +156,7 @@ fn loopback_needs_the_installer_and_secret_headers_reach_the_server_only() {
         let st = ready_at(&c, "allowed", 1, &mut op).await;
         assert_eq!(st.files, Some(1));
         let seen = allowed.requests();
-        assert!(!seen.is_empty() && seen.iter().all(|r| r.header("authorization").as_deref() == Some(token.as_str())), "{seen:?}");
+        assert!(!seen.is_empty() && seen.iter().all(|r| r.headers.get("authorization").and_then(|v| v.to_str().ok()) == Some(token.as_str())), "{seen:?}");
 
         let st = failed(&c, "by-ip", &mut op).await;
         let ready = st.conditions.iter().find(|c| c.type_ == "Ready").expect("a Ready condition");
