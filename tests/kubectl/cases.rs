@@ -370,12 +370,14 @@ fn create_from_a_url_sets_an_http_source() {
     let shown = ok(&w.run(&["get", "web"]));
     assert!(shown.contains(url), "{shown}");
 
-    let o = w.create("web", url, &[]);
+    // The source is taken as given (like an S3 one): the same URL and source options again ask
+    // for a re-import; the schedule, not given, keeps its value.
+    let o = w.create("web", url, &["--secret", "dl-auth", "--unpack", "never"]);
     ok(&o);
     assert!(String::from_utf8_lossy(&o.stderr).contains("import it again"), "{}", String::from_utf8_lossy(&o.stderr));
     let ds = rt().block_on(w.datastores().get("web")).expect("get");
     let t1 = ds.annotations().get(REIMPORT_ANNOTATION).cloned().expect("re-import requested");
-    assert_eq!(ds.spec.source.http.and_then(|h| h.unpack), Some(datastore::operator::crd::UnpackSpec::Never), "options not given keep their value");
+    assert_eq!(ds.spec.schedule.as_deref(), Some("0 3 * * *"), "options not given keep their value");
     ok(&w.run(&["reimport", "web"]));
     let ds = rt().block_on(w.datastores().get("web")).expect("get");
     assert_ne!(ds.annotations().get(REIMPORT_ANNOTATION), Some(&t1), "reimport works for http sources");

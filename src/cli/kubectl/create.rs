@@ -109,6 +109,9 @@ fn imported(spec: &DatastoreSpec) -> bool {
 
 /// The source the command line names.
 fn source_of_args(c: &CreateArgs) -> anyhow::Result<Source> {
+    if c.unpack.is_some() && !is_http_url(&c.source) {
+        bail!("--unpack applies to http:// and https:// sources only");
+    }
     if c.source.starts_with("s3://") {
         let src = crate::store::import::S3Source::parse(&c.source)?;
         return Ok(Source {
@@ -121,9 +124,6 @@ fn source_of_args(c: &CreateArgs) -> anyhow::Result<Source> {
             }),
             ..Default::default()
         });
-    }
-    if c.unpack.is_some() && !is_http_url(&c.source) {
-        bail!("--unpack applies to http:// and https:// sources only");
     }
     if is_http_url(&c.source) {
         if c.mode.is_some() || c.endpoint.is_some() || c.region.is_some() {
