@@ -239,7 +239,9 @@ mod tests {
 
     #[test]
     fn archive_paths() {
-        let ok = |p: &[u8]| split_archive_path(p).unwrap();
+        fn ok(p: &[u8]) -> (Vec<&[u8]>, bool) {
+            split_archive_path(p).unwrap()
+        }
         assert_eq!(ok(b"./a/b c"), (vec![&b"a"[..], b"b c"], false));
         assert_eq!(ok(b"a/\xff/"), (vec![&b"a"[..], b"\xff"], true));
         assert_eq!(ok(b"./"), (vec![], true));

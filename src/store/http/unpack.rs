@@ -260,7 +260,7 @@ impl Unpacker {
         size: Option<u64>,
     ) -> Result<([u8; 32], u64, (Content, OwnedSemaphorePermit)), UnpackError> {
         let mut hasher = Sha256::new();
-        let first_cap = size.map_or(READ_ONCE_MAX, |s| s.min(READ_ONCE_MAX));
+        let first_cap = size.map_or(READ_ONCE_MAX + 1, |s| s.min(READ_ONCE_MAX + 1));
         let mut buf = Vec::with_capacity(first_cap as usize);
         let n = Read::take(&mut *r, READ_ONCE_MAX + 1).read_to_end(&mut buf)? as u64;
         self.count(n)?;
