@@ -18,7 +18,7 @@ use crate::common::http::{Content, HttpServer};
 use crate::common::*;
 
 fn import_with(store: &Store, name: &str, url: &str, opts: &HttpImportOptions) -> datastore::store::Result<Report> {
-    let source = HttpSource { url: url.to_owned(), headers: Vec::new() };
+    let source = HttpSource { url: url.to_owned(), headers: Vec::new(), ..Default::default() };
     rt().block_on(import_from_http(store, name, &source, opts, &Progress::default()))
 }
 
@@ -498,7 +498,7 @@ fn unchanged_sources_make_no_version_and_changed_ones_do() {
     let store = local_store(&dir.path().join("store"));
     let url = server.url("/f.csv");
     let skip = HttpImportOptions { skip_if_unchanged: true, ..HttpImportOptions::default() };
-    let source = HttpSource { url: url.clone(), headers: vec![("Authorization".into(), "Bearer s3cr3t".into())] };
+    let source = HttpSource { url: url.clone(), headers: vec![("Authorization".into(), "Bearer s3cr3t".into())], ..Default::default() };
     let before = rt().block_on(probe(&source)).expect("probe").expect("a validator");
 
     assert_eq!(import_with(&store, "sched", &url, &skip).expect("first").version, 1);
