@@ -305,7 +305,13 @@ fn interrupted(ranges: bool) {
     let gets = server.requests();
     if ranges {
         assert_eq!(gets.len(), 2, "one GET and one resume: {gets:?}");
-        assert_eq!(gets[1].range.as_deref(), Some(format!("bytes={}-", size / 2).as_str()));
+        // From the first byte the client did not get (some sent before the drop may be lost).
+        let from: u64 = gets[1]
+            .range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+            .expect("a range from byte N");
+        assert!(from > 0 && from <= size / 2, "resumed from {from} of {size}");
         assert_eq!(gets[1].status, 206);
         assert!(gets[1].headers.contains_key("if-range"));
     } else {
@@ -431,6 +437,7 @@ fn zip_bomb_stops_at_the_limit() {
         let mut t = tar::Builder::new(&mut e);
         let mut h = tar::Header::new_gnu();
         h.set_size(1 << 30);
+        h.set_mode(0o644);
         h.set_cksum();
         t.append_data(&mut h, "zeros.bin", std::io::repeat(0).take(1 << 30)).expect("tar");
         t.finish().expect("tar");

@@ -152,8 +152,9 @@ impl Fetcher {
             v.set_sensitive(true);
             headers.push((n, v));
         }
+        let https = target.uri.scheme_str() == Some("https");
         Ok(Fetcher {
-            client: client(),
+            client: client(https),
             target,
             headers,
         })
@@ -244,7 +245,7 @@ pub fn head_of(resp: &Response<Incoming>) -> Head {
     Head::of(resp)
 }
 
-fn client() -> HttpsClient {
+fn client(https: bool) -> HttpsClient {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_connect_timeout(Some(CONNECT_TIMEOUT));
@@ -255,7 +256,9 @@ fn client() -> HttpsClient {
         Ok(b) => b,
         Err(e) => {
             // No system roots (a minimal image): plain http still works, https says why not.
-            tracing::warn!(error = %e, "no system TLS roots; https sources will fail to verify");
+            if https {
+                tracing::warn!(error = %e, "no system TLS roots; the https source will fail to verify");
+            }
             let config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map(|b| {
