@@ -138,12 +138,11 @@ impl Fetcher {
     pub fn new(source: &HttpSource, target: Target) -> Result<Fetcher, HttpError> {
         let mut headers = Vec::with_capacity(source.headers.len());
         for (name, value) in &source.headers {
-            let n = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
-                HttpError::BadUrl {
+            let n =
+                HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| HttpError::BadUrl {
                     url: target.shown.clone(),
                     message: format!("{name:?} is not a valid header name"),
-                }
-            })?;
+                })?;
             let mut v = HeaderValue::from_str(value.trim()).map_err(|_| HttpError::BadUrl {
                 url: target.shown.clone(),
                 // Never the value: it is usually a credential.
@@ -194,10 +193,8 @@ impl Fetcher {
         from: u64,
         if_range: Option<&str>,
     ) -> Result<Response<Incoming>, HttpError> {
-        let mut req = Request::get(self.target.uri.clone()).header(
-            USER_AGENT,
-            concat!("datastore/", env!("CARGO_PKG_VERSION")),
-        );
+        let mut req = Request::get(self.target.uri.clone())
+            .header(USER_AGENT, concat!("datastore/", env!("CARGO_PKG_VERSION")));
         for (n, v) in &self.headers {
             req = req.header(n, v);
         }
