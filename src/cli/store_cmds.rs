@@ -269,9 +269,11 @@ impl clap::ValueEnum for Unpack {
     }
 
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.as_str()).help(match self {
-            Unpack::Auto => "unpack archives recognized by their content",
-            Unpack::Never => "keep the download as one file",
-        }))
+        Some(
+            clap::builder::PossibleValue::new(self.as_str()).help(match self {
+                Unpack::Auto => "unpack archives recognized by their content",
+                Unpack::Never => "keep the download as one file",
+            }),
+        )
     }
 }

@@ -75,7 +75,11 @@ impl<'a> Ingest<'a> {
     /// Uploads `body` as content `id` unless it is present or claimed; counts what it sends.
     pub async fn put(&self, id: [u8; 32], body: Body<'_>) -> Result<()> {
         // Claim the id: the first file with this content uploads it, the others reuse it.
-        let claimed = self.present.lock().map(|mut s| s.insert(id)).unwrap_or(false);
+        let claimed = self
+            .present
+            .lock()
+            .map(|mut s| s.insert(id))
+            .unwrap_or(false);
         if !claimed {
             return Ok(());
         }
@@ -102,8 +106,9 @@ impl<'a> Ingest<'a> {
                         let _ = objects.delete(std::slice::from_ref(&key)).await;
                         Err(StoreError::Body {
                             what: what.to_owned(),
-                            message: "the file changed while it was being uploaded; run create again"
-                                .into(),
+                            message:
+                                "the file changed while it was being uploaded; run create again"
+                                    .into(),
                         })
                     }
                     Err(e) => Err(e),

@@ -247,8 +247,20 @@ mod tests {
         assert_eq!(ok(b"./"), (vec![], true));
         assert_eq!(ok(b"."), (vec![], true));
         assert_eq!(ok(b"././x"), (vec![&b"x"[..]], false));
-        for bad in [&b"/etc/passwd"[..], b"../evil", b"a/../../b", b"a//b", b"a/./b", b"a\0b", b""] {
-            assert!(split_archive_path(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"../evil",
+            b"a/../../b",
+            b"a//b",
+            b"a/./b",
+            b"a\0b",
+            b"",
+        ] {
+            assert!(
+                split_archive_path(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(matches!(
             split_archive_path(&[b'x'; 256]),

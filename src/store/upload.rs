@@ -22,16 +22,16 @@ use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
+use super::ingest::{Body, Ingest, Origin};
 use super::manifest::{Blob, Kind, Location, ManifestBuilder, Node};
 use super::object::StoreError;
-use super::ingest::{Body, Ingest, Origin};
 use super::{Error, Result, Store, VersionInfo, names};
 
 /// Files up to this size are read once into memory, hashed and uploaded from there.

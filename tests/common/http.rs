@@ -92,7 +92,9 @@ const CHUNK: usize = 64 << 10;
 
 impl HttpServer {
     /// Starts serving `files` (path → content; paths start with '/') on the tests' runtime.
-    pub fn start<C: Into<Content>>(files: impl IntoIterator<Item = (&'static str, C)>) -> HttpServer {
+    pub fn start<C: Into<Content>>(
+        files: impl IntoIterator<Item = (&'static str, C)>,
+    ) -> HttpServer {
         let rt = super::rt();
         let listener = rt
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -187,7 +189,8 @@ fn etag(e: &Entry) -> String {
 
 fn last_modified(e: &Entry) -> String {
     // Distinct per generation: one day apart from 2024-01-01.
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_704_067_200 + e.generation * 86_400);
+    let t = std::time::UNIX_EPOCH
+        + std::time::Duration::from_secs(1_704_067_200 + e.generation * 86_400);
     httpdate(t)
 }
 
@@ -196,9 +199,19 @@ fn httpdate(t: std::time::SystemTime) -> String {
     let rfc = humantime::format_rfc3339_seconds(t).to_string();
     let (date, time) = rfc.trim_end_matches('Z').split_once('T').expect("rfc3339");
     let mut p = date.split('-').map(|x| x.parse::<i64>().expect("num"));
-    let (y, m, d) = (p.next().expect("y"), p.next().expect("m"), p.next().expect("d"));
-    let months = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
-    let days = t.duration_since(std::time::UNIX_EPOCH).expect("after epoch").as_secs() / 86_400;
+    let (y, m, d) = (
+        p.next().expect("y"),
+        p.next().expect("m"),
+        p.next().expect("d"),
+    );
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let days = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after epoch")
+        .as_secs()
+        / 86_400;
     let wd = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
     format!("{wd}, {d:02} {} {y} {time} GMT", months[(m - 1) as usize])
 }
@@ -247,9 +260,10 @@ fn serve(state: &Mutex<State>, req: Request<hyper::body::Incoming>) -> Response<
             }
             let from = start.unwrap_or(0);
             let status = if let Some(a) = start {
-                b = b
-                    .status(StatusCode::PARTIAL_CONTENT)
-                    .header(http::header::CONTENT_RANGE, format!("bytes {a}-{}/{len}", len.max(1) - 1));
+                b = b.status(StatusCode::PARTIAL_CONTENT).header(
+                    http::header::CONTENT_RANGE,
+                    format!("bytes {a}-{}/{len}", len.max(1) - 1),
+                );
                 206
             } else {
                 200
@@ -306,7 +320,9 @@ fn body_of(content: Content, from: u64, len: u64, drop_after: Option<u64>) -> Bo
         if let Some(n) = drop_after
             && sent >= n
         {
-            return std::task::Poll::Ready(Some(Err(std::io::Error::other("dropped by the test server"))));
+            return std::task::Poll::Ready(Some(Err(std::io::Error::other(
+                "dropped by the test server",
+            ))));
         }
         let mut want = CHUNK.min((len - pos) as usize);
         if let Some(n) = drop_after {

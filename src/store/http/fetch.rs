@@ -138,12 +138,11 @@ impl Fetcher {
     pub fn new(source: &HttpSource, target: Target) -> Result<Fetcher, HttpError> {
         let mut headers = Vec::with_capacity(source.headers.len());
         for (name, value) in &source.headers {
-            let n = HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| {
-                HttpError::BadUrl {
+            let n =
+                HeaderName::from_bytes(name.trim().as_bytes()).map_err(|_| HttpError::BadUrl {
                     url: target.shown.clone(),
                     message: format!("{name:?} is not a valid header name"),
-                }
-            })?;
+                })?;
             let mut v = HeaderValue::from_str(value.trim()).map_err(|_| HttpError::BadUrl {
                 url: target.shown.clone(),
                 // Never the value: it is usually a credential.
@@ -152,8 +151,9 @@ impl Fetcher {
             v.set_sensitive(true);
             headers.push((n, v));
         }
+        let https = target.uri.scheme_str() == Some("https");
         Ok(Fetcher {
-            client: client(source.guard.clone()),
+            client: client(https, source.guard.clone()),
             target,
             headers,
         })
@@ -193,10 +193,8 @@ impl Fetcher {
         from: u64,
         if_range: Option<&str>,
     ) -> Result<Response<Incoming>, HttpError> {
-        let mut req = Request::get(self.target.uri.clone()).header(
-            USER_AGENT,
-            concat!("datastore/", env!("CARGO_PKG_VERSION")),
-        );
+        let mut req = Request::get(self.target.uri.clone())
+            .header(USER_AGENT, concat!("datastore/", env!("CARGO_PKG_VERSION")));
         for (n, v) in &self.headers {
             req = req.header(n, v);
         }
@@ -245,7 +243,7 @@ pub fn head_of(resp: &Response<Incoming>) -> Head {
 }
 
 /// The client; its connections go where `guard` allows (anywhere without one).
-fn client(guard: Option<std::sync::Arc<dyn FetchGuard>>) -> HttpsClient {
+fn client(https: bool, guard: Option<std::sync::Arc<dyn FetchGuard>>) -> HttpsClient {
     let http = GuardedConnector::new(guard, CONNECT_TIMEOUT);
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let builder = hyper_rustls::HttpsConnectorBuilder::new();
@@ -253,7 +251,9 @@ fn client(guard: Option<std::sync::Arc<dyn FetchGuard>>) -> HttpsClient {
         Ok(b) => b,
         Err(e) => {
             // No system roots (a minimal image): plain http still works, https says why not.
-            tracing::warn!(error = %e, "no system TLS roots; https sources will fail to verify");
+            if https {
+                tracing::warn!(error = %e, "no system TLS roots; the https source will fail to verify");
+            }
             let config = rustls::ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
                 .map(|b| {

@@ -138,11 +138,18 @@ pub enum HttpError {
     #[error("{url}: {message}")]
     BadUrl { url: String, message: String },
     #[error("GET {url}: {status}")]
-    Status { url: String, status: http::StatusCode },
+    Status {
+        url: String,
+        status: http::StatusCode,
+    },
     #[error("GET {url}: {message}")]
     Network { url: String, message: String },
     #[error("GET {url}: interrupted at byte {at}: {message}")]
-    Interrupted { url: String, at: u64, message: String },
+    Interrupted {
+        url: String,
+        at: u64,
+        message: String,
+    },
     #[error(
         "{url}: the unpacked content exceeds the limit of {} ({limit} bytes); nothing was committed (raise --max-unpacked-size if it is expected)",
         bytesize::ByteSize(*limit)
@@ -296,7 +303,12 @@ async fn run_attempt(
     };
     let handle = tokio::runtime::Handle::current();
     let unpacker = tokio::task::spawn_blocking(move || {
-        unpack::run(unpack::ChannelReader::new(chunk_rx), settings, item_tx, handle)
+        unpack::run(
+            unpack::ChannelReader::new(chunk_rx),
+            settings,
+            item_tx,
+            handle,
+        )
     });
     let downloading = fetch::pump(fetcher, head, resp, chunk_tx, progress);
     let consuming = async {
@@ -337,10 +349,7 @@ async fn run_attempt(
     };
     let tree = tree?;
     let Some(format) = format else {
-        return Err(Error::Source(format!(
-            "unpacking {} stopped early",
-            url()
-        )));
+        return Err(Error::Source(format!("unpacking {} stopped early", url())));
     };
     tracing::info!(url = %fetcher.shown(), ?format, resumes, files = progress.files_done.load(Ordering::Relaxed), "download unpacked");
     Ok(tree)
@@ -451,15 +460,7 @@ async fn consume(
                 match &content {
                     Content::Memory(b) => ingest.put(id, Body::Memory(b.clone())).await?,
                     Content::Spilled(path) => {
-                        ingest
-                            .put(
-                                id,
-                                Body::File {
-                                    path,
-                                    what: &what,
-                                },
-                            )
-                            .await?
+                        ingest.put(id, Body::File { path, what: &what }).await?
                     }
                 }
                 drop(permit);

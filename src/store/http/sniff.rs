@@ -74,7 +74,13 @@ pub fn is_tar_header(block: &[u8]) -> bool {
     let sum: u32 = block
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
         .sum();
     block[0] != 0 && stored == sum
 }
@@ -131,9 +137,7 @@ impl<R: Read> Read for Recorder<'_, R> {
 
 /// Decides what `input` is; returns the format and a reader that yields the whole stream
 /// from its first byte. Errors only when reading the input fails.
-pub fn sniff<R: Read + Send + 'static>(
-    mut input: R,
-) -> io::Result<(Format, Box<dyn Read + Send>)> {
+pub fn sniff<R: Read + Send + 'static>(mut input: R) -> io::Result<(Format, Box<dyn Read + Send>)> {
     let mut head = vec![0u8; 512];
     let n = read_full(&mut input, &mut head)?;
     head.truncate(n);
@@ -141,7 +145,10 @@ pub fn sniff<R: Read + Send + 'static>(
         return Ok((Format::Zip, Box::new(Cursor::new(head).chain(input))));
     }
     if is_tar_header(&head) {
-        return Ok((Format::Tar(Codec::None), Box::new(Cursor::new(head).chain(input))));
+        return Ok((
+            Format::Tar(Codec::None),
+            Box::new(Cursor::new(head).chain(input)),
+        ));
     }
     let Some(codec) = codec_of(&head) else {
         return Ok((Format::Plain, Box::new(Cursor::new(head).chain(input))));
@@ -200,7 +207,10 @@ mod tests {
         let cases = [
             (tar.clone(), Format::Tar(Codec::None)),
             (gz(&tar), Format::Tar(Codec::Gzip)),
-            (zstd::encode_all(&tar[..], 1).unwrap(), Format::Tar(Codec::Zstd)),
+            (
+                zstd::encode_all(&tar[..], 1).unwrap(),
+                Format::Tar(Codec::Zstd),
+            ),
             (gz(b"just,a,csv\n"), Format::Plain),
             (gz(&big), Format::Plain),
             (b"PK\x03\x04rest".to_vec(), Format::Zip),

@@ -20,7 +20,15 @@ pub fn read_tar(u: &mut Unpacker, r: Box<dyn Read + Send + '_>) -> Result<(), Un
         let header = entry.header();
         let kind = header.entry_type();
         let raw_path = entry.path_bytes().into_owned();
-        let mode = header.mode().map_err(archive_error)? & 0o7777;
+        // A blank or garbled mode field (some writers) gets the usual defaults.
+        let mode = header.mode().ok().map_or(
+            if kind == EntryType::Directory {
+                0o755
+            } else {
+                0o644
+            },
+            |m| m & 0o7777,
+        );
         let mtime_ns = header
             .mtime()
             .ok()
@@ -29,7 +37,10 @@ pub fn read_tar(u: &mut Unpacker, r: Box<dyn Read + Send + '_>) -> Result<(), Un
         let size = entry.size();
         if matches!(
             kind,
-            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
         ) {
             continue; // consumed by the tar crate for the next member; never a tree entry
         }

@@ -120,7 +120,12 @@ mod tests {
 
     #[test]
     fn refused_urls_hide_secrets() {
-        for url in ["ftp://h/x", "https://user:pw@h/x?tok=1", "not a url", "/local/path"] {
+        for url in [
+            "ftp://h/x",
+            "https://user:pw@h/x?tok=1",
+            "not a url",
+            "/local/path",
+        ] {
             let e = Target::parse(url).unwrap_err().to_string();
             assert!(!e.contains("pw") && !e.contains("tok"), "{e}");
         }

@@ -92,7 +92,11 @@ fn mtime_ns<R: Read>(entry: &zip::read::ZipFile<'_, R>) -> i64 {
     let Some(dt) = entry.last_modified() else {
         return 0;
     };
-    let days = days_from_civil(i64::from(dt.year()), u32::from(dt.month()), u32::from(dt.day()));
+    let days = days_from_civil(
+        i64::from(dt.year()),
+        u32::from(dt.month()),
+        u32::from(dt.day()),
+    );
     let secs = days * 86_400
         + i64::from(dt.hour()) * 3600
         + i64::from(dt.minute()) * 60
