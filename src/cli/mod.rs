@@ -42,7 +42,8 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create a new version of a datastore from a local directory or an s3:// prefix.
+    /// Create a new version of a datastore from a local directory, an s3:// prefix or an
+    /// http(s):// URL (archives unpacked).
     Create(store_cmds::CreateArgs),
     /// List the datastores in a store.
     List(store_cmds::ListArgs),

@@ -82,6 +82,13 @@ pub struct OperatorArgs {
     /// Upload sessions: the largest manifest accepted, in bytes (compressed and decompressed).
     #[arg(long, default_value_t = 512 << 20)]
     pub upload_max_manifest: u64,
+    /// An HTTP(S) source the operator may fetch for Datastores of a namespace although its host
+    /// is (or resolves to) a loopback, private, link-local or other non-public address:
+    /// NAMESPACE=SCHEME://HOST[:PORT], `*` for every namespace, HOST a name, `*.domain`, an IP
+    /// address or `*`, PORT a number or `*` (default: the scheme's). Repeatable. None: HTTP
+    /// sources are fetched from public addresses only.
+    #[arg(long = "allowed-http-source", value_name = "NAMESPACE=URL")]
+    pub allowed_http_sources: Vec<crate::operator::http_policy::AllowedHttpSource>,
     /// FSx for Lustre: status of file systems, cleanup, orphan reports.
     #[command(flatten)]
     pub fsx: super::csi::FsxArgs,
@@ -93,6 +100,7 @@ pub async fn run_operator(a: OperatorArgs) -> anyhow::Result<()> {
     let mut ctx = Context::new(client.clone(), url, a.store.s3_options(ReadTimeouts::default()));
     ctx.sources = crate::operator::source_policy::SourcePolicy::new(a.allowed_sources, &a.allowed_source_endpoints)
         .map_err(|e| anyhow::anyhow!("--allowed-source-endpoint: {e}"))?;
+    ctx.http_sources = crate::operator::http_policy::HttpSourcePolicy { allowed: a.allowed_http_sources };
     ctx.storage_class = a.storage_class;
     ctx.hp_storage_class = a.hp_storage_class;
     ctx.credentials_storage_class = a.credentials_storage_class;

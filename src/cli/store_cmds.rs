@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::StoreArgs;
 use super::progress::ProgressReporter;
+use crate::store::http::{HttpImportOptions, HttpSource, Unpack, import_from_http};
 use crate::store::import::{ImportMode, ImportOptions, S3Source, import_from_s3};
 use crate::store::names::validate_datastore_name;
 use crate::store::upload::{Progress, Report, SymlinkPolicy, UploadOptions, create_from_dir};
@@ -15,12 +16,19 @@ use crate::store::upload::{Progress, Report, SymlinkPolicy, UploadOptions, creat
 pub struct CreateArgs {
     /// Datastore name (a DNS-1123 label: lower-case letters, digits and '-').
     pub name: String,
-    /// Source: a local directory or s3://BUCKET/PREFIX/ (same as --source).
+    /// Source: a local directory, s3://BUCKET/PREFIX/ or an http(s):// URL (same as --source).
     #[arg(value_name = "SRC", conflicts_with = "source")]
     pub src: Option<String>,
-    /// Source: a local directory or s3://BUCKET/PREFIX/.
+    /// Source: a local directory, s3://BUCKET/PREFIX/ or an http(s):// URL.
     #[arg(long, value_name = "SRC")]
     pub source: Option<String>,
+    /// For http(s) sources: unpack archives (tar, tar.gz/zst/bz2/xz, zip; recognized by their
+    /// content), or keep the download as one file.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub unpack: Unpack,
+    /// For http(s) sources: fail (committing nothing) when the unpacked content exceeds this.
+    #[arg(long, value_name = "SIZE", default_value = "1TiB", value_parser = super::parse_size)]
+    pub max_unpacked_size: u64,
     /// For s3:// sources: copy the objects into the store, or reference them in place.
     #[arg(long, value_enum, default_value = "copy")]
     pub mode: ImportMode,
@@ -30,7 +38,7 @@ pub struct CreateArgs {
     /// Files transferred at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
-    /// For s3:// sources: make no version when nothing changed since the latest one.
+    /// For s3:// and http(s) sources: make no version when nothing changed since the latest one.
     #[arg(long)]
     pub skip_unchanged: bool,
     #[command(flatten)]
@@ -73,13 +81,35 @@ pub struct GcArgs {
 pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
     validate_datastore_name(&a.name)?;
     let Some(src) = a.src.or(a.source) else {
-        bail!("give a source: datastore create NAME SRC (a directory or s3://bucket/prefix/)");
+        bail!(
+            "give a source: datastore create NAME SRC (a directory, s3://bucket/prefix/ or an http(s):// URL)"
+        );
     };
     let store = a.store.open().await?;
     let progress = std::sync::Arc::new(Progress::default());
-    let reporter = ProgressReporter::start(progress.clone(), &format!("{} → {}", src, a.name));
+    let is_http = src.starts_with("http://") || src.starts_with("https://");
+    // URLs are shown without their query (tokens of pre-signed URLs) and credentials.
+    let shown = if is_http {
+        crate::store::http::shown_url(&src)
+    } else {
+        src.clone()
+    };
+    let reporter = ProgressReporter::start(progress.clone(), &format!("{} → {}", shown, a.name));
     let result: anyhow::Result<Report> = async {
-        if src.starts_with("s3://") {
+        if is_http {
+            let source = HttpSource {
+                url: src.clone(),
+                headers: Vec::new(),
+                ..Default::default()
+            };
+            let opts = HttpImportOptions {
+                unpack: a.unpack,
+                max_unpacked_bytes: a.max_unpacked_size,
+                concurrency: usize::from(a.concurrency),
+                skip_if_unchanged: a.skip_unchanged,
+            };
+            Ok(import_from_http(&store, &a.name, &source, &opts, &progress).await?)
+        } else if src.starts_with("s3://") {
             let source = S3Source::parse(&src)?;
             let opts = ImportOptions {
                 mode: a.mode,
@@ -91,7 +121,7 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
         } else {
             let dir = PathBuf::from(&src);
             if !dir.is_dir() {
-                bail!("source {src:?} is not a directory (nor an s3:// URL)");
+                bail!("source {src:?} is not a directory (nor an s3:// or http(s):// URL)");
             }
             let opts = UploadOptions {
                 concurrency: usize::from(a.concurrency),
@@ -102,7 +132,7 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
     }
     .await;
     reporter.finish();
-    let report = result.with_context(|| format!("creating {} from {src}", a.name))?;
+    let report = result.with_context(|| format!("creating {} from {shown}", a.name))?;
     for s in &report.skipped {
         eprintln!("skipped {}: {}", s.path, s.reason);
     }
@@ -229,5 +259,21 @@ fn report_sweep(name: &str, s: &crate::store::gc::Swept) {
             "{name}: objects of deleted versions {:?} stay while they are mounted",
             s.kept_for_mounts
         );
+    }
+}
+
+// The store stays free of clap (DESIGN): the CLI gives `Unpack` its flag values here.
+impl clap::ValueEnum for Unpack {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Unpack::Auto, Unpack::Never]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(
+            clap::builder::PossibleValue::new(self.as_str()).help(match self {
+                Unpack::Auto => "unpack archives recognized by their content",
+                Unpack::Never => "keep the download as one file",
+            }),
+        )
     }
 }

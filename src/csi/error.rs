@@ -84,6 +84,8 @@ impl From<crate::store::Error> for CsiError {
             E::Manifest(_) | E::Json { .. } | E::Source(_) => CsiError::Internal(msg),
             E::Mounted { .. } => CsiError::FailedPrecondition(msg),
             E::Busy { .. } | E::LeaseLost(_) => CsiError::Unavailable(msg),
+            // The CSI driver reads no HTTP sources; an import's error is an internal one here.
+            E::Http(_) => CsiError::Internal(msg),
         }
     }
 }

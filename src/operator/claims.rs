@@ -113,7 +113,7 @@ mod tests {
 
     fn ds(capacity: Option<u32>) -> Datastore {
         let spec = DatastoreSpec {
-            source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) },
+            source: Source { upload: Some(UploadSpec { version: Some(1) }), ..Default::default() },
             datastore_type: Some(DatastoreType::HighPerformance),
             high_performance: Some(HighPerformanceSpec { storage_capacity: capacity, ..Default::default() }),
             ..Default::default()

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "datastores.grid.ai";
 /// Finalizer that holds deletion until pods stop using the datastore and its data is removed.
 pub const FINALIZER: &str = "datastores.grid.ai/cleanup";
-/// Annotation asking for a re-import of an S3 source: an opaque token (`kubectl datastore
+/// Annotation asking for a re-import of an S3 or HTTP source: an opaque token (`kubectl datastore
 /// reimport` writes the current RFC 3339 time). When it differs from `status.observedReimport`
 /// the operator imports now (a new version only if the content changed, like a schedule tick),
 /// then records the token there.
@@ -43,7 +43,7 @@ pub const REIMPORT_ANNOTATION: &str = "datastores.grid.ai/reimport";
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DatastoreSpec {
-    /// Where the data comes from: exactly one of `s3` or `upload`.
+    /// Where the data comes from: exactly one of `s3`, `http` or `upload`.
     pub source: Source,
     /// For S3 sources: `copy` the objects into the store (default), or `reference` them in place
     /// (no copy; reads of objects that changed since the import fail).
@@ -56,8 +56,8 @@ pub struct DatastoreSpec {
     /// Options of high-performance datastores (FSx for Lustre).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_performance: Option<HighPerformanceSpec>,
-    /// Cron schedule (5 fields, UTC) of re-imports from an S3 source; a re-import makes a new
-    /// version only when the source changed. The operator checks the syntax (a condition says
+    /// Cron schedule (5 fields, UTC) of re-imports from an S3 or HTTP source; a re-import makes
+    /// a new version only when the source changed. The operator checks the syntax (a condition says
     /// what is wrong).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
@@ -73,7 +73,7 @@ pub struct DatastoreSpec {
 /// The source of a datastore.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, kube::KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.s3) != has(self.upload)").message("set exactly one of s3 and upload"))]
+#[x_kube(validation = Rule::new(SOURCE_RULE).message("set exactly one of s3, http and upload"))]
 pub struct Source {
     /// Import from an S3 bucket/prefix.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,6 +81,41 @@ pub struct Source {
     /// Data pushed by `kubectl datastore create NAME ./dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload: Option<UploadSpec>,
+    /// Import from an HTTP(S) URL: an archive (unpacked) or a single file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSourceSpec>,
+}
+
+/// The schema's rule for `spec.source`: exactly one kind of source.
+pub const SOURCE_RULE: &str = "(has(self.s3) ? 1 : 0) + (has(self.upload) ? 1 : 0) + (has(self.http) ? 1 : 0) == 1";
+
+/// A URL to import from. The operator fetches it (see the README's trust model for which
+/// addresses it refuses), unpacks an archive (`.tar`, `.tar.gz`, `.tar.zst`, `.tar.bz2`,
+/// `.tar.xz`, `.zip`, recognized by content) into the version, or stores any other file as a
+/// one-file datastore named after the URL's last path segment.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, kube::KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.url.startsWith('http://') || self.url.startsWith('https://')").message("url must start with http:// or https://"))]
+pub struct HttpSourceSpec {
+    /// An http:// or https:// URL, without credentials in it (use `headersSecretRef`).
+    #[schemars(length(min = 1, max = 4096))]
+    pub url: String,
+    /// A Secret in the same namespace whose keys are header names and values the header values
+    /// sent with every request (e.g. `Authorization: Bearer …`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers_secret_ref: Option<SecretRef>,
+    /// `auto` (default): unpack an archive, recognized by its content; `never`: store the file
+    /// as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unpack: Option<UnpackSpec>,
+}
+
+/// Whether an HTTP source is unpacked.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UnpackSpec {
+    Auto,
+    Never,
 }
 
 /// An S3 bucket and prefix to import from.
@@ -355,6 +390,6 @@ mod tests {
             assert!(columns.contains(&c.to_string()), "{c}");
         }
         let yaml = crd_yaml();
-        assert!(yaml.contains("has(self.s3) != has(self.upload)"));
+        assert!(yaml.contains(SOURCE_RULE));
     }
 }

@@ -16,7 +16,10 @@
 //! Nothing is persisted here: imports are idempotent (content-addressed copies skip what is
 //! already in the store), so after an operator restart the reconciler simply starts the import
 //! again and only the missing objects are copied. A version committed by an import whose status
-//! write was lost to a restart is recognized from the store instead ([`super::s3_source`]).
+//! write was lost to a restart is recognized from the store instead ([`super::sources`]).
+//!
+//! Every kind of source runs here alike ([`JobSource`]): an S3 prefix is listed and copied, an
+//! HTTP(S) URL downloaded and unpacked ([`super::http_source`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -31,6 +34,8 @@ use crate::store::Store;
 use crate::store::import::{ImportOptions, S3Source, import_from_s3};
 use crate::store::s3::S3Client;
 use crate::store::upload::{Progress, Report};
+
+use super::http_source::{HttpJob, run_http};
 
 use super::crd::Progress as ProgressStatus;
 
@@ -95,10 +100,14 @@ pub struct ImportManager {
 /// Everything an import needs.
 pub struct ImportJob {
     pub store: Store,
-    pub source_client: S3Client,
     pub datastore: String,
-    pub source: S3Source,
-    pub options: ImportOptions,
+    pub source: JobSource,
+}
+
+/// Where an import reads from, and how.
+pub enum JobSource {
+    S3 { client: S3Client, source: S3Source, options: ImportOptions },
+    Http(HttpJob),
 }
 
 impl ImportManager {
@@ -213,12 +222,19 @@ impl ImportManager {
     }
 }
 
-/// One import: refuses a source without files (looking at its first LIST page), then imports.
 async fn run(job: &ImportJob, progress: &Progress) -> Result<Report, ImportError> {
+    match &job.source {
+        JobSource::S3 { client, source, options } => run_s3(&job.store, &job.datastore, client, source, options, progress).await,
+        JobSource::Http(http) => run_http(&job.store, &job.datastore, http, progress).await,
+    }
+}
+
+/// One S3 import: refuses a source without files (looking at its first LIST page), then imports.
+async fn run_s3(store: &Store, datastore: &str, client: &S3Client, source: &S3Source, options: &ImportOptions, progress: &Progress) -> Result<Report, ImportError> {
     // Directory markers ("prefix/", "prefix/sub/") are not data: a prefix holding only those
     // is as empty as a mistyped one.
     const LOOK_AT: usize = 1000;
-    let mut listing = job.source_client.list(&job.source.bucket, &job.source.prefix).take(LOOK_AT);
+    let mut listing = client.list(&source.bucket, &source.prefix).take(LOOK_AT);
     let (mut seen, mut has_file) = (0, false);
     while let Some(o) = listing.next().await {
         let o = o.map_err(|e| ImportError::Failed(e.to_string()))?;
@@ -229,9 +245,9 @@ async fn run(job: &ImportJob, progress: &Progress) -> Result<Report, ImportError
         }
     }
     if !has_file && seen < LOOK_AT {
-        return Err(ImportError::EmptySource(job.source.url()));
+        return Err(ImportError::EmptySource(source.url()));
     }
-    import_from_s3(&job.store, &job.source_client, &job.datastore, &job.source, &job.options, progress)
+    import_from_s3(store, client, datastore, source, options, progress)
         .await
         .map_err(|e| ImportError::Failed(e.to_string()))
 }

@@ -18,12 +18,15 @@ pub mod claims;
 pub mod crd;
 pub mod events;
 pub mod file_systems;
+pub mod http_policy;
+pub mod http_source;
 pub mod imports;
 pub mod leader;
 pub mod pvc;
 pub mod reconcile;
 pub mod s3_source;
 pub mod source_policy;
+pub mod sources;
 pub mod status;
 pub mod upload_crd;
 pub mod uploads;
@@ -139,6 +142,9 @@ pub struct Context {
     /// Which S3 sources may be read for which namespace, with whose credentials (default:
     /// every source needs a Secret of its Datastore).
     pub sources: source_policy::SourcePolicy,
+    /// Which addresses HTTP sources may be fetched from for which namespace (default: public
+    /// addresses only).
+    pub http_sources: http_policy::HttpSourcePolicy,
     pub imports: ImportManager,
     /// Events about Datastores.
     pub events: events::Publisher,
@@ -178,6 +184,7 @@ impl Context {
             stores: Arc::new(Stores::new(cluster_store, s3.clone())),
             s3,
             sources: Default::default(),
+            http_sources: Default::default(),
             imports: ImportManager::new(4),
             storage_class: "datastore".into(),
             hp_storage_class: "datastore-hp".into(),

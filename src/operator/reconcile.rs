@@ -3,10 +3,12 @@
 //! Apply (one pass, API calls in a fixed order so that tests can script them):
 //! 1. validate the spec, refuse an S3 source that contains the store or lies inside it, and one
 //!    the installer's source policy does not allow ([`super::source_policy`]: no confused
-//!    deputy); a bad spec is a permanent error: phase Failed, a Ready=False condition saying
-//!    what to fix, an Event, and no requeue until the spec changes;
-//! 2. S3 sources: imports, backoff and re-import requests ([`super::s3_source`]). Upload
-//!    sources: read the versions the CLI made;
+//!    deputy), and an HTTP source whose host is an address the operator may not fetch from
+//!    for the namespace ([`super::http_policy`]); a bad spec is a permanent error: phase
+//!    Failed, a Ready=False condition saying what to fix, an Event, and no requeue until the
+//!    spec changes;
+//! 2. S3 and HTTP sources: imports, backoff and re-import requests ([`super::sources`]).
+//!    Upload sources: read the versions the CLI made;
 //! 3. prune versions beyond `retainVersions` that no PersistentVolume uses (lists PVs), never
 //!    while an import runs (it may count on objects of those versions);
 //! 4. ensure the PVC `<name>` ([`super::pvc`]);
@@ -32,7 +34,7 @@ use super::crd::{Datastore, FINALIZER, Phase, REIMPORT_ANNOTATION, VersionStatus
 use super::events::Note;
 use super::file_systems::{datastore_file_systems, track_file_systems};
 use super::pvc::ensure_claim;
-use super::s3_source::{reconcile_source, requested_token};
+use super::sources::{reconcile_source, requested_token};
 use super::status::{finish, set_phase, set_versions, versions};
 use super::validate::check_source_location;
 use super::{Context, Error};
@@ -83,6 +85,9 @@ fn spec_problem(ds: &Datastore, ctx: &Context) -> Option<(&'static str, String)>
         return Some(("SourceContainsStore", p));
     }
     let ns = ds.namespace().unwrap_or_default();
+    if let Some(http) = &ds.spec.source.http {
+        return ctx.http_sources.check_url(&ns, &http.url).err().map(|r| (r.reason, r.message));
+    }
     ctx.sources
         .check(&ns, &ds.spec, ctx.stores.default_url(), ctx.s3.endpoint.as_deref())
         .err()
@@ -114,7 +119,7 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
 
     let store = ctx.namespace_store(&ns).await?;
     let mut requeue = ctx.resync;
-    if ds.spec.source.s3.is_some() {
+    if ds.spec.source.s3.is_some() || ds.spec.source.http.is_some() {
         requeue = reconcile_source(&ds, ctx, &store, &mut st, &mut notes, now).await?;
     } else {
         if let Some(token) = requested_token(&ds, &st) {

@@ -159,7 +159,7 @@ mod tests {
                     credentials_secret_ref: secret.then(|| SecretRef { name: "mine".into() }),
                     ..Default::default()
                 }),
-                upload: None,
+                ..Default::default()
             },
             ..Default::default()
         }

@@ -236,6 +236,7 @@ async fn commit(up: &DatastoreUpload, ns: &str, uid: &str, ctx: &Context) -> Res
         transferred_files: up.spec.transferred_files.unwrap_or(0),
         transferred_bytes: up.spec.transferred_bytes.unwrap_or(0),
         manifest_bytes: 0,
+        validator: None,
     };
     let Some(lease) = ctx.session_leases.take(uid) else {
         return Err(Error::Invalid("the session's upload lease went away; retrying".into()));

@@ -335,6 +335,7 @@ pub async fn import_from_s3(
         transferred_files: progress.files_transferred.load(Ordering::Relaxed),
         transferred_bytes: progress.bytes_transferred.load(Ordering::Relaxed),
         manifest_bytes: 0,
+        validator: None,
     };
     let version = store
         .commit_guarded(name, info.clone(), &manifest, lease.as_ref())

@@ -156,6 +156,9 @@ fn corrupt(msg: impl Into<String>) -> ManifestError {
 struct BuildNode {
     node: Node,
     children: BTreeMap<Vec<u8>, usize>,
+    /// A directory made for a path's parents, not given by the source: it takes the default
+    /// mtime, also one set later ([`ManifestBuilder::set_default_mtime`]).
+    implied: bool,
 }
 
 /// Collects nodes by path and encodes them into a manifest.
@@ -183,6 +186,7 @@ impl ManifestBuilder {
                 mtime_ns: default_mtime_ns,
             },
             children: BTreeMap::new(),
+            implied: true,
         };
         ManifestBuilder {
             nodes: vec![root],
@@ -193,6 +197,18 @@ impl ManifestBuilder {
     /// Sets the root directory's own mode and mtime.
     pub fn set_root(&mut self, mode: u32, mtime_ns: i64) {
         self.nodes[0].node = Node::Dir { mode, mtime_ns };
+        self.nodes[0].implied = false;
+    }
+
+    /// Changes the mtime of implicit directories, those made so far included (a streamed
+    /// source knows its newest time only at its end).
+    pub fn set_default_mtime(&mut self, mtime_ns: i64) {
+        self.default_mtime_ns = mtime_ns;
+        for n in self.nodes.iter_mut().filter(|n| n.implied) {
+            if let Node::Dir { mtime_ns: m, .. } = &mut n.node {
+                *m = mtime_ns;
+            }
+        }
     }
 
     /// Number of entries so far, the root included.
@@ -241,7 +257,10 @@ impl ManifestBuilder {
         let key = last.as_bytes().to_vec();
         match self.nodes[cur].children.get(&key).copied() {
             Some(existing) => match (&self.nodes[existing].node, &node) {
-                (Node::Dir { .. }, Node::Dir { .. }) => self.nodes[existing].node = node,
+                (Node::Dir { .. }, Node::Dir { .. }) => {
+                    self.nodes[existing].node = node;
+                    self.nodes[existing].implied = false;
+                }
                 (Node::Dir { .. }, _) => return Err(ManifestError::DirIsFile { path: shown }),
                 (_, Node::Dir { .. }) => {
                     shadowed.push(Shadowed { path: shown });
@@ -264,6 +283,7 @@ impl ManifestBuilder {
         self.nodes.push(BuildNode {
             node,
             children: BTreeMap::new(),
+            implied: false,
         });
         Ok(self.nodes.len() - 1)
     }
@@ -285,6 +305,7 @@ impl ManifestBuilder {
                     mode: 0o755,
                     mtime_ns: self.default_mtime_ns,
                 };
+                self.nodes[idx].implied = true;
             }
             return Ok(idx);
         }
@@ -292,6 +313,7 @@ impl ManifestBuilder {
             mode: 0o755,
             mtime_ns: self.default_mtime_ns,
         })?;
+        self.nodes[idx].implied = true;
         self.nodes[dir].children.insert(name.to_vec(), idx);
         Ok(idx)
     }

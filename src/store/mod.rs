@@ -8,8 +8,11 @@
 //! [`lease`]); the mount reads through [`Store::read_blob`].
 
 pub mod commit;
+pub mod fetch_guard;
 pub mod gc;
+pub mod http;
 pub mod import;
+pub(crate) mod ingest;
 pub mod layout;
 pub mod lease;
 pub mod local;
@@ -74,6 +77,8 @@ pub enum Error {
     Busy { name: String, what: String },
     #[error(transparent)]
     LeaseLost(#[from] lease::LeaseLost),
+    #[error(transparent)]
+    Http(#[from] self::http::HttpError),
 }
 
 fn mounted_message(name: &str, version: Option<u64>, holders: &[String]) -> String {
@@ -191,9 +196,11 @@ pub struct VersionInfo {
     pub version: u64,
     /// RFC 3339 creation time.
     pub created: String,
-    /// Where the data came from (a local path or an s3:// URL).
+    /// Where the data came from (a local path, an s3:// URL, or an http(s):// URL without its
+    /// query and credentials).
     pub source: String,
-    /// `upload`, `copy` or `reference`.
+    /// `upload`, `copy` or `reference`; `http` (archives unpacked) or `http-raw` (the download
+    /// kept as one file) for HTTP sources.
     pub mode: String,
     pub files: u64,
     pub dirs: u64,
@@ -204,6 +211,11 @@ pub struct VersionInfo {
     pub transferred_bytes: u64,
     /// Size of the stored (compressed) manifest.
     pub manifest_bytes: u64,
+    /// What identified the source's content when it was read (HTTP: ETag, else Last-Modified
+    /// and length), so that a scheduled re-import can tell an unchanged source without reading
+    /// it. Absent in versions made before it existed and for other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validator: Option<String>,
 }
 
 /// An open store: the object store plus an S3 client for objects outside it.

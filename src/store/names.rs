@@ -119,6 +119,53 @@ pub fn split_relative_path(path: &str) -> Result<(Vec<&str>, bool), NameError> {
     Ok((parts, is_dir))
 }
 
+/// Splits a member path of an archive (tar, zip: raw bytes, '/'-separated) into components.
+///
+/// The rules of [`split_relative_path`], on bytes (archive names need not be UTF-8), after
+/// dropping the leading `./` segments that `tar -C dir .` writes. `Ok` with no components is
+/// the archive's root (`./`). The flag says whether a trailing '/' marked a directory.
+pub fn split_archive_path(path: &[u8]) -> Result<(Vec<&[u8]>, bool), NameError> {
+    let shown = || String::from_utf8_lossy(path).into_owned();
+    if path.is_empty() {
+        return Err(NameError::EmptyPath(shown()));
+    }
+    if path.starts_with(b"/") {
+        return Err(NameError::Absolute(shown()));
+    }
+    if path.contains(&0) {
+        return Err(NameError::Nul(shown()));
+    }
+    let mut body = path;
+    while let Some(rest) = body.strip_prefix(b"./") {
+        body = rest;
+        // "./" followed by more slashes ("./", ".//a") is an empty segment below.
+    }
+    if body == b"." {
+        body = b"";
+    }
+    let (body, is_dir) = match body.strip_suffix(b"/") {
+        Some(b) => (b, true),
+        None => (body, body.is_empty() || path.ends_with(b"/")),
+    };
+    if body.is_empty() {
+        return Ok((Vec::new(), true));
+    }
+    let mut parts = Vec::new();
+    for seg in body.split(|&b| b == b'/') {
+        if seg.is_empty() {
+            return Err(NameError::EmptySegment(shown()));
+        }
+        if seg == b"." || seg == b".." {
+            return Err(NameError::DotSegment(shown()));
+        }
+        if seg.len() > MAX_COMPONENT_LEN {
+            return Err(NameError::SegmentTooLong(shown()));
+        }
+        parts.push(seg);
+    }
+    Ok((parts, is_dir))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,6 +233,37 @@ mod tests {
         ));
         assert!(matches!(
             split_relative_path(&"x".repeat(256)),
+            Err(NameError::SegmentTooLong(_))
+        ));
+    }
+
+    #[test]
+    fn archive_paths() {
+        fn ok(p: &[u8]) -> (Vec<&[u8]>, bool) {
+            split_archive_path(p).unwrap()
+        }
+        assert_eq!(ok(b"./a/b c"), (vec![&b"a"[..], b"b c"], false));
+        assert_eq!(ok(b"a/\xff/"), (vec![&b"a"[..], b"\xff"], true));
+        assert_eq!(ok(b"./"), (vec![], true));
+        assert_eq!(ok(b"."), (vec![], true));
+        assert_eq!(ok(b"././x"), (vec![&b"x"[..]], false));
+        for bad in [
+            &b"/etc/passwd"[..],
+            b"../evil",
+            b"a/../../b",
+            b"a//b",
+            b"a/./b",
+            b"a\0b",
+            b"",
+        ] {
+            assert!(
+                split_archive_path(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert!(matches!(
+            split_archive_path(&[b'x'; 256]),
             Err(NameError::SegmentTooLong(_))
         ));
     }

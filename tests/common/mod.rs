@@ -4,6 +4,7 @@
 //! s3-test-server crate), real kernel FUSE mounts, real files.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod k8s;
 pub mod moto;
 

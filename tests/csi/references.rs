@@ -109,6 +109,7 @@ fn reference_objects_are_read_only_from_allowed_locations() {
         transferred_files: 0,
         transferred_bytes: 0,
         manifest_bytes: 0,
+        validator: None,
     };
     let crafted = rt().block_on(a.commit_version("crafted", info, &manifest)).expect("commit crafted");
 
@@ -297,5 +298,6 @@ fn crafted_info() -> VersionInfo {
         transferred_files: 0,
         transferred_bytes: 0,
         manifest_bytes: 0,
+        validator: None,
     }
 }

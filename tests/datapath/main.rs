@@ -9,6 +9,7 @@ mod common;
 mod cache;
 mod cli;
 mod faults;
+mod http;
 mod import;
 mod integrity;
 mod stress;

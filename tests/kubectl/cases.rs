@@ -349,3 +349,48 @@ fn missing_namespace_and_bad_kubeconfig_are_one_clear_line() {
     let line = one_line_error(&run(&["list", "--context", "nope", "--kubeconfig", w.cp.kubeconfig().to_str().expect("utf8")], None));
     assert!(line.contains("\"nope\"") && !line.contains('\n'), "{line}");
 }
+
+/// Issue 14: `create NAME https://…` sets an HTTP source (with --secret, --unpack, --schedule),
+/// `get` shows its URL, the same URL again and `reimport` ask for a re-import, and S3-only or
+/// URL-only flags are refused with one line.
+#[test]
+fn create_from_a_url_sets_an_http_source() {
+    let w = World::new("http");
+    // Nothing answers there: no operator import can reach it.
+    let url = "https://datasets.example.invalid/v1/cifar.tar.gz";
+    ok(&w.create("web", url, &["--secret", "dl-auth", "--unpack", "never", "--schedule", "0 3 * * *"]));
+    let ds = rt().block_on(w.datastores().get("web")).expect("get");
+    let http = ds.spec.source.http.clone().expect("an http source");
+    assert_eq!(http.url, url);
+    assert_eq!(http.headers_secret_ref.map(|r| r.name).as_deref(), Some("dl-auth"));
+    assert_eq!(http.unpack, Some(datastore::operator::crd::UnpackSpec::Never));
+    assert_eq!(ds.spec.schedule.as_deref(), Some("0 3 * * *"));
+    assert!(ds.spec.source.s3.is_none() && ds.spec.source.upload.is_none(), "{:?}", ds.spec);
+    assert!(ds.annotations().get(REIMPORT_ANNOTATION).is_none(), "a new datastore imports anyway");
+    let shown = ok(&w.run(&["get", "web"]));
+    assert!(shown.contains(url), "{shown}");
+
+    // The source is taken as given (like an S3 one): the same URL and source options again ask
+    // for a re-import; the schedule, not given, keeps its value.
+    let o = w.create("web", url, &["--secret", "dl-auth", "--unpack", "never"]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("import it again"), "{}", String::from_utf8_lossy(&o.stderr));
+    let ds = rt().block_on(w.datastores().get("web")).expect("get");
+    let t1 = ds.annotations().get(REIMPORT_ANNOTATION).cloned().expect("re-import requested");
+    assert_eq!(ds.spec.schedule.as_deref(), Some("0 3 * * *"), "options not given keep their value");
+    ok(&w.run(&["reimport", "web"]));
+    let ds = rt().block_on(w.datastores().get("web")).expect("get");
+    assert_ne!(ds.annotations().get(REIMPORT_ANNOTATION), Some(&t1), "reimport works for http sources");
+
+    for (source, flags, says) in [
+        (url, vec!["--mode", "reference"], "s3:// sources only"),
+        ("https://user:pw@example.invalid/x.zip", vec![], "credentials"),
+        ("ftp://example.invalid/x.zip", vec![], "not a directory"),
+    ] {
+        let line = one_line_error(&w.create("bad", source, &flags));
+        assert!(line.contains(says) && !line.contains("pw@"), "{source} {flags:?}: {line}");
+    }
+    let line = one_line_error(&w.create("bad", &w.s3_url("a/"), &["--unpack", "auto"]));
+    assert!(line.contains("--unpack"), "{line}");
+    assert!(rt().block_on(w.datastores().get_opt("bad")).expect("get").is_none(), "a refused create made a datastore");
+}

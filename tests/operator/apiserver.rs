@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+use ::http::{Method, Request, Response};
 use kube::client::Body;
 use serde_json::Value;
 

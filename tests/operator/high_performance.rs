@@ -38,7 +38,7 @@ fn hp_setup(env: &Env, name: &str) -> (Fsx, DatastoreSpec) {
     run(datastore::store::upload::create_from_dir(&env.ns_store(), name, src.path(), &Default::default(), &Default::default()))
         .expect("upload");
     let fsx = Fsx::new(fsx_client(moto()), unique("cluster"));
-    let mut spec = DatastoreSpec { source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) }, ..env.s3_spec("") };
+    let mut spec = DatastoreSpec { source: Source { upload: Some(UploadSpec { version: Some(1) }), ..Default::default() }, ..env.s3_spec("") };
     spec.datastore_type = Some(DatastoreType::HighPerformance);
     (fsx, spec)
 }

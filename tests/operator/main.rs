@@ -24,7 +24,7 @@ use datastore::operator::Context;
 use datastore::store::object::ObjectStore;
 use datastore::store::s3::{S3Client, S3Store};
 use datastore::store::{Store, StoreUrl};
-use http::Method;
+use ::http::Method;
 use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
@@ -94,7 +94,7 @@ impl Env {
                     endpoint: Some(server().endpoint()),
                     credentials_secret_ref: None,
                 }),
-                upload: None,
+                ..Default::default()
             },
             ..Default::default()
         }
@@ -450,7 +450,7 @@ fn upload_source_reads_versions_made_by_the_cli() {
     let src = tempfile::tempdir().expect("tempdir");
     write_file(&src.path().join("x.txt"), b"x", 0o644);
     run(datastore::store::upload::create_from_dir(&store, "pushed", src.path(), &Default::default(), &Default::default())).expect("upload");
-    let spec = DatastoreSpec { source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) }, ..env.s3_spec("") };
+    let spec = DatastoreSpec { source: Source { upload: Some(UploadSpec { version: Some(1) }), ..Default::default() }, ..env.s3_spec("") };
     run(async {
         let (client, mut api) = mock_client();
         let ctx = env.ctx(client);

@@ -1,7 +1,8 @@
 //! `create` and `reimport`.
 //!
 //! `create` computes the whole spec it wants (the source exactly as given; options not given keep
-//! their value; S3-only options go when the source becomes an upload) and writes it as a JSON
+//! their value; S3-only options go when the source is not S3, and the schedule when it becomes an
+//! upload) and writes it as a JSON
 //! merge patch that is the difference from the object on the server, so a field that goes (the
 //! old `s3` when switching to an upload) is set to null rather than merged. The same request is
 //! first sent as a server-side dry run, before anything is uploaded: a spec, a namespace or a
@@ -12,7 +13,8 @@
 //!
 //! Re-imports: the annotation [`REIMPORT_ANNOTATION`] holds an opaque token (the time, in
 //! nanoseconds); the operator imports when it differs from `status.observedReimport` and records
-//! it there. `create NAME s3://…` with the source the datastore already has sets it too.
+//! it there. `create NAME s3://…` (or `https://…`) with the source the datastore already has sets
+//! it too.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,7 +30,8 @@ use super::session;
 use crate::cli::progress::ProgressReporter;
 use crate::csi::namespace_store;
 use crate::operator::crd::{
-    Datastore, DatastoreSpec, DatastoreType, HighPerformanceSpec, ImportModeSpec, S3SourceSpec, SecretRef, Source, UploadSpec,
+    Datastore, DatastoreSpec, DatastoreType, HighPerformanceSpec, HttpSourceSpec, ImportModeSpec, S3SourceSpec, SecretRef, Source, UnpackSpec,
+    UploadSpec,
 };
 use crate::operator::validate::{source_hash, validate};
 use crate::store::s3::{ReadTimeouts, S3Options};
@@ -44,14 +47,17 @@ const MANAGER: &str = "kubectl-datastore";
 pub struct CreateArgs {
     /// Datastore name (a DNS-1123 label).
     pub name: String,
-    /// A local directory, or s3://bucket/prefix/.
+    /// A local directory, s3://bucket/prefix/, or an http(s):// URL (an archive is unpacked).
     pub source: String,
     /// For S3 sources: copy objects into the store, or reference them in place.
     #[arg(long, value_enum)]
     pub mode: Option<ModeArg>,
-    /// For S3 sources: cron schedule (UTC) of re-imports.
+    /// For S3 and HTTP sources: cron schedule (UTC) of re-imports.
     #[arg(long)]
     pub schedule: Option<String>,
+    /// For HTTP sources: unpack an archive (auto, by its content) or store the file as it is.
+    #[arg(long, value_enum)]
+    pub unpack: Option<UnpackArg>,
     /// Keep at most this many versions.
     #[arg(long)]
     pub retain_versions: Option<u32>,
@@ -64,7 +70,8 @@ pub struct CreateArgs {
     /// For S3 sources: region.
     #[arg(long)]
     pub region: Option<String>,
-    /// For S3 sources: Secret with accessKeyId/secretAccessKey.
+    /// For S3 sources: Secret with accessKeyId/secretAccessKey. For HTTP sources: Secret whose
+    /// keys are header names and values the header values (e.g. Authorization).
     #[arg(long)]
     pub secret: Option<String>,
     /// Serve it from an FSx for Lustre file system (high-performance datastore).
@@ -98,8 +105,22 @@ pub enum ModeArg {
     Reference,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum UnpackArg {
+    Auto,
+    Never,
+}
+
+/// Whether a spec's source is imported by the operator (S3 or HTTP), not uploaded.
+fn imported(spec: &DatastoreSpec) -> bool {
+    spec.source.s3.is_some() || spec.source.http.is_some()
+}
+
 /// The source the command line names.
 fn source_of_args(c: &CreateArgs) -> anyhow::Result<Source> {
+    if c.unpack.is_some() && !is_http_url(&c.source) {
+        bail!("--unpack applies to http:// and https:// sources only");
+    }
     if c.source.starts_with("s3://") {
         let src = crate::store::import::S3Source::parse(&c.source)?;
         return Ok(Source {
@@ -110,24 +131,48 @@ fn source_of_args(c: &CreateArgs) -> anyhow::Result<Source> {
                 endpoint: c.endpoint.clone(),
                 credentials_secret_ref: c.secret.clone().map(|name| SecretRef { name }),
             }),
-            upload: None,
+            ..Default::default()
+        });
+    }
+    if is_http_url(&c.source) {
+        if c.mode.is_some() || c.endpoint.is_some() || c.region.is_some() {
+            bail!("--mode, --endpoint and --region apply to s3:// sources only");
+        }
+        return Ok(Source {
+            http: Some(HttpSourceSpec {
+                url: c.source.clone(),
+                headers_secret_ref: c.secret.clone().map(|name| SecretRef { name }),
+                unpack: c.unpack.map(|u| match u {
+                    UnpackArg::Auto => UnpackSpec::Auto,
+                    UnpackArg::Never => UnpackSpec::Never,
+                }),
+            }),
+            ..Default::default()
         });
     }
     if !PathBuf::from(&c.source).is_dir() {
-        bail!("source {:?} is not a directory (nor an s3:// URL)", c.source);
+        bail!("source {:?} is not a directory (nor an s3:// or http(s):// URL)", c.source);
     }
     if c.schedule.is_some() || c.mode.is_some() || c.endpoint.is_some() || c.region.is_some() || c.secret.is_some() {
-        bail!("--schedule, --mode, --endpoint, --region and --secret apply to s3:// sources only");
+        bail!("--schedule, --mode, --endpoint, --region and --secret do not apply to a local directory (only to s3:// or http(s):// sources)");
     }
     // The version is filled in once the upload made it.
-    Ok(Source { s3: None, upload: Some(UploadSpec { version: None }) })
+    Ok(Source { upload: Some(UploadSpec { version: None }), ..Default::default() })
+}
+
+/// `http://…` or `https://…` (any case: validation says what is wrong with it).
+fn is_http_url(s: &str) -> bool {
+    let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
 }
 
 /// The spec `create` asks for: `source` as given; options given replace, options not given keep
-/// the current value, except S3-only options when the source is an upload.
+/// the current value, except S3-only options when the source is not S3 and the schedule when it
+/// is an upload.
 fn desired_spec(current: Option<&DatastoreSpec>, source: Source, c: &CreateArgs) -> DatastoreSpec {
     let cur = current.cloned().unwrap_or_default();
     let s3 = source.s3.is_some();
+    let imported = s3 || source.http.is_some();
     let (datastore_type, high_performance) = if c.high_performance {
         let hp = HighPerformanceSpec {
             deployment_type: cur.high_performance.as_ref().and_then(|h| h.deployment_type.clone()),
@@ -150,7 +195,7 @@ fn desired_spec(current: Option<&DatastoreSpec>, source: Source, c: &CreateArgs)
         } else {
             None
         },
-        schedule: if s3 { c.schedule.clone().or(cur.schedule) } else { None },
+        schedule: if imported { c.schedule.clone().or(cur.schedule) } else { None },
         datastore_type,
         high_performance,
         retain_versions: c.retain_versions.or(cur.retain_versions),
@@ -252,11 +297,11 @@ pub async fn create(cl: &Cluster, api: &Api<Datastore>, c: &CreateArgs) -> anyho
     }
     let mut spec = desired_spec(current.as_ref().map(|d| &d.spec), source, c);
     validate(&spec).map_err(|problem| anyhow!("{problem}"))?;
-    // The same S3 source (and mode) again: the spec alone would not start an import. Back to S3
-    // from uploads: the operator may still hold the fingerprint of that S3 source from before.
-    let same_source = spec.source.s3.is_some()
-        && current.as_ref().is_some_and(|d| d.spec.source.s3.is_some() && source_hash(&d.spec) == source_hash(&spec));
-    let from_upload = spec.source.s3.is_some() && current.as_ref().is_some_and(|d| d.spec.source.s3.is_none());
+    // The same S3 or HTTP source (and mode) again: the spec alone would not start an import.
+    // Back to it from uploads: the operator may still hold the fingerprint of that source from
+    // before.
+    let same_source = imported(&spec) && current.as_ref().is_some_and(|d| imported(&d.spec) && source_hash(&d.spec) == source_hash(&spec));
+    let from_upload = imported(&spec) && current.as_ref().is_some_and(|d| !imported(&d.spec));
     let reimport = same_source || from_upload;
     // Everything the server would refuse, refused now, before an upload makes a version.
     write(cl, api, &c.name, &spec, reimport, true).await?;
@@ -345,8 +390,8 @@ async fn cluster_store(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<(StoreUrl
 /// `reimport NAME`: sets the annotation to a fresh token.
 pub async fn reimport(cl: &Cluster, api: &Api<Datastore>, name: &str) -> anyhow::Result<()> {
     let ds = get_datastore(cl, api, name).await?;
-    if ds.spec.source.s3.is_none() {
-        bail!("datastore {name:?} is uploaded, not imported from S3: upload again with `kubectl datastore create {name} DIR`");
+    if !imported(&ds.spec) {
+        bail!("datastore {name:?} is uploaded, not imported from S3 or a URL: upload again with `kubectl datastore create {name} DIR`");
     }
     let patch = json!({ "metadata": { "annotations": { REIMPORT_ANNOTATION: reimport_token() } } });
     let pp = PatchParams { field_manager: Some(MANAGER.into()), ..Default::default() };

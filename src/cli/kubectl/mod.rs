@@ -61,10 +61,12 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 pub enum KubectlCommand {
-    /// Create a datastore, or a new version of it: from a local directory (uploaded now) or from
-    /// s3://bucket/prefix/ (imported by the operator; the same source again asks for a re-import).
+    /// Create a datastore, or a new version of it: from a local directory (uploaded now), from
+    /// s3://bucket/prefix/ or from an http(s):// URL (imported by the operator; the same source
+    /// again asks for a re-import).
     Create(create::CreateArgs),
-    /// Ask the operator to import a datastore's S3 source again (a new version if it changed).
+    /// Ask the operator to import a datastore's S3 or HTTP source again (a new version if it
+    /// changed).
     Reimport {
         /// Datastore name.
         name: String,

@@ -27,6 +27,7 @@ use super::create::CreateArgs;
 use crate::cli::progress::ProgressReporter;
 use crate::operator::upload_crd::{DatastoreUpload, DatastoreUploadSpec, DatastoreUploadStatus, UploadPhase};
 use crate::store::upload::post_sink::{Forms, PostSink, get, http_client};
+use crate::store::ingest::Sender;
 use crate::store::upload::{Built, Progress, SymlinkPolicy, scan_source, send_and_build};
 
 /// Field manager of the plugin's writes.
@@ -95,7 +96,9 @@ async fn run(api: &Api<DatastoreUpload>, session: &str, scan: crate::store::uplo
     let forms = Arc::new(RwLock::new(forms));
     let refresher = tokio::spawn(refresh_forms(api.clone(), session.to_owned(), forms.clone()));
     let sink = PostSink::new(http, forms);
-    let sent = send_and_build(scan, &sink, None, present, c.concurrency.max(1), progress).await;
+    let present = std::sync::Mutex::new(present);
+    let sender = Sender::new(&sink, &present, progress);
+    let sent = send_and_build(scan, &sender, None, c.concurrency.max(1), progress).await;
     refresher.abort();
     let built = sent?;
     let compressed = built.manifest.to_compressed().map_err(|e| anyhow!("encoding the manifest: {e}"))?;

@@ -88,10 +88,11 @@ fn age(ds: &Datastore) -> String {
 }
 
 pub fn source_of(ds: &Datastore) -> String {
-    match (&ds.spec.source.s3, &ds.spec.source.upload) {
-        (Some(s), _) => format!("s3://{}/{}", s.bucket, s.prefix.as_deref().unwrap_or("")),
-        (None, Some(_)) => "upload".into(),
-        (None, None) => "-".into(),
+    match (&ds.spec.source.s3, &ds.spec.source.http, &ds.spec.source.upload) {
+        (Some(s), _, _) => format!("s3://{}/{}", s.bucket, s.prefix.as_deref().unwrap_or("")),
+        (None, Some(h), _) => h.url.clone(),
+        (None, None, Some(_)) => "upload".into(),
+        (None, None, None) => "-".into(),
     }
 }
 

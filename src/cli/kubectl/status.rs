@@ -107,7 +107,7 @@ fn settled(ds: &Datastore) -> bool {
         return false;
     }
     let requested = ds.annotations().get(REIMPORT_ANNOTATION);
-    if requested.is_some() && requested != st.observed_reimport.as_ref() && ds.spec.source.s3.is_some() {
+    if requested.is_some() && requested != st.observed_reimport.as_ref() && (ds.spec.source.s3.is_some() || ds.spec.source.http.is_some()) {
         return false;
     }
     !matches!(st.phase, None | Some(Phase::Importing))

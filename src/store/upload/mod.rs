@@ -13,9 +13,9 @@
 //!    then no version is visible.
 //!
 //! Steps 1–2 and the manifest are the same whoever sends and commits: [`create_from_dir`] does
-//! 3–4 itself with the caller's credentials ([`sink::StoreSink`]); the kubectl plugin's RBAC
-//! path sends through presigned POST forms and lets the operator do the lease, the listing and
-//! the commit ([`staged`]).
+//! 3–4 itself with the caller's credentials (through [`super::ingest::Ingest`], shared with the
+//! HTTP source); the kubectl plugin's RBAC path sends through presigned POST forms and lets the
+//! operator do the lease, the listing and the commit ([`staged`]).
 //!
 //! Special files (FIFOs, sockets, devices) are skipped and reported: they have no bytes to
 //! serve. A file that changes while it is uploaded fails the create (its bytes would not match
@@ -27,18 +27,17 @@ pub mod scan;
 pub mod sink;
 pub mod staged;
 
-use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use futures::{StreamExt, TryStreamExt};
 
+use super::ingest::{Body, Ingest, Origin, Sender, finish};
 use super::manifest::{Blob, Kind, Location, Manifest, Node};
 use super::object::StoreError;
 use super::{Error, Result, Store, VersionInfo, names};
 use scan::{Scan, ScannedFile, hash_file};
-use sink::{ObjectSink, StoreSink};
 
 /// What to do with symbolic links in the source directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -63,7 +62,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn file_done(&self, bytes: u64) {
+    pub(crate) fn file_done(&self, bytes: u64) {
         self.files_done.fetch_add(1, Ordering::Relaxed);
         self.bytes_done.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -129,14 +128,13 @@ pub(crate) struct Built {
     pub skipped: Vec<Skipped>,
 }
 
-/// Gives every scanned file its id, sends through `sink` the contents not in `present`,
+/// Gives every scanned file its id, sends through `sender` the contents the store lacks,
 /// `concurrency` at a time, and builds the manifest. `previous` (a hint) lets unchanged files
 /// keep their id without being read.
 pub(crate) async fn send_and_build(
     scan: Scan,
-    sink: &dyn ObjectSink,
+    sender: &Sender<'_>,
     previous: Option<Manifest>,
-    present: HashSet<[u8; 32]>,
     concurrency: usize,
     progress: &Progress,
 ) -> Result<Built> {
@@ -145,16 +143,14 @@ pub(crate) async fn send_and_build(
         files,
         mut skipped,
     } = scan;
-    let present = Arc::new(Mutex::new(present));
     let previous = Arc::new(previous);
     let files = &files;
     let results: Vec<(usize, [u8; 32])> = futures::stream::iter(0..files.len())
         .map(|i| {
-            let present = present.clone();
             let previous = previous.clone();
             async move {
                 let f = &files[i];
-                let id = upload_one(sink, f, &previous, &present, progress).await?;
+                let id = upload_one(sender, f, &previous).await?;
                 progress.file_done(f.size);
                 Ok::<_, Error>((i, id))
             }
@@ -184,34 +180,8 @@ pub(crate) async fn send_and_build(
             });
         }
     }
-    let manifest = tokio::task::spawn_blocking(move || builder.finish())
-        .await
-        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
+    let manifest = finish(builder).await?;
     Ok(Built { manifest, skipped })
-}
-
-/// The `version.json` of an upload of `manifest` from `source` (number 0 until committed).
-pub fn version_info(
-    name: &str,
-    source: &str,
-    manifest: &Manifest,
-    progress: &Progress,
-) -> VersionInfo {
-    let totals = manifest.totals();
-    VersionInfo {
-        datastore: name.to_owned(),
-        version: 0,
-        created: super::now_rfc3339(),
-        source: source.to_owned(),
-        mode: "upload".into(),
-        files: totals.files,
-        dirs: totals.dirs,
-        symlinks: totals.symlinks,
-        bytes: totals.bytes,
-        transferred_files: progress.files_transferred.load(Ordering::Relaxed),
-        transferred_bytes: progress.bytes_transferred.load(Ordering::Relaxed),
-        manifest_bytes: 0,
-    }
 }
 
 /// Creates a new version of `name` from the local directory `src`, writing to `store` with the
@@ -234,42 +204,19 @@ pub async fn create_from_dir(
         },
         None => None,
     };
-    // The lease goes first: a sweep that misses it must be one this upload waited for.
-    let lease = store.begin_upload(name).await?;
-    let present = store.object_ids(name).await?;
-    let sink = StoreSink { store, name };
+    let ingest = Ingest::begin(store, name, progress).await?;
     let Built { manifest, skipped } =
-        send_and_build(scan, &sink, previous, present, opts.concurrency, progress).await?;
-    let info = version_info(name, &src.display().to_string(), &manifest, progress);
-    let version = store
-        .commit_guarded(name, info.clone(), &manifest, Some(&lease))
-        .await?;
-    lease.release().await;
-    let info = VersionInfo { version, ..info };
-    tracing::info!(
-        datastore = name,
-        version,
-        files = info.files,
-        bytes = info.bytes,
-        transferred_bytes = info.transferred_bytes,
-        "committed version"
-    );
-    Ok(Report {
-        version,
-        info,
-        skipped,
-        unchanged: false,
-    })
+        send_and_build(scan, &ingest.sender(), previous, opts.concurrency, progress).await?;
+    let origin = Origin {
+        source: src.display().to_string(),
+        mode: "upload".into(),
+        validator: None,
+    };
+    ingest.commit(manifest, skipped, origin, false).await
 }
 
 /// Gives one file its id and sends its content unless the store already has it.
-async fn upload_one(
-    sink: &dyn ObjectSink,
-    f: &ScannedFile,
-    previous: &Option<Manifest>,
-    present: &Mutex<HashSet<[u8; 32]>>,
-    progress: &Progress,
-) -> Result<[u8; 32]> {
+async fn upload_one(sender: &Sender<'_>, f: &ScannedFile, previous: &Option<Manifest>) -> Result<[u8; 32]> {
     let reused = previous.as_ref().and_then(|m| {
         let e = m.resolve(&f.rel())?;
         let blob = e.blob()?;
@@ -279,10 +226,10 @@ async fn upload_one(
             && blob.location == Location::Store)
             .then_some(blob.id)
     });
-    if let Some(id) = reused {
-        if present.lock().map(|s| s.contains(&id)).unwrap_or(false) {
-            return Ok(id);
-        }
+    if let Some(id) = reused
+        && sender.has(&id)
+    {
+        return Ok(id);
     }
     let path = f.path.clone();
     let size = f.size;
@@ -290,31 +237,10 @@ async fn upload_one(
         .await
         .map_err(|e| Error::Source(format!("hashing failed: {e}")))?
         .map_err(|e| Error::Store(StoreError::io(f.path.display().to_string(), e)))?;
-    // Claim the id: the first file with this content uploads it, the others reuse it.
-    let claimed = present.lock().map(|mut s| s.insert(id)).unwrap_or(false);
-    if !claimed {
-        return Ok(id);
-    }
-    let result = match data {
-        Some(bytes) => {
-            let n = bytes.len() as u64;
-            sink.put_bytes(&id, bytes).await.map(|()| {
-                progress.bytes_transferred.fetch_add(n, Ordering::Relaxed);
-            })
-        }
-        None => {
-            let on_bytes = |n: u64| {
-                progress.bytes_transferred.fetch_add(n, Ordering::Relaxed);
-            };
-            sink.put_file(&id, &f.path, f.size, &on_bytes).await
-        }
+    let body = match data {
+        Some(bytes) => Body::Memory(bytes),
+        None => Body::File { path: &f.path, size: f.size },
     };
-    if let Err(e) = result {
-        if let Ok(mut s) = present.lock() {
-            s.remove(&id);
-        }
-        return Err(e.into());
-    }
-    progress.files_transferred.fetch_add(1, Ordering::Relaxed);
+    sender.put(id, body).await?;
     Ok(id)
 }

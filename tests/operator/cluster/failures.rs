@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use datastore::operator::crd::{Condition, DatastoreStatus, Phase, REIMPORT_ANNOTATION, SecretRef};
-use datastore::operator::s3_source::retry_delay;
+use datastore::operator::sources::retry_delay;
 use datastore::store::StoreUrl;
 
 use super::*;

@@ -12,8 +12,8 @@ use super::proxy::ApiProxy;
 use super::*;
 
 /// The status patch that records a finished import (the only one that carries `sourceHash`).
-fn records_the_import(method: &http::Method, path: &str, body: &[u8]) -> bool {
-    method == http::Method::PATCH && path.contains("/datastores/") && path.split('?').next().is_some_and(|p| p.ends_with("/status")) && String::from_utf8_lossy(body).contains("sourceHash")
+fn records_the_import(method: &::http::Method, path: &str, body: &[u8]) -> bool {
+    method == ::http::Method::PATCH && path.contains("/datastores/") && path.split('?').next().is_some_and(|p| p.ends_with("/status")) && String::from_utf8_lossy(body).contains("sourceHash")
 }
 
 async fn versions(store: &Store, name: &str) -> Vec<u64> {

@@ -19,7 +19,7 @@ async fn claim_version(c: &Cluster, name: &str) -> Option<String> {
     pvc.annotations().get(PVC_VERSION_ANNOTATION).cloned()
 }
 
-async fn ready_at(c: &Cluster, name: &str, version: u64, op: &mut Operator) -> DatastoreStatus {
+pub(super) async fn ready_at(c: &Cluster, name: &str, version: u64, op: &mut Operator) -> DatastoreStatus {
     c.wait_status(name, &format!("{name} Ready at version {version}"), Duration::from_secs(60), op, |st| {
         (st.phase == Some(Phase::Ready) && st.latest_version == Some(version)).then(|| st.clone())
     })
@@ -153,7 +153,7 @@ fn uploaded_versions_appear() {
             datastore::store::upload::create_from_dir(&store, "pushed", src.path(), &Default::default(), &Default::default()).await.expect("upload").version
         };
         let v1 = upload(b"one").await;
-        let spec = DatastoreSpec { source: Source { s3: None, upload: Some(UploadSpec { version: Some(v1) }) }, ..env.s3_spec("") };
+        let spec = DatastoreSpec { source: Source { upload: Some(UploadSpec { version: Some(v1) }), ..Default::default() }, ..env.s3_spec("") };
         c.create("pushed", spec).await;
         ready_at(&c, "pushed", 1, &mut op).await;
         let v2 = upload(b"two").await;

@@ -9,6 +9,7 @@
 //! "a pod uses this claim"; they are deleted with a zero grace period.
 
 mod failures;
+mod http;
 mod import_result;
 mod leader;
 mod lifecycle;

@@ -158,7 +158,7 @@ async fn handle(shared: Arc<Shared>, client: kube::Client, req: Request<Incoming
         shared.failed.fetch_add(1, Ordering::SeqCst);
         return Ok(answer(StatusCode::INTERNAL_SERVER_ERROR, "injected by the test proxy"));
     }
-    let mut out = http::Request::builder().method(parts.method.clone()).uri(path.as_str());
+    let mut out = ::http::Request::builder().method(parts.method.clone()).uri(path.as_str());
     for (name, value) in &parts.headers {
         if !HOP_BY_HOP.contains(&name.as_str()) {
             out = out.header(name, value);

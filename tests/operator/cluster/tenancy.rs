@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use super::*;
 
-async fn failed(c: &Cluster, name: &str, op: &mut Operator) -> DatastoreStatus {
+pub(super) async fn failed(c: &Cluster, name: &str, op: &mut Operator) -> DatastoreStatus {
     c.wait_status(name, "the phase to settle", Duration::from_secs(60), op, |st| {
         matches!(st.phase, Some(Phase::Ready) | Some(Phase::Failed)).then(|| st.clone())
     })
@@ -237,7 +237,7 @@ fn fsx_sizing_in_claim_annotations_needs_the_owning_datastore_and_stays_within_l
             pvc
         };
         let hp = |capacity: u32| DatastoreSpec {
-            source: Source { s3: None, upload: Some(UploadSpec { version: Some(1) }) },
+            source: Source { upload: Some(UploadSpec { version: Some(1) }), ..Default::default() },
             datastore_type: Some(DatastoreType::HighPerformance),
             high_performance: Some(HighPerformanceSpec { storage_capacity: Some(capacity), ..Default::default() }),
             ..env.s3_spec("")
