@@ -1020,6 +1020,33 @@ mod tests {
     }
 
     #[test]
+    fn implied_directories_take_a_default_mtime_set_late() {
+        let mut b = ManifestBuilder::new(1);
+        b.insert(
+            &["given"],
+            Node::Dir {
+                mode: 0o700,
+                mtime_ns: 5,
+            },
+        )
+        .unwrap();
+        b.insert(
+            &["given", "implied", "f"],
+            Node::Symlink {
+                mtime_ns: 9,
+                target: b"t".to_vec(),
+            },
+        )
+        .unwrap();
+        b.set_default_mtime(42);
+        let m = b.finish().unwrap();
+        assert_eq!(m.root().mtime_ns(), 42, "the root was not given");
+        assert_eq!(m.resolve(b"given").unwrap().mtime_ns(), 5);
+        assert_eq!(m.resolve(b"given/implied").unwrap().mtime_ns(), 42);
+        assert_eq!(m.resolve(b"given/implied/f").unwrap().mtime_ns(), 9);
+    }
+
+    #[test]
     fn directory_wins() {
         let mut b = ManifestBuilder::new(0);
         assert!(b.insert(&["a"], file(1, 1)).unwrap().is_empty());

@@ -4,7 +4,10 @@
 //! s3-test-server crate), real kernel FUSE mounts, real files.
 #![allow(dead_code)]
 
-pub mod http;
+// The HTTP file server (tests/common/http.rs). Not `mod http`: binaries that glob-import
+// `common::*` also use the `http` crate, and the two names would be ambiguous.
+#[path = "http.rs"]
+pub mod http_server;
 pub mod k8s;
 pub mod moto;
 
@@ -21,6 +24,8 @@ use datastore::fs::fuse::{MountConfig, Mounted, mount};
 use datastore::fs::{DatastoreFs, FsOptions};
 use datastore::store::s3::{ReadTimeouts, S3Options, StaticCredentials};
 use datastore::store::{Store, StoreUrl};
+#[allow(unused_imports)]
+pub use http_server::HttpServer;
 use s3_test_server::TestServer;
 use sha2::{Digest, Sha256};
 

@@ -14,7 +14,7 @@ use datastore::store::Store;
 use datastore::store::http::{HttpImportOptions, HttpSource, Unpack, import_from_http, probe};
 use datastore::store::upload::{Progress, Report};
 
-use crate::common::http::{Content, HttpServer};
+use crate::common::http_server::Content;
 use crate::common::*;
 
 fn import_with(

@@ -53,7 +53,9 @@ pub fn read_tar(u: &mut Unpacker, r: Box<dyn Read + Send + '_>) -> Result<(), Un
                     u.skip(&raw_path, "a file cannot be the archive's root")?;
                     continue;
                 }
-                let (id, size, content) = u.take(&mut entry, Some(size))?;
+                // A sparse member reads as its expanded size, not its header's stored size.
+                let expect = (kind != EntryType::GNUSparse).then_some(size);
+                let (id, size, content) = u.take(&mut entry, expect)?;
                 u.remember(&comps, id, size);
                 u.send(Item::File {
                     comps,
