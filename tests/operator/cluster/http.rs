@@ -15,7 +15,7 @@ use k8s_openapi::api::core::v1::Secret;
 use super::lifecycle::ready_at;
 use super::tenancy::failed;
 use super::*;
-use crate::common::http::HttpServer;
+use crate::common::http_server::HttpServer;
 
 /// A .tar.gz of `files` (path, content), directories made as needed.
 fn tar_gz(files: &[(&str, &[u8])]) -> Vec<u8> {
