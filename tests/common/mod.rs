@@ -311,6 +311,30 @@ pub fn tree_facts(root: &Path) -> BTreeMap<PathBuf, NodeFacts> {
     out
 }
 
+/// Fails listing the first differences when two trees' facts differ.
+pub fn assert_same_tree(
+    expected: &BTreeMap<PathBuf, NodeFacts>,
+    actual: &BTreeMap<PathBuf, NodeFacts>,
+) {
+    let mut diffs = Vec::new();
+    for (p, e) in expected {
+        match actual.get(p) {
+            None => diffs.push(format!("missing {}", p.display())),
+            Some(a) if a != e => diffs.push(format!("{}: expected {e:?}, got {a:?}", p.display())),
+            _ => {}
+        }
+    }
+    for p in actual.keys().filter(|p| !expected.contains_key(*p)) {
+        diffs.push(format!("unexpected {}", p.display()));
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences, first ones:\n{}",
+        diffs.len(),
+        diffs[..diffs.len().min(10)].join("\n")
+    );
+}
+
 /// Sum of file sizes below `dir`.
 pub fn du(dir: &Path) -> u64 {
     let mut total = 0;

@@ -53,26 +53,6 @@ fn facts(root: &Path, granularity_s: i64) -> BTreeMap<PathBuf, NodeFacts> {
         .collect()
 }
 
-fn assert_same(expected: &BTreeMap<PathBuf, NodeFacts>, actual: &BTreeMap<PathBuf, NodeFacts>) {
-    let mut diffs = Vec::new();
-    for (p, e) in expected {
-        match actual.get(p) {
-            None => diffs.push(format!("missing {}", p.display())),
-            Some(a) if a != e => diffs.push(format!("{}: expected {e:?}, got {a:?}", p.display())),
-            _ => {}
-        }
-    }
-    for p in actual.keys().filter(|p| !expected.contains_key(*p)) {
-        diffs.push(format!("unexpected {}", p.display()));
-    }
-    assert!(
-        diffs.is_empty(),
-        "{} differences:\n{}",
-        diffs.len(),
-        diffs[..diffs.len().min(10)].join("\n")
-    );
-}
-
 /// A source tree with the names and shapes of the acceptance criteria; `big` bytes in
 /// `big/blob.bin` (written in pieces, never held whole).
 fn source_tree(dir: &Path, big: u64) -> PathBuf {
@@ -191,7 +171,7 @@ fn tar_gz_becomes_the_source_tree_byte_for_byte() {
         "{:?}",
         report.info.validator
     );
-    assert_same(&facts(&src, 1), &mount_facts(&store, "tgz", 1, 1));
+    assert_same_tree(&facts(&src, 1), &mount_facts(&store, "tgz", 1, 1));
 }
 
 #[test]
@@ -204,7 +184,7 @@ fn zip_becomes_the_source_tree_byte_for_byte() {
 
     let report = import(&store, "zipped", &server.url("/d/archive.zip"));
     assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-    assert_same(
+    assert_same_tree(
         &facts(&src, 2),
         &mount_facts(&store, "zipped", report.version, 2),
     );
@@ -458,7 +438,7 @@ fn interrupted(ranges: bool) {
             "{gets:?}"
         );
     }
-    assert_same(
+    assert_same_tree(
         &facts(&src, 1),
         &mount_facts(&store, "resumed", r.version, 1),
     );
@@ -692,7 +672,7 @@ fn compressed_tarballs_round_trip_and_are_sniffed() {
         let name = format!("c{i}");
         let r = import(&store, &name, &server.url(path));
         assert!(r.skipped.is_empty(), "{path}: {:?}", r.skipped);
-        assert_same(&expected, &mount_facts(&store, &name, r.version, 1));
+        assert_same_tree(&expected, &mount_facts(&store, &name, r.version, 1));
     }
 }
 

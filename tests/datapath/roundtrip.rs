@@ -76,29 +76,6 @@ fn source_facts() -> &'static BTreeMap<PathBuf, NodeFacts> {
     FACTS.get_or_init(|| tree_facts(fixture()))
 }
 
-fn assert_same_tree(
-    expected: &BTreeMap<PathBuf, NodeFacts>,
-    actual: &BTreeMap<PathBuf, NodeFacts>,
-) {
-    let mut diffs = Vec::new();
-    for (p, e) in expected {
-        match actual.get(p) {
-            None => diffs.push(format!("missing {}", p.display())),
-            Some(a) if a != e => diffs.push(format!("{}: expected {e:?}, got {a:?}", p.display())),
-            _ => {}
-        }
-    }
-    for p in actual.keys().filter(|p| !expected.contains_key(*p)) {
-        diffs.push(format!("unexpected {}", p.display()));
-    }
-    assert!(
-        diffs.is_empty(),
-        "{} differences, first ones:\n{}",
-        diffs.len(),
-        diffs[..diffs.len().min(10)].join("\n")
-    );
-}
-
 fn create(store: &Store, name: &str) -> u64 {
     let progress = Progress::default();
     let report = rt()
