@@ -352,8 +352,11 @@ impl fuser::Filesystem for FuseAdapter {
         reply.error(Errno::EROFS);
     }
 
+    /// Versions carry no extended attributes. ENOSYS (not ENODATA) tells the kernel so once
+    /// for the whole mount: it answers every later getxattr itself (EOPNOTSUPP), so `ls -l`,
+    /// `cp -a` and ACL checks cost no FUSE round trip per file and attribute name.
     fn getxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _s: u32, reply: ReplyXattr) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+        reply.error(Errno::from_i32(libc::ENOSYS));
     }
 
     fn listxattr(&self, _r: &Request, _i: INodeNo, size: u32, reply: ReplyXattr) {

@@ -106,3 +106,37 @@ fn writes_fail_with_erofs() {
     assert_eq!(m.fs.open(ino, libc::O_RDWR), Err(libc::EROFS));
     assert!(m.fs.open(ino, libc::O_RDONLY).is_ok());
 }
+
+/// Reading an extended attribute fails with EOPNOTSUPP, for every file: the filesystem told the
+/// kernel once that it has none (ENOSYS), so the kernel answers without asking it again (POSIX
+/// ACLs, which the kernel reads through its ACL path, then read as absent: ENODATA).
+#[test]
+fn extended_attributes_are_unsupported_for_the_whole_mount() {
+    init_logging();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = local_store(&dir.path().join("store"));
+    let src = dir.path().join("src");
+    write_file(&src.join("a.txt"), b"a", 0o644);
+    write_file(&src.join("sub/b.txt"), b"b", 0o644);
+    let report = rt()
+        .block_on(create_from_dir(&store, "xattr", &src, &UploadOptions::default(), &Progress::default()))
+        .expect("create");
+    let m = mount_version(&store, "xattr", report.version, None, FetchConfig::default());
+    for rel in ["a.txt", "sub", "sub/b.txt", "a.txt"] {
+        let path = std::ffi::CString::new(m.path().join(rel).into_os_string().into_encoded_bytes()).expect("cstring");
+        for (name, want) in [
+            (c"security.selinux", libc::EOPNOTSUPP),
+            (c"user.x", libc::EOPNOTSUPP),
+            (c"system.posix_acl_access", libc::ENODATA),
+        ] {
+            let mut buf = [0u8; 64];
+            // SAFETY: valid NUL-terminated strings and a buffer of the given length.
+            let r = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+            let err = std::io::Error::last_os_error();
+            assert_eq!(r, -1, "{rel}: an attribute was returned");
+            assert_eq!(err.raw_os_error(), Some(want), "{rel} {name:?}: {err}");
+        }
+    }
+    // Listing them still works (nothing to list), and data reads are unaffected.
+    assert_eq!(std::fs::read(m.path().join("sub/b.txt")).expect("read"), b"b");
+}
