@@ -43,7 +43,7 @@ use kube::runtime::{finalizer, watcher};
 use kube::{Api, Client};
 use thiserror::Error;
 
-use crate::csi::Stores;
+use crate::store::namespaces::Stores;
 use crate::store::s3::S3Options;
 use crate::store::{Store, StoreUrl};
 use crd::Datastore;

@@ -260,7 +260,7 @@ impl Cluster {
 
     /// The namespace's store, where the operator puts this namespace's datastores.
     pub async fn store(&self, env: &Env) -> Store {
-        let url = datastore::csi::namespace_store(&env.cluster, &self.ns);
+        let url = datastore::store::namespaces::namespace_store(&env.cluster, &self.ns);
         Store::open(&url, s3_options(server(), fast_timeouts())).await.expect("store")
     }
 }
