@@ -31,6 +31,7 @@ pub mod status;
 pub mod upload_crd;
 pub mod uploads;
 pub mod validate;
+pub mod volumes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,7 +251,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     };
     let shutdown = shutdown.shared();
     let datastores = Controller::new(datastores, watcher::Config::default())
-        .owns(claims, watcher::Config::default())
+        // Only the claims it made (labelled); older unlabelled ones are found by name and labelled.
+        .owns(claims, watcher::Config::default().labels(volumes::MANAGED_SELECTOR))
         .watches(pods, watcher::Config::default(), move |pod| pvc::pod_to_datastores(pod, &driver))
         .reconcile_on(finished)
         .graceful_shutdown_on(shutdown.clone())

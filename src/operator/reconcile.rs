@@ -9,7 +9,8 @@
 //!    spec changes;
 //! 2. S3 and HTTP sources: imports, backoff and re-import requests ([`super::sources`]).
 //!    Upload sources: read the versions the CLI made;
-//! 3. prune versions beyond `retainVersions` that no PersistentVolume uses (lists PVs), never
+//! 3. prune versions beyond `retainVersions` that no volume of the datastore's claims uses
+//!    ([`super::volumes`]: no cluster-wide PV listing), never
 //!    while an import runs (it may count on objects of those versions);
 //! 4. ensure the PVC `<name>` ([`super::pvc`]);
 //! 5. follow FSx file systems of high-performance datastores ([`super::file_systems`]);
@@ -21,11 +22,10 @@
 //! a cleanup that already finished, so the object is read again first: a Datastore that is gone
 //! (or no longer holds our finalizer) needs nothing more.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{Api, DeleteParams, ListParams};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self as kube_finalizer, Event as Finalizer, finalizer};
 use kube::ResourceExt;
@@ -168,17 +168,13 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(requeue))
 }
 
-/// Deletes the oldest versions beyond `retain` that no PersistentVolume uses.
+/// Deletes the oldest versions beyond `retain` that no volume of the datastore's claims uses
+/// ([`super::volumes`]; mounted ones are kept by their mount leases).
 async fn prune(store: &Store, ns: &str, name: &str, versions: &[VersionStatus], retain: usize, ctx: &Context) -> Result<Vec<u64>, Error> {
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let store_url = store.url().to_string();
     let mut in_use: Vec<u64> = Vec::new();
-    for pv in pvs.list(&ListParams::default()).await?.items {
-        let Some(csi) = pv.spec.and_then(|s| s.csi) else { continue };
-        if csi.driver != ctx.driver_name {
-            continue;
-        }
-        let attrs: BTreeMap<String, String> = csi.volume_attributes.unwrap_or_default();
+    for csi in super::volumes::datastore_volumes(ctx, ns, name).await? {
+        let attrs = super::volumes::attributes(&csi);
         if attrs.get("datastore").map(String::as_str) == Some(name)
             && attrs.get("store") == Some(&store_url)
             && let Some(v) = attrs.get("version").and_then(|v| v.parse().ok())

@@ -14,6 +14,7 @@ mod import_result;
 mod leader;
 mod lifecycle;
 pub mod proxy;
+mod selection;
 mod tenancy;
 mod uploads;
 
