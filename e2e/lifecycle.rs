@@ -269,7 +269,7 @@ async fn lifecycle(s: Setup) {
     let out = plugin(&ns, &["versions", NAME]);
     assert!(!out.status.success(), "versions of a deleted datastore");
     let store = cluster_store(&s.client).await;
-    let url = datastore::csi::namespace_store(&datastore::store::StoreUrl::parse(&store).expect("store url"), &ns);
+    let url = datastore::store::namespaces::namespace_store(&datastore::store::StoreUrl::parse(&store).expect("store url"), &ns);
     let st = datastore::store::Store::open(&url, Default::default()).await.expect("open the cluster's store from here");
     assert!(st.versions(NAME).await.expect("versions").is_empty(), "versions left in the store");
     assert!(st.object_ids(NAME).await.expect("objects").is_empty(), "objects left in the store");

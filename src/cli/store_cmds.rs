@@ -262,7 +262,8 @@ fn report_sweep(name: &str, s: &crate::store::gc::Swept) {
     }
 }
 
-// The store stays free of clap (DESIGN): the CLI gives `Unpack` its flag values here.
+// The store stays free of clap (DESIGN): the CLI gives the store's option enums (`Unpack`,
+// `ImportMode`, `SymlinkPolicy`) their flag values and help here.
 impl clap::ValueEnum for Unpack {
     fn value_variants<'a>() -> &'a [Self] {
         &[Unpack::Auto, Unpack::Never]
@@ -275,5 +276,44 @@ impl clap::ValueEnum for Unpack {
                 Unpack::Never => "keep the download as one file",
             }),
         )
+    }
+}
+
+impl clap::ValueEnum for ImportMode {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[ImportMode::Copy, ImportMode::Reference]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(
+            clap::builder::PossibleValue::new(self.as_str()).help(match self {
+                ImportMode::Copy => {
+                    "Server-side copy of every object into the store: the version keeps working when the source changes or disappears"
+                }
+                ImportMode::Reference => {
+                    "No copy: the version reads the source objects in place, pinned to their ETags"
+                }
+            }),
+        )
+    }
+}
+
+impl clap::ValueEnum for SymlinkPolicy {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[SymlinkPolicy::Preserve, SymlinkPolicy::Follow]
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let (name, help) = match self {
+            SymlinkPolicy::Preserve => (
+                "preserve",
+                "Keep links as links (their target text is stored verbatim and resolved in the reader's filesystem, like `cp -P` or `tar`)",
+            ),
+            SymlinkPolicy::Follow => (
+                "follow",
+                "Store what the link points to (dangling links and loops are skipped and reported)",
+            ),
+        };
+        Some(clap::builder::PossibleValue::new(name).help(help))
     }
 }

@@ -28,7 +28,8 @@ use super::params::{
 };
 use crate::fsx::export::{ExportProgress, export_tree};
 use crate::fsx::{CreateRequest, Ensured, FsOwner, Fsx, FsxDefaults, FsxError, FsxSpec, ParamError};
-use super::{KeyedLocks, Stores, observe, pb};
+use super::{KeyedLocks, observe, pb};
+use crate::store::namespaces::Stores;
 use crate::store::object::StoreError;
 
 const RECORDS: &str = "csi/volumes/";

@@ -7,7 +7,8 @@ use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use super::pb;
-use super::{Mode, Stores};
+use super::Mode;
+use crate::store::namespaces::Stores;
 
 /// How long a Probe answer is reused (kubelet's livenessprobe calls it every few seconds).
 const PROBE_CACHE: Duration = Duration::from_secs(5);

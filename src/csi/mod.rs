@@ -22,9 +22,6 @@ use std::time::Instant;
 
 use tonic::{Response, Status};
 
-use crate::store::s3::S3Options;
-use crate::store::locations::{AllowedLocation, ReferenceScope, namespace_of};
-use crate::store::{Store, StoreUrl};
 use error::{CsiError, CsiResult};
 
 /// Generated code of `proto/csi.proto`.
@@ -117,96 +114,6 @@ impl Drop for KeyGuard<'_> {
     }
 }
 
-/// Open stores by URL (each holds an S3 client with its connection pool).
-pub struct Stores {
-    default: StoreUrl,
-    s3: S3Options,
-    /// Where reference-mode objects may be read from (`--allowed-reference`); every store
-    /// opened here reads them only inside its [`ReferenceScope`]. Empty: nowhere.
-    references: Arc<Vec<AllowedLocation>>,
-    open: tokio::sync::Mutex<HashMap<String, Store>>,
-}
-
-impl Stores {
-    pub fn new(default: StoreUrl, s3: S3Options) -> Stores {
-        Stores {
-            default,
-            s3,
-            references: Arc::new(Vec::new()),
-            open: tokio::sync::Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// These stores, reading reference-mode objects inside `allowed` only.
-    pub fn with_allowed_references(mut self, allowed: Vec<AllowedLocation>) -> Stores {
-        self.references = Arc::new(allowed);
-        self
-    }
-
-    /// The reference scope of the store at `url`: its namespace's entries if it is a
-    /// namespace's store, else the namespace-independent `*` entries only; never the driver's
-    /// store bucket.
-    fn reference_scope(&self, url: &StoreUrl) -> ReferenceScope {
-        let store_bucket = match &self.default {
-            StoreUrl::S3 { bucket, .. } => Some(bucket.clone()),
-            StoreUrl::Local(_) => None,
-        };
-        ReferenceScope::new(self.references.clone(), namespace_of(&self.default, url), store_bucket)
-    }
-
-    pub fn default_url(&self) -> &StoreUrl {
-        &self.default
-    }
-
-    /// The store of a namespace's datastores: `<default>/namespaces/<namespace>`.
-    pub fn namespace_url(&self, namespace: &str) -> StoreUrl {
-        namespace_store(&self.default, namespace)
-    }
-
-    /// Opens (once) the store at `url`.
-    pub async fn get(&self, url: &str) -> CsiResult<Store> {
-        let mut open = self.open.lock().await;
-        if let Some(s) = open.get(url) {
-            return Ok(s.clone());
-        }
-        let parsed =
-            StoreUrl::parse(url).map_err(|e| CsiError::Invalid(format!("store {url:?}: {e}")))?;
-        let store = Store::open(&parsed, self.s3.clone())
-            .await?
-            .with_reference_scope(self.reference_scope(&parsed));
-        open.insert(url.to_owned(), store.clone());
-        Ok(store)
-    }
-
-    /// Serves `store` for `url` from now on (tests hand in gated or failing object stores).
-    pub async fn insert(&self, url: &str, store: Store) {
-        let store = match StoreUrl::parse(url) {
-            Ok(parsed) => store.with_reference_scope(self.reference_scope(&parsed)),
-            Err(_) => store,
-        };
-        self.open.lock().await.insert(url.to_owned(), store);
-    }
-
-    pub async fn default_store(&self) -> CsiResult<Store> {
-        self.get(&self.default.to_string()).await
-    }
-}
-
-/// The store of a namespace's datastores under a cluster store.
-pub fn namespace_store(base: &StoreUrl, namespace: &str) -> StoreUrl {
-    match base {
-        StoreUrl::S3 { bucket, prefix } if prefix.is_empty() => StoreUrl::S3 {
-            bucket: bucket.clone(),
-            prefix: format!("namespaces/{namespace}"),
-        },
-        StoreUrl::S3 { bucket, prefix } => StoreUrl::S3 {
-            bucket: bucket.clone(),
-            prefix: format!("{prefix}/namespaces/{namespace}"),
-        },
-        StoreUrl::Local(p) => StoreUrl::Local(p.join("namespaces").join(namespace)),
-    }
-}
-
 /// Parses `unix:///path`, `unix:/path` or a plain path.
 pub fn socket_path(endpoint: &str) -> CsiResult<PathBuf> {
     let p = endpoint
@@ -264,7 +171,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_and_namespaces() {
+    fn endpoints() {
         assert_eq!(
             socket_path("unix:///csi/csi.sock").unwrap(),
             PathBuf::from("/csi/csi.sock")
@@ -275,19 +182,6 @@ mod tests {
         );
         assert!(socket_path("unix://relative").is_err());
         assert!(socket_path("tcp://1.2.3.4:5").is_err());
-        let s3 = StoreUrl::parse("s3://b/p").unwrap();
-        assert_eq!(
-            namespace_store(&s3, "team").to_string(),
-            "s3://b/p/namespaces/team"
-        );
-        assert_eq!(
-            namespace_store(&StoreUrl::parse("s3://b").unwrap(), "t").to_string(),
-            "s3://b/namespaces/t"
-        );
-        assert_eq!(
-            namespace_store(&StoreUrl::Local("/s".into()), "t").to_string(),
-            "/s/namespaces/t"
-        );
     }
 
     #[tokio::test]

@@ -291,7 +291,7 @@ impl VolumeContext {
             (true, Some(ns)) => {
                 let base = crate::store::StoreUrl::parse(default_store)
                     .map_err(|e| CsiError::Internal(format!("driver store {default_store:?}: {e}")))?;
-                let own = crate::csi::namespace_store(&base, &ns).to_string();
+                let own = crate::store::namespaces::namespace_store(&base, &ns).to_string();
                 if store.as_ref().is_some_and(|s| *s != own) {
                     return Err(CsiError::Invalid(format!(
                         "volume attribute store: an inline volume reads the store of its pod's namespace {ns:?}; leave it unset"

@@ -199,6 +199,9 @@ pub struct DatastoreStatus {
     /// Human-readable size of the latest version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<String>,
+    /// The newest versions, oldest first: at most 20 (the latest, which the claim serves, among
+    /// them), so the status stays small however many versions the store keeps; all of them are
+    /// listed by `datastore versions NAME --store ...`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub versions: Vec<VersionStatus>,
     /// Progress of the import in flight (absent when none runs). A scheduled or requested

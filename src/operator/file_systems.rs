@@ -7,9 +7,8 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
 use kube::ResourceExt;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 
 use super::crd::{Datastore, DatastoreStatus, FileSystemStatus, Phase};
 use super::events::{EventType, Note};
@@ -27,17 +26,12 @@ pub async fn datastore_file_systems(fsx: &Fsx, ns: &str, name: &str) -> Result<V
         .collect())
 }
 
-/// Ids of the file systems our PersistentVolumes use.
-async fn file_systems_in_use(ctx: &Context) -> Result<Vec<String>, Error> {
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    Ok(pvs
-        .list(&ListParams::default())
+/// Ids of the file systems the volumes of the datastore's claims use ([`super::volumes`]).
+async fn file_systems_in_use(ctx: &Context, ns: &str, name: &str) -> Result<Vec<String>, Error> {
+    Ok(super::volumes::datastore_volumes(ctx, ns, name)
         .await?
-        .items
-        .into_iter()
-        .filter_map(|pv| pv.spec?.csi)
-        .filter(|csi| csi.driver == ctx.driver_name)
-        .filter_map(|csi| csi.volume_attributes?.get(crate::csi::params::CONTEXT_FILE_SYSTEM_ID).cloned())
+        .iter()
+        .filter_map(|csi| super::volumes::attributes(csi).get(crate::csi::params::CONTEXT_FILE_SYSTEM_ID).cloned())
         .collect())
 }
 
@@ -65,7 +59,7 @@ pub async fn track_file_systems(
         .filter(|f| f.lifecycle != "DELETING" && (!hp || Some(version_of(f)) != latest))
         .collect();
     if !unwanted.is_empty() {
-        let in_use = file_systems_in_use(ctx).await?;
+        let in_use = file_systems_in_use(ctx, &ns, &name).await?;
         let mut deleted = Vec::new();
         for f in unwanted {
             if in_use.contains(&f.id) {
@@ -140,12 +134,13 @@ pub async fn report_orphans_forever(ctx: Arc<Context>) {
     }
 }
 
-/// File systems of our cluster with no Datastore and no volume.
+/// File systems of our cluster with no Datastore and no volume (a volume is looked for only
+/// among the claims of the datastore a file system is tagged with: [`super::volumes`]; one
+/// without those tags is reported whatever uses it, since the CSI controller tags all it makes).
 pub async fn find_orphans(fsx: &Fsx, ctx: &Context) -> Result<Vec<FileSystemInfo>, Error> {
-    let in_use = file_systems_in_use(ctx).await?;
     let mut orphans = Vec::new();
     for f in fsx.list_ours().await? {
-        if f.lifecycle == "DELETING" || in_use.contains(&f.id) {
+        if f.lifecycle == "DELETING" {
             continue;
         }
         let (Some(ns), Some(name)) = (f.tag(fsx::TAG_NAMESPACE), f.tag(fsx::TAG_DATASTORE)) else {
@@ -153,7 +148,7 @@ pub async fn find_orphans(fsx: &Fsx, ctx: &Context) -> Result<Vec<FileSystemInfo
             continue;
         };
         let api: Api<Datastore> = Api::namespaced(ctx.client.clone(), ns);
-        if api.get_opt(name).await?.is_none() {
+        if api.get_opt(name).await?.is_none() && !file_systems_in_use(ctx, ns, name).await?.contains(&f.id) {
             orphans.push(f);
         }
     }

@@ -31,6 +31,7 @@ pub mod status;
 pub mod upload_crd;
 pub mod uploads;
 pub mod validate;
+pub mod volumes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +44,7 @@ use kube::runtime::{finalizer, watcher};
 use kube::{Api, Client};
 use thiserror::Error;
 
-use crate::csi::Stores;
+use crate::store::namespaces::Stores;
 use crate::store::s3::S3Options;
 use crate::store::{Store, StoreUrl};
 use crd::Datastore;
@@ -250,7 +251,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
     };
     let shutdown = shutdown.shared();
     let datastores = Controller::new(datastores, watcher::Config::default())
-        .owns(claims, watcher::Config::default())
+        // Only the claims it made (labelled); older unlabelled ones are found by name and labelled.
+        .owns(claims, watcher::Config::default().labels(volumes::MANAGED_SELECTOR))
         .watches(pods, watcher::Config::default(), move |pod| pvc::pod_to_datastores(pod, &driver))
         .reconcile_on(finished)
         .graceful_shutdown_on(shutdown.clone())

@@ -1,6 +1,8 @@
 //! The claim run pods mount, and the pods that use a datastore.
 //!
-//! One PVC per datastore, named like it, pinned to a version by annotation. A claim pinned to an
+//! One PVC per datastore, named like it, labelled ([`super::crd::labels`]: the operator watches
+//! only labelled claims; an owned claim without the labels is labelled), pinned to a version by
+//! annotation. A claim pinned to an
 //! older version (or the other type's StorageClass) is replaced once no pod uses it: deleted, and
 //! created again by the reconcile that its disappearance causes. A claim that is already being
 //! deleted (the PVC protection finalizer holds it while pods use it) is left alone: deleting it
@@ -10,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
@@ -97,6 +99,13 @@ pub async fn ensure_claim(ds: &Datastore, ns: &str, name: &str, latest: u64, ctx
     if !ours {
         notes.push(Note::warning("ClaimConflict", format!("a PersistentVolumeClaim {name} exists that this Datastore does not own; it is left alone")));
         return Ok(());
+    }
+    let wanted = labels(name);
+    if wanted.iter().any(|(k, v)| pvc.labels().get(k) != Some(v)) {
+        // Made before claims were labelled: label it, so the operator's watch (which selects
+        // by label) and the volume lookups ([`super::volumes`]) see it from now on.
+        let patch = serde_json::json!({ "metadata": { "labels": wanted } });
+        pvcs.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
     }
     if pvc.metadata.deletion_timestamp.is_some() {
         // Being replaced already; its deletion triggers the reconcile that creates the new one.

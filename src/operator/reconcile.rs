@@ -9,7 +9,8 @@
 //!    spec changes;
 //! 2. S3 and HTTP sources: imports, backoff and re-import requests ([`super::sources`]).
 //!    Upload sources: read the versions the CLI made;
-//! 3. prune versions beyond `retainVersions` that no PersistentVolume uses (lists PVs), never
+//! 3. prune versions beyond `retainVersions` that no volume of the datastore's claims uses
+//!    ([`super::volumes`]: no cluster-wide PV listing), never
 //!    while an import runs (it may count on objects of those versions);
 //! 4. ensure the PVC `<name>` ([`super::pvc`]);
 //! 5. follow FSx file systems of high-performance datastores ([`super::file_systems`]);
@@ -21,21 +22,20 @@
 //! a cleanup that already finished, so the object is read again first: a Datastore that is gone
 //! (or no longer holds our finalizer) needs nothing more.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{Api, DeleteParams, ListParams};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
+use kube::api::{Api, DeleteParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{self as kube_finalizer, Event as Finalizer, finalizer};
 use kube::ResourceExt;
 
-use super::crd::{Datastore, FINALIZER, Phase, REIMPORT_ANNOTATION, VersionStatus};
+use super::crd::{Datastore, FINALIZER, Phase, REIMPORT_ANNOTATION};
 use super::events::Note;
 use super::file_systems::{datastore_file_systems, track_file_systems};
 use super::pvc::ensure_claim;
 use super::sources::{reconcile_source, requested_token};
-use super::status::{finish, set_phase, set_versions, versions};
+use super::status::{STATUS_VERSIONS, finish, set_phase, set_versions, versions};
 use super::validate::check_source_location;
 use super::{Context, Error};
 use crate::fsx;
@@ -140,9 +140,10 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
     if st.phase == Some(Phase::Ready)
         && !ctx.imports.is_running(&ns, &name)
         && let Some(retain) = ds.spec.retain_versions
-        && st.versions.len() > retain as usize
+        // The status lists a window of versions: a full window may hide older ones.
+        && (st.versions.len() > retain as usize || st.versions.len() >= STATUS_VERSIONS)
     {
-        let pruned = prune(&store, &ns, &name, &st.versions, retain as usize, ctx).await?;
+        let pruned = prune(&store, &ns, &name, retain as usize, ctx).await?;
         if !pruned.is_empty() {
             set_versions(&mut st, versions(&store, &name).await?);
             notes.push(Note::normal("Pruned", format!("removed versions {pruned:?} (retainVersions {retain})")));
@@ -168,17 +169,17 @@ async fn apply(ds: Arc<Datastore>, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::requeue(requeue))
 }
 
-/// Deletes the oldest versions beyond `retain` that no PersistentVolume uses.
-async fn prune(store: &Store, ns: &str, name: &str, versions: &[VersionStatus], retain: usize, ctx: &Context) -> Result<Vec<u64>, Error> {
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+/// Deletes the oldest versions beyond `retain` that no volume of the datastore's claims uses
+/// ([`super::volumes`]; mounted ones are kept by their mount leases).
+async fn prune(store: &Store, ns: &str, name: &str, retain: usize, ctx: &Context) -> Result<Vec<u64>, Error> {
+    let versions = store.versions(name).await?;
+    if versions.len() <= retain {
+        return Ok(Vec::new());
+    }
     let store_url = store.url().to_string();
     let mut in_use: Vec<u64> = Vec::new();
-    for pv in pvs.list(&ListParams::default()).await?.items {
-        let Some(csi) = pv.spec.and_then(|s| s.csi) else { continue };
-        if csi.driver != ctx.driver_name {
-            continue;
-        }
-        let attrs: BTreeMap<String, String> = csi.volume_attributes.unwrap_or_default();
+    for csi in super::volumes::datastore_volumes(ctx, ns, name).await? {
+        let attrs = super::volumes::attributes(&csi);
         if attrs.get("datastore").map(String::as_str) == Some(name)
             && attrs.get("store") == Some(&store_url)
             && let Some(v) = attrs.get("version").and_then(|v| v.parse().ok())
@@ -188,22 +189,22 @@ async fn prune(store: &Store, ns: &str, name: &str, versions: &[VersionStatus], 
     }
     let mut pruned = Vec::new();
     let excess = versions.len().saturating_sub(retain);
-    for v in versions.iter().take(excess) {
-        if in_use.contains(&v.number) {
+    for &v in versions.iter().take(excess) {
+        if in_use.contains(&v) {
             continue;
         }
-        match store.delete_version(name, v.number).await {
+        match store.delete_version(name, v).await {
             Ok(swept) => {
-                tracing::info!(namespace = ns, datastore = name, version = v.number, objects = swept.objects, deferred = ?swept.deferred, "pruned version");
+                tracing::info!(namespace = ns, datastore = name, version = v, objects = swept.objects, deferred = ?swept.deferred, "pruned version");
             }
             // Mounted outside Kubernetes' view (inline volume, CLI mount): prune it later.
             Err(crate::store::Error::Mounted { holders, .. }) => {
-                tracing::info!(namespace = ns, datastore = name, version = v.number, holders = ?holders, "version is mounted; not pruned for now");
+                tracing::info!(namespace = ns, datastore = name, version = v, holders = ?holders, "version is mounted; not pruned for now");
                 continue;
             }
             Err(e) => return Err(e.into()),
         }
-        pruned.push(v.number);
+        pruned.push(v);
     }
     Ok(pruned)
 }

@@ -1,5 +1,7 @@
 //! The Datastore status: phase, conditions, versions, and how it is written.
 //!
+//! `versions` is a window: the newest [`STATUS_VERSIONS`] versions, never the whole history.
+//!
 //! Two conditions: `Ready` follows the phase (True when the latest version of the current source
 //! is served), `Importing` says whether an import runs and, when none does, how the last one
 //! ended. They are separate so that a scheduled re-import runs without taking a served datastore
@@ -62,10 +64,16 @@ pub fn set_condition(conds: &mut Vec<Condition>, type_: &str, status: &str, reas
     }
 }
 
-/// Versions in the store, newest last, as status entries.
+/// How many versions `status.versions` lists: the newest ones. The latest (what the claim
+/// serves) is always among them; older ones stay in the store, where pruning finds them.
+pub const STATUS_VERSIONS: usize = 20;
+
+/// The newest [`STATUS_VERSIONS`] versions in the store, newest last, as status entries (their
+/// info is read for these only: the work is bounded however many versions the store keeps).
 pub async fn versions(store: &Store, name: &str) -> Result<Vec<VersionStatus>, Error> {
+    let all = store.versions(name).await?;
     let mut out = Vec::new();
-    for v in store.versions(name).await? {
+    for &v in &all[all.len().saturating_sub(STATUS_VERSIONS)..] {
         let i = store.version_info(name, v).await?;
         out.push(VersionStatus { number: v, created: i.created, files: i.files, bytes: i.bytes });
     }
@@ -125,8 +133,32 @@ pub async fn finish(ds: &Datastore, ctx: &Context, old: &DatastoreStatus, st: Da
 
 #[cfg(test)]
 mod tests {
-    use super::merge_patch;
+    use super::{STATUS_VERSIONS, merge_patch, set_versions, versions};
+    use crate::operator::crd::DatastoreStatus;
+    use crate::store::s3::S3Options;
+    use crate::store::{Store, StoreUrl};
     use serde_json::json;
+
+    /// `status.versions` is the newest window: with more versions than it holds, the oldest are
+    /// left out, the latest is in it and is the status's latest version.
+    #[tokio::test]
+    async fn status_versions_keep_the_newest_window() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&StoreUrl::Local(root.path().to_owned()), S3Options::default()).await.expect("store");
+        let total = STATUS_VERSIONS as u64 + 3;
+        for i in 0..total {
+            let src = tempfile::tempdir().expect("tempdir");
+            std::fs::write(src.path().join("f"), i.to_string()).expect("write");
+            crate::store::upload::create_from_dir(&store, "d", src.path(), &Default::default(), &Default::default()).await.expect("upload");
+        }
+        let window = versions(&store, "d").await.expect("versions");
+        let numbers: Vec<u64> = window.iter().map(|v| v.number).collect();
+        assert_eq!(numbers, (4..=total).collect::<Vec<_>>());
+        let mut st = DatastoreStatus::default();
+        set_versions(&mut st, window);
+        assert_eq!(st.latest_version, Some(total));
+        assert_eq!(store.versions("d").await.expect("all").len() as u64, total, "the store keeps every version");
+    }
 
     #[test]
     fn fields_the_new_status_lacks_are_deleted() {

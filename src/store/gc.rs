@@ -149,14 +149,10 @@ impl Store {
                 layout::tree_marker_key(name, version),
             ])
             .await?;
-        // The exported tree of a high-performance version, if one was made.
-        let tree: Vec<String> = self
-            .objects
-            .list(&layout::tree_prefix(name, version))
-            .map_ok(|o| o.key)
-            .try_collect()
-            .await?;
-        self.objects.delete(&tree).await?;
+        // The exported tree of a high-performance version, if one was made (as many objects
+        // as the version has files: streamed, in batches).
+        let tree = self.objects.list(&layout::tree_prefix(name, version)).map_ok(|o| o.key);
+        self.delete_listed(tree, None).await?;
         tracing::info!(datastore = name, version, "deleted version");
         self.sweep_with(name, marker).await
     }
@@ -244,26 +240,25 @@ impl Store {
                 done.push(layout::trash_manifest_key(name, *v));
             }
         }
-        let garbage: Vec<[u8; 32]> = self
-            .object_ids(name)
-            .await?
-            .into_iter()
-            .filter(|id| !referenced.contains(id))
-            .collect();
         let mut swept = Swept {
             kept_for_mounts,
             ..Swept::default()
         };
-        for batch in garbage.chunks(DELETE_BATCH) {
-            marker.ensure_held()?;
-            let keys: Vec<String> = batch
-                .iter()
-                .map(|id| layout::object_key(name, id))
-                .collect();
-            self.objects.delete(&keys).await?;
-            swept.objects += batch.len() as u64;
-            swept.bytes += batch.iter().filter_map(|id| sizes.get(id)).sum::<u64>();
-        }
+        // The datastore's objects, streamed: unreferenced ones are deleted a batch at a time
+        // while the listing goes on (never every key at once).
+        let mut bytes = 0u64;
+        let garbage = self
+            .objects
+            .list(&layout::objects_prefix(name))
+            .try_filter_map(|o| {
+                let id = layout::parse_object_key(name, &o.key).filter(|id| !referenced.contains(id));
+                if let Some(id) = &id {
+                    bytes += sizes.get(id).copied().unwrap_or(0);
+                }
+                futures::future::ok(id.map(|_| o.key))
+            });
+        swept.objects = self.delete_listed(garbage, Some(marker)).await?;
+        swept.bytes = bytes;
         marker.ensure_held()?;
         self.objects.delete(&done).await?;
         // Leases of processes that died long ago.
@@ -338,23 +333,45 @@ impl Store {
         refuse_if_mounted(self.live_mounts(name, None, now).await?)?;
         let leases = format!("{}leases/", layout::datastore_prefix(name));
         let long_ttl = lease::ttl().max(std::time::Duration::from_secs(60));
-        let keys: Vec<String> = self
-            .objects
-            .list(&layout::datastore_prefix(name))
-            .try_filter_map(|o| {
-                // Live leases stay: their holders delete them (an upload or mount that
-                // registered meanwhile must not lose its lease). Ours goes last.
-                let keep = o.key == marker.key()
-                    || (o.key.starts_with(&leases) && lease::is_live(now, o.modified_ns, long_ttl));
-                futures::future::ok((!keep).then_some(o.key))
-            })
-            .try_collect()
-            .await?;
-        for batch in keys.chunks(DELETE_BATCH) {
-            marker.ensure_held()?;
-            self.objects.delete(batch).await?;
+        let keys = self.objects.list(&layout::datastore_prefix(name)).try_filter_map(|o| {
+            // Live leases stay: their holders delete them (an upload or mount that registered
+            // meanwhile must not lose its lease). Ours goes last.
+            let keep = o.key == marker.key()
+                || (o.key.starts_with(&leases) && lease::is_live(now, o.modified_ns, long_ttl));
+            futures::future::ok((!keep).then_some(o.key))
+        });
+        self.delete_listed(keys, Some(marker)).await
+    }
+
+    /// Deletes the keys `keys` yields as the listing streams: one DeleteObjects per
+    /// [`DELETE_BATCH`] keys, so at most one batch is held however many keys there are
+    /// (deleting keys a listing already returned does not disturb it: S3 pages continue after
+    /// the last key returned). Checks `marker` (the caller's gc lease) before each batch.
+    /// Returns how many keys were deleted.
+    async fn delete_listed(
+        &self,
+        keys: impl futures::Stream<Item = Result<String, StoreError>>,
+        marker: Option<&Lease>,
+    ) -> Result<u64> {
+        let mut keys = std::pin::pin!(keys);
+        let mut batch = Vec::with_capacity(DELETE_BATCH);
+        let mut deleted = 0u64;
+        loop {
+            let next = keys.try_next().await?;
+            let end = next.is_none();
+            batch.extend(next);
+            if batch.len() >= DELETE_BATCH || (end && !batch.is_empty()) {
+                if let Some(marker) = marker {
+                    marker.ensure_held()?;
+                }
+                self.objects.delete(&batch).await?;
+                deleted += batch.len() as u64;
+                batch.clear();
+            }
+            if end {
+                return Ok(deleted);
+            }
         }
-        Ok(keys.len() as u64)
     }
 }
 

@@ -33,7 +33,6 @@ use super::{Error, Result, Store, StoreUrl, VersionInfo, layout, names};
     PartialEq,
     Eq,
     Default,
-    clap::ValueEnum,
     serde::Serialize,
     serde::Deserialize,
 )]

@@ -126,25 +126,6 @@ impl ReferenceScope {
     }
 }
 
-/// The namespace whose store `url` is under the driver's store `base`
-/// (`<base>/namespaces/<ns>`), if it is one.
-pub fn namespace_of(base: &StoreUrl, url: &StoreUrl) -> Option<String> {
-    let (rel, ns) = match (base, url) {
-        (StoreUrl::S3 { bucket: b, prefix: bp }, StoreUrl::S3 { bucket, prefix }) if b == bucket => {
-            let rest = if bp.is_empty() { prefix.as_str() } else { prefix.strip_prefix(bp.as_str())?.strip_prefix('/')? };
-            let ns = rest.strip_prefix("namespaces/")?;
-            (true, ns.to_owned())
-        }
-        (StoreUrl::Local(bp), StoreUrl::Local(p)) => {
-            let rest = p.strip_prefix(bp.join("namespaces")).ok()?;
-            (true, rest.to_str()?.to_owned())
-        }
-        _ => (false, String::new()),
-    };
-    let valid = rel && !ns.is_empty() && ns.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    valid.then_some(ns)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,17 +154,5 @@ mod tests {
         assert!(root.check("teams", "ml/in/f").is_err());
         // No list: nothing.
         assert!(scope(&[], Some("ml")).check("public", "datasets/a").is_err());
-    }
-
-    #[test]
-    fn namespace_stores_are_recognized() {
-        let base = StoreUrl::parse("s3://b/ds").expect("url");
-        let p = |s: &str| StoreUrl::parse(s).expect("url");
-        assert_eq!(namespace_of(&base, &p("s3://b/ds/namespaces/ml")), Some("ml".into()));
-        assert_eq!(namespace_of(&p("s3://b"), &p("s3://b/namespaces/ml")), Some("ml".into()));
-        assert_eq!(namespace_of(&p("/s"), &p("/s/namespaces/ml")), Some("ml".into()));
-        for other in ["s3://b/ds", "s3://c/ds/namespaces/ml", "s3://b/dsx/namespaces/ml", "s3://b/ds/namespaces/ml/x", "s3://b/other"] {
-            assert_eq!(namespace_of(&base, &p(other)), None, "{other}");
-        }
     }
 }

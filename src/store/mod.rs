@@ -19,6 +19,7 @@ pub mod local;
 pub mod locations;
 pub mod manifest;
 pub mod names;
+pub mod namespaces;
 pub mod object;
 pub mod post_form;
 pub mod s3;

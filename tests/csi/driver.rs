@@ -217,7 +217,7 @@ impl Driver {
     /// Creates datastore `name` of namespace `ns` (in `<store>/namespaces/<ns>`, where pods'
     /// inline volumes and PVC-named datastores live).
     pub fn create_namespaced_datastore(&self, ns: &str, name: &str, files: &[(&str, Vec<u8>)]) -> u64 {
-        let url = datastore::csi::namespace_store(self.store.url(), ns);
+        let url = datastore::store::namespaces::namespace_store(self.store.url(), ns);
         let store = rt()
             .block_on(Store::open(&url, s3_options(server(), fast_timeouts())))
             .expect("namespace store");

@@ -72,7 +72,7 @@ fn wait_for_blocks(d: &Driver, n: usize) {
 /// Replaces the object of `file` of datastore `name` in namespace `ns`'s store with junk of the
 /// same length: what a user who can write their namespace's prefix can do. Returns the junk.
 fn forge(d: &Driver, ns: &str, name: &str, file: &str, len: usize, seed: u64) -> Vec<u8> {
-    let url = datastore::csi::namespace_store(d.store.url(), ns);
+    let url = datastore::store::namespaces::namespace_store(d.store.url(), ns);
     let store = rt()
         .block_on(Store::open(&url, s3_options(server(), fast_timeouts())))
         .expect("namespace store");

@@ -22,7 +22,7 @@ fn mounted_versions_are_not_deleted() {
     d.create_namespaced_datastore("team", "leased", &[("v2.txt", b"two".to_vec())]);
     let ns_store = rt()
         .block_on(Store::open(
-            &datastore::csi::namespace_store(d.store.url(), "team"),
+            &datastore::store::namespaces::namespace_store(d.store.url(), "team"),
             s3_options(server(), fast_timeouts()),
         ))
         .expect("namespace store");

@@ -136,7 +136,7 @@ fn provisioner_binds_rox_refuses_rwo_and_deletes() {
     let (store, bucket) = s3_store();
     let ns_store = rt()
         .block_on(Store::open(
-            &datastore::csi::namespace_store(store.url(), &ns),
+            &datastore::store::namespaces::namespace_store(store.url(), &ns),
             s3_options(server(), fast_timeouts()),
         ))
         .expect("namespace store");

@@ -32,7 +32,7 @@ fn put(s: &S3Store, key: &str, data: &[u8]) {
 
 /// A namespace's store, opened with the test's (unrestricted) credentials.
 fn namespace_store(d: &Driver, ns: &str) -> Store {
-    let url = datastore::csi::namespace_store(d.store.url(), ns);
+    let url = datastore::store::namespaces::namespace_store(d.store.url(), ns);
     rt().block_on(Store::open(&url, s3_options(server(), fast_timeouts()))).expect("namespace store")
 }
 

@@ -8,6 +8,7 @@ mod common;
 
 mod cache;
 mod cli;
+mod deletes;
 mod faults;
 mod http;
 mod import;

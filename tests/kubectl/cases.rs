@@ -151,7 +151,7 @@ fn create_refused_by_the_server_uploads_nothing() {
         .expect("run");
     let line = one_line_error(&o);
     assert!(line.contains("no-such-namespace") && line.contains("not found"), "{line}");
-    let url = datastore::csi::namespace_store(cluster_store(), "no-such-namespace");
+    let url = datastore::store::namespaces::namespace_store(cluster_store(), "no-such-namespace");
     let store = rt().block_on(datastore::store::Store::open(&url, s3_options(server(), fast_timeouts()))).expect("store");
     assert_eq!(rt().block_on(store.versions("orphan")).expect("versions"), Vec::<u64>::new(), "an upload was left behind");
     assert!(rt().block_on(store.object_ids("orphan")).expect("objects").is_empty(), "objects were uploaded");

@@ -116,9 +116,12 @@ fn a_high_performance_datastore_follows_its_file_system_and_cleans_up() {
         let (client, mut api) = mock_client();
         let ctx = ctx_for(client);
         let task = tokio::spawn(async move { find_orphans(ctx.fsx.as_ref().expect("fsx"), &ctx).await });
-        api.expect(Method::GET, "/api/v1/persistentvolumes", 200, empty_list("PersistentVolumeList")).await;
+        // A file system whose Datastore exists is no orphan; for one whose Datastore is gone,
+        // volumes are looked for through that datastore's claims only (none here).
         api.expect(Method::GET, &ds_path("fast"), 200, serde_json::to_value(&ds).expect("json")).await;
         api.expect_not_found(Method::GET, &ds_path("ghost")).await;
+        api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"), 200, empty_list("PersistentVolumeClaimList")).await;
+        api.expect_not_found(Method::GET, &pvc_path("ghost")).await;
         let orphans = task.await.expect("join").expect("orphans");
         assert_eq!(orphans.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), [ghost.as_str()]);
     });
@@ -161,8 +164,9 @@ fn switching_back_to_standard_deletes_the_unused_file_system() {
         api.expect(Method::GET, &pvc_path("back"), 200, hp_claim.clone()).await;
         api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/pods"), 200, empty_list("PodList")).await;
         api.expect(Method::DELETE, &pvc_path("back"), 200, hp_claim).await;
-        // No volume uses the file system any more: deleted.
-        api.expect(Method::GET, "/api/v1/persistentvolumes", 200, empty_list("PersistentVolumeList")).await;
+        // No volume of the datastore's claims uses the file system any more: deleted.
+        api.expect(Method::GET, &format!("/api/v1/namespaces/{NS}/persistentvolumeclaims"), 200, empty_list("PersistentVolumeClaimList")).await;
+        api.expect_not_found(Method::GET, &pvc_path("back")).await;
         let st = expect_status(&mut api, &ds).await;
         assert_eq!(st.file_systems[0].lifecycle, "DELETING");
         let (out, reasons) = api.events_until(NS, task).await;

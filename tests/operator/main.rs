@@ -80,7 +80,7 @@ impl Env {
     }
 
     async fn ns_store_async(&self) -> Store {
-        let url = datastore::csi::namespace_store(&self.cluster, NS);
+        let url = datastore::store::namespaces::namespace_store(&self.cluster, NS);
         Store::open(&url, s3_options(server(), fast_timeouts())).await.expect("store")
     }
 

@@ -148,7 +148,7 @@ fn create_from_a_directory_uploads_then_creates_the_datastore() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("datastore.datastores.grid.ai/photos created"));
     // The data went to the namespace's store, version 1.
-    let ns_store = datastore::csi::namespace_store(&datastore::store::StoreUrl::Local(store.clone()), "team");
+    let ns_store = datastore::store::namespaces::namespace_store(&datastore::store::StoreUrl::Local(store.clone()), "team");
     let s = rt().block_on(datastore::store::Store::open(&ns_store, Default::default())).expect("store");
     assert_eq!(rt().block_on(s.versions("photos")).expect("versions"), vec![1]);
     // And the Datastore names it.

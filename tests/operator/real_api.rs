@@ -150,7 +150,7 @@ fn operator_imports_an_s3_source_into_version_1_with_a_claim() {
         );
 
         // The version is real: its manifest is in the namespace's store.
-        let url = datastore::csi::namespace_store(&env.cluster, &ns);
+        let url = datastore::store::namespaces::namespace_store(&env.cluster, &ns);
         let store = datastore::store::Store::open(&url, s3_options(server(), fast_timeouts())).await.expect("store");
         let manifest = store.load_manifest("images", 1).await.expect("manifest of version 1");
         assert_eq!(manifest.totals().files, 13);

@@ -28,7 +28,7 @@ use serde_json::{Map, Value, json};
 use super::cluster::{Cluster, api_error, datastore_not_found, get_datastore};
 use super::session;
 use crate::cli::progress::ProgressReporter;
-use crate::csi::namespace_store;
+use crate::store::namespaces::namespace_store;
 use crate::operator::crd::{
     Datastore, DatastoreSpec, DatastoreType, HighPerformanceSpec, HttpSourceSpec, ImportModeSpec, S3SourceSpec, SecretRef, Source, UnpackSpec,
     UploadSpec,

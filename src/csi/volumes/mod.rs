@@ -31,7 +31,8 @@ use std::time::Duration;
 
 use super::error::{CsiError, CsiResult};
 use super::params::{FileModes, VolumeContext, VolumeType};
-use super::{KeyedLocks, Stores};
+use super::KeyedLocks;
+use crate::store::namespaces::Stores;
 use crate::cache::BlockCache;
 use crate::fs::fetch::{FetchConfig, Fetcher};
 use crate::fs::fuse::{FuseAdapter, MountConfig, fuser_config};

@@ -40,7 +40,7 @@ use super::{Error, Result, Store, VersionInfo, names};
 use scan::{Scan, ScannedFile, hash_file};
 
 /// What to do with symbolic links in the source directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SymlinkPolicy {
     /// Keep links as links (their target text is stored verbatim and resolved in the reader's
     /// filesystem, like `cp -P` or `tar`).

@@ -14,6 +14,7 @@ mod import_result;
 mod leader;
 mod lifecycle;
 pub mod proxy;
+mod selection;
 mod tenancy;
 mod uploads;
 
@@ -260,7 +261,7 @@ impl Cluster {
 
     /// The namespace's store, where the operator puts this namespace's datastores.
     pub async fn store(&self, env: &Env) -> Store {
-        let url = datastore::csi::namespace_store(&env.cluster, &self.ns);
+        let url = datastore::store::namespaces::namespace_store(&env.cluster, &self.ns);
         Store::open(&url, s3_options(server(), fast_timeouts())).await.expect("store")
     }
 }

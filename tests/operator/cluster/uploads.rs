@@ -186,8 +186,8 @@ fn a_user_with_namespace_rbac_only_uploads_into_its_own_namespace_and_nowhere_el
         let forms = st.forms().expect("forms");
         let data = b"forged".to_vec();
         let id = id_of(&data);
-        let y_url = datastore::csi::namespace_store(&env.cluster, &y.ns);
-        let x_url = datastore::csi::namespace_store(&env.cluster, &x.ns);
+        let y_url = datastore::store::namespaces::namespace_store(&env.cluster, &y.ns);
+        let x_url = datastore::store::namespaces::namespace_store(&env.cluster, &x.ns);
         for (what, prefix) in [
             ("Y's objects", full_key(&y_url, &layout::objects_prefix("ds2"))),
             ("X's versions", full_key(&x_url, &layout::versions_prefix("ds2"))),
