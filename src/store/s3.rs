@@ -9,6 +9,9 @@
 //! because the read path retries itself with a deadline the user chose and must resume a
 //! half-read body rather than start over. Every data read checks that the body has exactly the
 //! requested length and, when pinned, the expected ETag: wrong bytes are never handed out.
+//!
+//! Requests are timed, counted in the metrics and their errors classified in one place
+//! ([`instrumented`], [`sdk`]); call sites only build the request.
 
 use std::ops::Range;
 use std::path::Path;
@@ -243,7 +246,6 @@ impl S3Client {
         if want == 0 {
             return Ok(futures::stream::empty().boxed());
         }
-        let started = std::time::Instant::now();
         let req = self
             .data
             .get_object()
@@ -252,15 +254,16 @@ impl S3Client {
             .range(format!("bytes={}-{}", range.start, range.end - 1))
             .set_if_match(if_match.map(str::to_owned))
             .set_version_id(expect.version_id.map(str::to_owned));
-        let resp = match tokio::time::timeout(self.timeouts.first_byte, req.send()).await {
-            Err(_) => Err(StoreError::Timeout {
-                what: what.clone(),
-                after: self.timeouts.first_byte,
-            }),
-            Ok(Err(e)) => Err(map_err(&what, e)),
-            Ok(Ok(r)) => Ok(r),
-        };
-        metrics::s3_request("get", started.elapsed(), resp.as_ref().err());
+        let resp = instrumented("get", async {
+            match tokio::time::timeout(self.timeouts.first_byte, sdk(&what, req.send())).await {
+                Err(_) => Err(StoreError::Timeout {
+                    what: what.clone(),
+                    after: self.timeouts.first_byte,
+                }),
+                Ok(r) => r,
+            }
+        })
+        .await;
         let out = resp.map_err(|e| match (e, if_match) {
             (StoreError::Server { status: 412, .. }, Some(expected)) => StoreError::Changed {
                 what: what.clone(),
@@ -304,16 +307,11 @@ impl S3Client {
     /// Metadata of an object, `None` when it does not exist.
     pub async fn head(&self, bucket: &str, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
         let what = format!("s3://{bucket}/{key}");
-        let started = std::time::Instant::now();
-        let r = self
-            .control
-            .head_object()
-            .bucket(bucket)
-            .key(key)
-            .send()
-            .await;
-        let r = r.map_err(|e| map_err(&what, e));
-        metrics::s3_request("head", started.elapsed(), r.as_ref().err());
+        let r = instrumented(
+            "head",
+            sdk(&what, self.control.head_object().bucket(bucket).key(key).send()),
+        )
+        .await;
         match r {
             Ok(h) => Ok(Some(ObjectInfo {
                 key: key.to_owned(),
@@ -345,7 +343,7 @@ impl S3Client {
             let started = std::time::Instant::now();
             let page = pages.next().await?;
             let page = page.map_err(|e| map_err(&what, e));
-            metrics::s3_request("list", started.elapsed(), page.as_ref().err());
+            record("list", started, &page);
             let items: Vec<Result<ObjectInfo, StoreError>> = match page {
                 Ok(p) => p
                     .contents()
@@ -380,8 +378,12 @@ impl S3Client {
             .into_paginator()
             .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| map_err(&what, e))?;
+        loop {
+            let started = std::time::Instant::now();
+            let Some(page) = pages.next().await else { break };
+            let page = page.map_err(|e| map_err(&what, e));
+            record("list", started, &page);
+            let page = page?;
             for cp in page.common_prefixes() {
                 if let Some(p) = cp.prefix() {
                     let name = p.strip_prefix(prefix).unwrap_or(p).trim_end_matches('/');
@@ -407,8 +409,8 @@ impl S3Client {
     ) -> Result<(), StoreError> {
         let what = format!("copying s3://{src_bucket}/{src_key} to s3://{dst_bucket}/{dst_key}");
         let source = format!("{src_bucket}/{}", encode_key(src_key));
-        let started = std::time::Instant::now();
-        let result = if size <= COPY_SINGLE_MAX {
+        instrumented("copy", async {
+            if size <= COPY_SINGLE_MAX {
             self.control
                 .copy_object()
                 .bucket(dst_bucket)
@@ -419,12 +421,12 @@ impl S3Client {
                 .await
                 .map(|_| ())
                 .map_err(|e| map_err(&what, e))
-        } else {
-            self.copy_multipart(&source, src_etag, size, dst_bucket, dst_key, &what)
-                .await
-        };
-        metrics::s3_request("copy", started.elapsed(), result.as_ref().err());
-        result
+            } else {
+                self.copy_multipart(&source, src_etag, size, dst_bucket, dst_key, &what)
+                    .await
+            }
+        })
+        .await
     }
 
     async fn copy_multipart(
@@ -585,6 +587,36 @@ fn body_stream(body: SdkBody, want: u64, what: String, stall: Duration) -> ByteS
     .boxed()
 }
 
+/// Runs one S3 call: times it and records it, with its outcome, under `op` in the request
+/// metrics. Every request of this module goes through here (or [`record`], for the pages of a
+/// listing), so timing, metrics and error classification are in one place.
+async fn instrumented<T>(
+    op: &'static str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
+    let r = call.await;
+    record(op, started, &r);
+    r
+}
+
+/// Records one finished S3 call started at `started`.
+fn record<T>(op: &'static str, started: std::time::Instant, r: &Result<T, StoreError>) {
+    metrics::s3_request(op, started.elapsed(), r.as_ref().err());
+}
+
+/// An SDK request's result with its error classified ([`map_err`]) for `what`.
+async fn sdk<T, E, R>(
+    what: &str,
+    send: impl std::future::Future<Output = Result<T, SdkError<E, R>>>,
+) -> Result<T, StoreError>
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + HasStatus,
+{
+    send.await.map_err(|e| map_err(what, e))
+}
+
 /// Classifies an SDK error (see [`StoreError::is_transient`]).
 pub(crate) fn map_err<E, R>(what: &str, err: SdkError<E, R>) -> StoreError
 where
@@ -689,26 +721,23 @@ impl S3Store {
     /// One PutObject of a small body, with `If-None-Match: *` when `if_absent`.
     async fn put_raw(&self, full: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError> {
         let what = format!("s3://{}/{full}", self.bucket);
-        let started = std::time::Instant::now();
-        let r = self
+        let req = self
             .client
             .control
             .put_object()
             .bucket(&self.bucket)
             .key(full)
             .body(SdkBody::from(body))
-            .set_if_none_match(if_absent.then(|| "*".to_owned()))
-            .send()
+            .set_if_none_match(if_absent.then(|| "*".to_owned()));
+        instrumented("put", sdk(&what, req.send()))
             .await
             .map(|_| ())
-            .map_err(|e| match map_err(&what, e) {
+            .map_err(|e| match e {
                 StoreError::Server { status: 412, .. } => {
                     StoreError::AlreadyExists { what: what.clone() }
                 }
                 e => e,
-            });
-        metrics::s3_request("put", started.elapsed(), r.as_ref().err());
-        r
+            })
     }
 
     async fn put_multipart(
@@ -807,17 +836,8 @@ impl ObjectStore for S3Store {
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let full = self.full_key(key);
         let what = format!("s3://{}/{full}", self.bucket);
-        let started = std::time::Instant::now();
-        let r = self
-            .client
-            .control
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .send()
-            .await;
-        let r = r.map_err(|e| map_err(&what, e));
-        metrics::s3_request("get", started.elapsed(), r.as_ref().err());
+        let req = self.client.control.get_object().bucket(&self.bucket).key(&full);
+        let r = instrumented("get", sdk(&what, req.send())).await;
         let body = r?.body.collect().await.map_err(|e| StoreError::Network {
             what: what.clone(),
             message: DisplayErrorContext(&e).to_string(),
@@ -878,17 +898,8 @@ impl ObjectStore for S3Store {
             hasher.update(&buf);
             let len = buf.len() as u64;
             let what = format!("uploading s3://{}/{full}", self.bucket);
-            let r = self
-                .client
-                .control
-                .put_object()
-                .bucket(&self.bucket)
-                .key(&full)
-                .body(SdkBody::from(buf))
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| map_err(&what, e));
+            let req = self.client.control.put_object().bucket(&self.bucket).key(&full);
+            let r = sdk(&what, req.body(SdkBody::from(buf)).send()).await.map(|_| ());
             if r.is_ok() {
                 progress(len);
             }
@@ -897,7 +908,7 @@ impl ObjectStore for S3Store {
             self.put_multipart(&full, &mut file, size, &mut hasher, progress)
                 .await
         };
-        metrics::s3_request("put", started.elapsed(), r.as_ref().err());
+        record("put", started, &r);
         r?;
         Ok(hasher.finalize().into())
     }
@@ -948,18 +959,8 @@ impl ObjectStore for S3Store {
                 .quiet(true)
                 .build()
                 .map_err(|e| StoreError::Config(e.to_string()))?;
-            let started = std::time::Instant::now();
-            let r = self
-                .client
-                .control
-                .delete_objects()
-                .bucket(&self.bucket)
-                .delete(delete)
-                .send()
-                .await
-                .map_err(|e| map_err(&what, e));
-            metrics::s3_request("delete", started.elapsed(), r.as_ref().err());
-            let out = r?;
+            let req = self.client.control.delete_objects().bucket(&self.bucket).delete(delete);
+            let out = instrumented("delete", sdk(&what, req.send())).await?;
             if let Some(err) = out.errors().first() {
                 return Err(StoreError::Request {
                     what: format!("deleting {}", err.key().unwrap_or("?")),
