@@ -8,29 +8,27 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures::stream::BoxStream;
 
 use super::*;
 use crate::fsx::tests::{Fake, client};
 use crate::store::local::LocalStore;
-use crate::store::object::{ByteStream, Expect, ObjectInfo, ObjectStore, Progress as PutProgress};
+use crate::store::object::{Intercepted, WriteHooks};
 use crate::store::s3::S3Options;
 use crate::store::upload::{Progress, UploadOptions, create_from_dir};
 use crate::store::{Store, StoreUrl, layout};
 
-/// A local store whose writes of volume records can be held until the test lets them go.
+/// Hooks that hold writes of volume records, once armed, until the test lets them go.
 #[derive(Debug)]
-struct GatedStore {
-    inner: LocalStore,
+struct Gate {
     armed: AtomicBool,
     /// Record writes that reached the gate so far.
     arrived: tokio::sync::watch::Sender<usize>,
     release: tokio::sync::Semaphore,
 }
 
-impl GatedStore {
-    async fn gate(&self, key: &str) {
+#[async_trait]
+impl WriteHooks for Gate {
+    async fn before_put(&self, key: &str, _if_absent: bool) {
         if key.starts_with(RECORDS) && self.armed.load(Ordering::SeqCst) {
             self.arrived.send_modify(|n| *n += 1);
             if let Ok(permit) = self.release.acquire().await {
@@ -40,40 +38,8 @@ impl GatedStore {
     }
 }
 
-#[async_trait]
-impl ObjectStore for GatedStore {
-    fn url(&self) -> String {
-        self.inner.url()
-    }
-    async fn get_range(&self, key: &str, range: std::ops::Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError> {
-        self.inner.get_range(key, range, expect).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError> {
-        self.gate(key).await;
-        self.inner.put(key, body, if_absent).await
-    }
-    async fn probe_if_absent(&self, key: &str) -> Result<bool, StoreError> {
-        self.inner.probe_if_absent(key).await
-    }
-    async fn put_file(&self, key: &str, path: &std::path::Path, progress: PutProgress<'_>) -> Result<[u8; 32], StoreError> {
-        self.inner.put_file(key, path, progress).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        self.inner.head(key).await
-    }
-    fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, StoreError>> {
-        self.inner.list(prefix)
-    }
-    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list_dirs(prefix).await
-    }
-    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
-        self.inner.delete(keys).await
-    }
-}
+/// A local store behind the [`Gate`].
+type GatedStore = Intercepted<Gate>;
 
 struct Setup {
     svc: Arc<ControllerService>,
@@ -89,10 +55,12 @@ async fn setup() -> Setup {
     std::fs::write(src.path().join("a.txt"), b"alpha").expect("write");
     let (arrived, _) = tokio::sync::watch::channel(0);
     let gate = Arc::new(GatedStore {
-        inner: LocalStore::open(root.path()).expect("local store"),
-        armed: AtomicBool::new(false),
-        arrived,
-        release: tokio::sync::Semaphore::new(0),
+        inner: Arc::new(LocalStore::open(root.path()).expect("local store")),
+        hooks: Gate {
+            armed: AtomicBool::new(false),
+            arrived,
+            release: tokio::sync::Semaphore::new(0),
+        },
     });
     let url = StoreUrl::S3 { bucket: "bucket".into(), prefix: "pfx".into() };
     let store = Store::with_objects(url.clone(), gate.clone(), S3Options::default());
@@ -101,7 +69,7 @@ async fn setup() -> Setup {
         .expect("create version")
         .version;
     // The tree is complete: FSx imports it, no export runs.
-    store.objects().put(&layout::tree_marker_key("fast", version), Bytes::from_static(b"{}"), false).await.expect("tree marker");
+    store.objects().put(&layout::tree_marker_key("fast", version), bytes::Bytes::from_static(b"{}"), false).await.expect("tree marker");
     let stores = Arc::new(Stores::new(url.clone(), S3Options::default()));
     stores.insert(&url.to_string(), store).await;
     let fake = Arc::new(Mutex::new(Fake::default()));
@@ -155,8 +123,8 @@ async fn a_delete_never_removes_the_file_system_a_concurrent_create_answers() {
     let key = s.svc.load(&b.volume_id).await.expect("load").and_then(|r| r.fs_key).expect("fs key");
 
     // A's record write waits at the gate: A has its answer, not yet saved.
-    s.gate.armed.store(true, Ordering::SeqCst);
-    let mut arrived = s.gate.arrived.subscribe();
+    s.gate.hooks.armed.store(true, Ordering::SeqCst);
+    let mut arrived = s.gate.hooks.arrived.subscribe();
     let svc = s.svc.clone();
     let create_a = tokio::spawn(async move { svc.create(create_req("pvc-a")).await });
     tokio::time::timeout(Duration::from_secs(30), arrived.wait_for(|n| *n >= 1)).await.expect("A's record write reaches the gate").expect("gate");
@@ -172,8 +140,8 @@ async fn a_delete_never_removes_the_file_system_a_concurrent_create_answers() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let deleted_before_a_saved = delete_b.is_finished();
-    s.gate.armed.store(false, Ordering::SeqCst);
-    s.gate.release.add_permits(1);
+    s.gate.hooks.armed.store(false, Ordering::SeqCst);
+    s.gate.hooks.release.add_permits(1);
     let a = create_a.await.expect("join").expect("CreateVolume A").volume.expect("volume");
     delete_b.await.expect("join").expect("DeleteVolume B");
 

@@ -186,6 +186,65 @@ pub trait ObjectStore: Send + Sync + Debug + 'static {
     async fn delete(&self, keys: &[String]) -> Result<(), StoreError>;
 }
 
+/// What an [`Intercepted`] store runs around writes: hold a write back, count it, or record
+/// it. Every hook does nothing unless overridden.
+#[async_trait]
+pub trait WriteHooks: Send + Sync + Debug + 'static {
+    /// Before `put` of `key` reaches the store.
+    async fn before_put(&self, _key: &str, _if_absent: bool) {}
+    /// After `put` of `key` returned `result`.
+    async fn after_put(&self, _key: &str, _result: &Result<(), StoreError>) {}
+    /// Before `delete` of `keys` reaches the store.
+    async fn before_delete(&self, _keys: &[String]) {}
+}
+
+/// An object store that passes every call to `inner`, running `hooks` around writes. Tests use
+/// it to force races (hold a write until another one arrived) and to observe what reaches the
+/// store, without a copy of every delegating method each time.
+#[derive(Debug)]
+pub struct Intercepted<H> {
+    pub inner: std::sync::Arc<dyn ObjectStore>,
+    pub hooks: H,
+}
+
+#[async_trait]
+impl<H: WriteHooks> ObjectStore for Intercepted<H> {
+    fn url(&self) -> String {
+        self.inner.url()
+    }
+    async fn get_range(&self, key: &str, range: Range<u64>, expect: Expect<'_>) -> Result<ByteStream, StoreError> {
+        self.inner.get_range(key, range, expect).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError> {
+        self.hooks.before_put(key, if_absent).await;
+        let result = self.inner.put(key, body, if_absent).await;
+        self.hooks.after_put(key, &result).await;
+        result
+    }
+    async fn probe_if_absent(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.probe_if_absent(key).await
+    }
+    async fn put_file(&self, key: &str, path: &Path, progress: Progress<'_>) -> Result<[u8; 32], StoreError> {
+        self.inner.put_file(key, path, progress).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
+        self.inner.head(key).await
+    }
+    fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, StoreError>> {
+        self.inner.list(prefix)
+    }
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.list_dirs(prefix).await
+    }
+    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
+        self.hooks.before_delete(keys).await;
+        self.inner.delete(keys).await
+    }
+}
+
 /// Reads a whole stream into memory (for small objects and tests).
 pub async fn collect(mut stream: ByteStream) -> Result<Bytes, StoreError> {
     use futures::StreamExt;

@@ -1,20 +1,16 @@
 //! The store protocol (issue 16): deletes never remove what an upload or a mount relies on,
 //! one writer wins each version number, and numbers are never reused.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use datastore::store::object::{
-    ByteStream, Expect, ObjectInfo, ObjectStore, Progress as PutProgress, StoreError,
-};
+use datastore::store::object::{Intercepted, StoreError, WriteHooks};
 use datastore::store::upload::{Progress, UploadOptions, create_from_dir};
 use datastore::store::{Error, Store};
-use futures::stream::BoxStream;
 
 use crate::common::*;
 
@@ -314,65 +310,27 @@ fn version_numbers_are_never_reused() {
     assert_eq!(ok(&o).lines().count(), 2);
 }
 
-/// An object store that holds every manifest write until two claims (`version.json` writes)
-/// were attempted, so that two commits always overlap.
+/// Hooks that hold every manifest write until two claims (`version.json` writes) were
+/// attempted, so that two commits always overlap.
 #[derive(Debug)]
 struct Overlap {
-    inner: Arc<dyn ObjectStore>,
     claims: AtomicU64,
 }
 
 #[async_trait]
-impl ObjectStore for Overlap {
-    fn url(&self) -> String {
-        self.inner.url()
-    }
-    async fn get_range(
-        &self,
-        key: &str,
-        range: std::ops::Range<u64>,
-        expect: Expect<'_>,
-    ) -> Result<ByteStream, StoreError> {
-        self.inner.get_range(key, range, expect).await
-    }
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError> {
+impl WriteHooks for Overlap {
+    async fn before_put(&self, key: &str, _if_absent: bool) {
         if key.ends_with("/manifest") && key.contains("/versions/") {
             let deadline = Instant::now() + Duration::from_secs(1);
             while self.claims.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        let r = self.inner.put(key, body, if_absent).await;
+    }
+    async fn after_put(&self, key: &str, _result: &Result<(), StoreError>) {
         if key.ends_with("/version.json") {
             self.claims.fetch_add(1, Ordering::SeqCst);
         }
-        r
-    }
-    async fn probe_if_absent(&self, key: &str) -> Result<bool, StoreError> {
-        self.inner.probe_if_absent(key).await
-    }
-    async fn put_file(
-        &self,
-        key: &str,
-        path: &Path,
-        progress: PutProgress<'_>,
-    ) -> Result<[u8; 32], StoreError> {
-        self.inner.put_file(key, path, progress).await
-    }
-    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, StoreError> {
-        self.inner.head(key).await
-    }
-    fn list(&self, prefix: &str) -> BoxStream<'static, Result<ObjectInfo, StoreError>> {
-        self.inner.list(prefix)
-    }
-    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.list_dirs(prefix).await
-    }
-    async fn delete(&self, keys: &[String]) -> Result<(), StoreError> {
-        self.inner.delete(keys).await
     }
 }
 
@@ -384,9 +342,11 @@ fn concurrent_commits(store: &Store, rounds: u64) {
     for round in 0..rounds {
         let store = Store::with_objects(
             store.url().clone(),
-            Arc::new(Overlap {
+            Arc::new(Intercepted {
                 inner: store.objects().clone(),
-                claims: AtomicU64::new(0),
+                hooks: Overlap {
+                    claims: AtomicU64::new(0),
+                },
             }),
             Default::default(),
         );
