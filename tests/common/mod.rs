@@ -89,6 +89,15 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// The environment that points a child process's AWS SDK at the test S3 server's key.
+pub fn test_s3_env() -> [(&'static str, &'static str); 3] {
+    [
+        ("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY),
+        ("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY),
+        ("AWS_REGION", "us-east-1"),
+    ]
+}
+
 /// S3 options that reach `server` with the credentials it accepts.
 pub fn s3_options(server: &TestServer, timeouts: ReadTimeouts) -> S3Options {
     S3Options {

@@ -206,9 +206,7 @@ fn provisioner_binds_rox_refuses_rwo_and_deletes() {
                 &server().endpoint(),
             ])
             .env("KUBECONFIG", cp.kubeconfig())
-            .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY)
-            .env("AWS_REGION", "us-east-1")
+            .envs(test_s3_env())
             .env("DATASTORE_LOG", "info"),
         dir.path().join("driver.log"),
     );

@@ -75,9 +75,7 @@ fn operator() -> &'static OperatorProcess {
             // without a Secret are read only from there).
             .args((0..SOURCE_BUCKETS).flat_map(|i| ["--allowed-source".to_owned(), format!("*=s3://{}/", source_bucket(i))]))
             .env("KUBECONFIG", cp.kubeconfig())
-            .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY)
-            .env("AWS_REGION", "us-east-1")
+            .envs(test_s3_env())
             .env("DATASTORE_LOG", "info,datastore=debug")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log fd"))
@@ -205,9 +203,7 @@ impl World {
             .arg(ns)
             .arg("--kubeconfig")
             .arg(self.cp.kubeconfig())
-            .env("AWS_ACCESS_KEY_ID", s3_test_server::ACCESS_KEY)
-            .env("AWS_SECRET_ACCESS_KEY", s3_test_server::SECRET_KEY)
-            .env("AWS_REGION", "us-east-1")
+            .envs(test_s3_env())
             .env_remove("KUBECONFIG")
             .stdin(Stdio::null());
         c
