@@ -27,6 +27,8 @@ pub enum ExportError {
     NotS3(String),
     #[error("path {0:?} is not UTF-8, which S3 keys (and so FSx imports) require")]
     NotUtf8(String),
+    #[error("file {0:?} is stored in a pack, which FSx exports cannot copy yet")]
+    Packed(String),
     #[error(transparent)]
     Store(#[from] crate::store::Error),
     #[error(transparent)]
@@ -91,6 +93,7 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
     let mut empty_dirs = Vec::new();
     let mut bad_path = None;
     let mut symlinks = 0u64;
+    let mut packed = None;
     manifest.walk(|path, entry| {
         if path.is_empty() || bad_path.is_some() {
             return;
@@ -108,6 +111,10 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
                 let (src_bucket, src_key, etag) = match blob.location {
                     Location::Store => (bucket.clone(), full_key(&prefix, &layout::object_key(name, &blob.id)), None),
                     Location::External(e) => (e.bucket, e.key, e.etag),
+                    Location::Pack(_) => {
+                        packed = Some(path.to_owned());
+                        return;
+                    }
                 };
                 copies.push((format!("{tree}{path}"), src_bucket, src_key, etag, entry.size()));
             }
@@ -115,6 +122,9 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
     });
     if let Some(p) = bad_path {
         return Err(ExportError::NotUtf8(p));
+    }
+    if let Some(p) = packed {
+        return Err(ExportError::Packed(p));
     }
     if symlinks > 0 {
         tracing::warn!(datastore = name, version, symlinks, "symlinks are not exported to FSx");

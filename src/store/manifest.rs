@@ -75,6 +75,21 @@ pub enum Location {
     Store,
     /// An object outside the store (reference mode): read in place, pinned to its ETag/version.
     External(ExternalObject),
+    /// A range of a pack: a store object of this datastore (content-addressed by the sha256 of
+    /// the whole pack) that holds many small files back to back. The file's bytes are
+    /// `offset..offset + size` of the pack. Only paged (format 2) manifests hold these.
+    Pack(PackedAt),
+}
+
+/// Where in a pack a file's bytes are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PackedAt {
+    /// The pack's id (sha256 of its bytes); its key is the object key of this id.
+    pub pack: [u8; 32],
+    /// The pack's length in bytes (checked on every read, like a store object's size).
+    pub pack_len: u64,
+    /// Where the file starts in the pack.
+    pub offset: u64,
 }
 
 /// An S3 object referenced in place by a reference-mode version.
@@ -375,6 +390,9 @@ impl ManifestBuilder {
                     blobs.extend_from_slice(&blob.id);
                     let rec = match &blob.location {
                         Location::Store => NO_RECORD,
+                        Location::Pack(_) => {
+                            return Err(corrupt("format 1 manifests cannot hold packed files"));
+                        }
                         Location::External(ext) => {
                             let off = strings.len() as u64;
                             for s in [Some(&ext.bucket), Some(&ext.key)] {

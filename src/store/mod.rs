@@ -472,6 +472,34 @@ impl Store {
                     .get_range(&layout::object_key(name, &blob.id), range, expect)
                     .await
             }
+            Location::Pack(at) => {
+                let end = range.end.min(size);
+                let start = range.start.min(end);
+                let inside = at
+                    .offset
+                    .checked_add(size)
+                    .is_some_and(|e| e <= at.pack_len);
+                if !inside {
+                    return Err(StoreError::Body {
+                        what: format!("pack {}", hex::encode(at.pack)),
+                        message: format!(
+                            "a file of {size} bytes at {} does not fit in a pack of {}",
+                            at.offset, at.pack_len
+                        ),
+                    });
+                }
+                let expect = Expect {
+                    size: Some(at.pack_len),
+                    ..Expect::default()
+                };
+                self.objects
+                    .get_range(
+                        &layout::object_key(name, &at.pack),
+                        at.offset + start..at.offset + end,
+                        expect,
+                    )
+                    .await
+            }
             Location::External(ext) => {
                 // Never with the reader's credentials outside the scope (confused deputy).
                 self.check_blob(blob)?;

@@ -35,6 +35,8 @@ pub enum StagedError {
     Invalid(String),
     #[error("{path}: a reference to another location; uploads may only name their own objects")]
     External { path: String },
+    #[error("{path}: packed files cannot be uploaded through a session yet")]
+    Packed { path: String },
     #[error("{path}: its content {id} was not uploaded")]
     MissingObject { path: String, id: String },
     #[error(
@@ -60,6 +62,7 @@ impl StagedError {
             | StagedError::TooLarge { .. }
             | StagedError::Invalid(_)
             | StagedError::External { .. }
+            | StagedError::Packed { .. }
             | StagedError::MissingObject { .. }
             | StagedError::WrongSize { .. } => false,
         }
@@ -171,6 +174,7 @@ fn check_against(manifest: &Manifest, present: &HashMap<[u8; 32], u64>) -> Resul
         let path = String::from_utf8_lossy(path).into_owned();
         problem = match blob.location {
             Location::External(_) => Some(StagedError::External { path }),
+            Location::Pack(_) => Some(StagedError::Packed { path }),
             Location::Store => match present.get(&blob.id) {
                 None => Some(StagedError::MissingObject {
                     path,
