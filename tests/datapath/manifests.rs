@@ -126,7 +126,9 @@ fn files_by_page(m: &Manifest) -> Vec<(String, usize)> {
 fn a_cold_page_is_fetched_once_however_many_threads_need_it() {
     let (store, bucket) = s3_store();
     let v = synthetic(&store, "cold", 4, 4000);
-    let m = Arc::new(rt().block_on(store.load_manifest("cold", v)).expect("open"));
+    // Small enough to be read whole when opened: this test wants pages on demand.
+    let lazy = ManifestOptions { preload_raw_bytes: 0, ..ManifestOptions::default() };
+    let m = Arc::new(rt().block_on(store.open_manifest("cold", v, &lazy)).expect("open"));
     let target = m.len() as u32 - 10;
     server().reset_counts(&bucket);
     const N: usize = 16;
@@ -154,7 +156,7 @@ fn pages_are_shared_through_the_node_cache() {
     let dir = tempfile::tempdir().expect("cache dir");
     let cache = cache(dir.path(), 1 << 30);
     let scope = datastore::cache::Scope::new(&store.url().to_string(), "shared");
-    let opts = ManifestOptions { disk: Some((cache.clone(), scope)), ..ManifestOptions::default() };
+    let opts = ManifestOptions { disk: Some((cache.clone(), scope)), preload_raw_bytes: 0, ..ManifestOptions::default() };
     let open = || rt().block_on(store.open_manifest("shared", v, &opts)).expect("open");
     let first = open();
     let last = first.len() as u32 - 1;

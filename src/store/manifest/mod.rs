@@ -43,7 +43,9 @@ use super::names::NameError;
 
 pub use builder::{DEFAULT_BUILD_BUDGET, Dropped, DroppedWhy, Finished, ManifestBuilder};
 pub use page::{Entry, PackRef};
-pub use reader::{Children, DEFAULT_PAGE_CACHE_BYTES, Manifest, ManifestOptions};
+pub use reader::{
+    Children, DEFAULT_PAGE_CACHE_BYTES, DEFAULT_PRELOAD_RAW_BYTES, Manifest, ManifestOptions,
+};
 pub use source::PageSource;
 
 /// Upper bound on a decompressed manifest: refuses decompression bombs from a corrupted store.

@@ -36,6 +36,8 @@ use crate::cache::{BlockCache, BlockKey, Scope};
 
 /// Default byte budget of a manifest's decoded pages.
 pub const DEFAULT_PAGE_CACHE_BYTES: usize = 64 << 20;
+/// Default size (raw) below which a paged manifest is read whole when it is opened.
+pub const DEFAULT_PRELOAD_RAW_BYTES: u64 = 16 << 20;
 
 /// How a format 2 manifest keeps its pages.
 #[derive(Clone)]
@@ -44,6 +46,10 @@ pub struct ManifestOptions {
     pub page_cache_bytes: usize,
     /// The node's block cache and the datastore's scope in it, for the stored pages.
     pub disk: Option<(Arc<BlockCache>, Scope)>,
+    /// A manifest whose pages add up to at most this many raw bytes (and fit the page cache)
+    /// is read whole, with one GET, when it is opened: small versions then answer metadata
+    /// from memory only, as format 1 did, even while the store is unreachable.
+    pub preload_raw_bytes: u64,
 }
 
 impl Default for ManifestOptions {
@@ -51,6 +57,17 @@ impl Default for ManifestOptions {
         ManifestOptions {
             page_cache_bytes: DEFAULT_PAGE_CACHE_BYTES,
             disk: None,
+            preload_raw_bytes: DEFAULT_PRELOAD_RAW_BYTES,
+        }
+    }
+}
+
+impl ManifestOptions {
+    /// Options that never preload (a manifest read once, or already in memory).
+    pub(crate) fn lazy() -> ManifestOptions {
+        ManifestOptions {
+            preload_raw_bytes: 0,
+            ..ManifestOptions::default()
         }
     }
 }
@@ -60,6 +77,7 @@ impl std::fmt::Debug for ManifestOptions {
         f.debug_struct("ManifestOptions")
             .field("page_cache_bytes", &self.page_cache_bytes)
             .field("disk", &self.disk.is_some())
+            .field("preload_raw_bytes", &self.preload_raw_bytes)
             .finish()
     }
 }
@@ -145,7 +163,7 @@ impl Manifest {
             head,
             Arc::new(MemorySource(data)),
             None,
-            &ManifestOptions::default(),
+            &ManifestOptions::lazy(),
         )?;
         if m.paged().is_some_and(|p| p.head.raw_total > max_raw.min(MAX_RAW_LEN)) {
             return Err(ManifestError::TooLarge);
@@ -160,7 +178,7 @@ impl Manifest {
     pub(crate) fn open_file(file: Arc<FileSource>) -> Result<Manifest, ManifestError> {
         let head_len = paged::head_len(&file.read(0..paged::HEADER_LEN as u64)?)?;
         let head = file.read(0..head_len)?;
-        Manifest::open(head, file, None, &ManifestOptions::default())
+        Manifest::open(head, file, None, &ManifestOptions::lazy())
     }
 
     /// Opens a format 2 manifest from its head; pages come from `source` (and the node cache
@@ -194,7 +212,9 @@ impl Manifest {
             }
             _ => None,
         };
-        Ok(Manifest {
+        let preload = head.raw_total <= opts.preload_raw_bytes
+            && head.raw_total.saturating_mul(2) <= opts.page_cache_bytes as u64;
+        let m = Manifest {
             entries: head.entries,
             totals: head.totals,
             body: Body::Paged(Box::new(Paged {
@@ -211,7 +231,11 @@ impl Manifest {
                 loads: AtomicU64::new(0),
                 waiting: AtomicU64::new(0),
             })),
-        })
+        };
+        if preload && let Some(p) = m.paged() {
+            p.preload();
+        }
+        Ok(m)
     }
 
     pub(crate) fn whole(page: Arc<Page>, totals: Totals) -> Manifest {
@@ -533,6 +557,34 @@ impl Paged {
             slot.cv.notify_all();
         }
         result
+    }
+
+    /// Reads every page with one read and keeps those that check out (best effort: a page
+    /// that does not is loaded, and fails, when it is needed).
+    fn preload(&self) {
+        let start = self.head.head_len;
+        let all = match self.source.read(start..self.head.end) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the manifest's pages at once; loading them when needed");
+                return;
+            }
+        };
+        self.loads.fetch_add(1, Ordering::Relaxed);
+        let mut lru = self.lock();
+        for (i, at) in self.head.index.iter().enumerate() {
+            let from = (at.off - start) as usize;
+            let Some(stored) = all.get(from..from + at.len as usize) else {
+                continue;
+            };
+            match self.head.decode_page(i, stored) {
+                Ok((page, _)) => {
+                    lru.bytes += page.mem_len();
+                    lru.pages.put(i as u32, Arc::new(page));
+                }
+                Err(e) => tracing::warn!(page = i, error = %e, "manifest page failed its check"),
+            }
+        }
     }
 
     /// Loads and checks page `i`: the node cache first, else the source (then cached).

@@ -409,7 +409,7 @@ fn concurrent_readers_of_a_cold_page_load_it_once() {
         release: Mutex::new(None),
     });
     let m = Arc::new(
-        Manifest::open(stored.slice(..head_len), src.clone(), None, &ManifestOptions::default())
+        Manifest::open(stored.slice(..head_len), src.clone(), None, &ManifestOptions::lazy())
             .unwrap(),
     );
     const N: u64 = 8;
@@ -439,7 +439,7 @@ fn the_lru_keeps_to_its_budget() {
     let head_len = paged::head_len(&stored).unwrap() as usize;
     let opts = ManifestOptions {
         page_cache_bytes: 1,
-        disk: None,
+        ..ManifestOptions::lazy()
     };
     let m = Manifest::open(stored.slice(..head_len), Arc::new(MemorySource(stored.clone())), None, &opts).unwrap();
     let last = m.len() as u32 - 1;
@@ -459,7 +459,7 @@ fn pages_are_shared_through_the_node_cache_and_checked_there() {
     let open = |src: Arc<Gated>| {
         let opts = ManifestOptions {
             disk: Some((cache.clone(), scope)),
-            ..ManifestOptions::default()
+            ..ManifestOptions::lazy()
         };
         Manifest::open(stored.slice(..head_len), src, Some("ds/versions/1/manifest"), &opts).unwrap()
     };
@@ -506,4 +506,21 @@ fn untrusted_manifests_are_bounded_and_checked_whole() {
         Err(ManifestError::TooLarge)
     ));
     Manifest::from_compressed_limited(&stored, 1 << 30).unwrap();
+}
+
+#[test]
+fn small_manifests_are_read_whole_when_opened() {
+    let stored = many_pages();
+    let head_len = paged::head_len(&stored).unwrap() as usize;
+    let src = Arc::new(Gated {
+        inner: MemorySource(stored.clone()),
+        reads: AtomicU64::new(0),
+        release: Mutex::new(None),
+    });
+    let m = Manifest::open(stored.slice(..head_len), src.clone(), None, &ManifestOptions::default()).unwrap();
+    assert_eq!(src.reads.load(Ordering::SeqCst), 1, "one read of every page");
+    let mut n = 0;
+    m.walk(|_, _| n += 1).unwrap();
+    m.entry(m.len() as u32 - 1).unwrap();
+    assert_eq!((n, src.reads.load(Ordering::SeqCst)), (m.len(), 1));
 }
