@@ -215,6 +215,19 @@ impl BlockCache {
         self.lock().lru.pop(key);
     }
 
+    /// Deletes a block whose content its user found wrong (a check the cache cannot make,
+    /// such as a manifest page's sha256). Blocking.
+    pub fn remove_blocking(&self, key: &BlockKey) {
+        self.forget(key);
+        let path = self.path(key);
+        match self.ledger.lock() {
+            Ok(mut locked) => {
+                remove_counted(&mut locked, &path);
+            }
+            Err(e) => tracing::warn!(error = %e, "cache ledger unavailable"),
+        }
+    }
+
     /// Queues a block for writing unless the write queue is full, then calls `done` (also when
     /// the block is not queued). Non-blocking.
     pub fn put_async(

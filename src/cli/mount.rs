@@ -13,6 +13,7 @@ use crate::cache::BlockCache;
 use crate::fs::fetch::{FetchConfig, Fetcher};
 use crate::fs::fuse::{MountConfig, mount};
 use crate::fs::{DatastoreFs, FsOptions};
+use crate::store::manifest::ManifestOptions;
 use crate::store::s3::ReadTimeouts;
 
 #[derive(Debug, Args)]
@@ -119,13 +120,18 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    let manifest = Arc::new(store.load_manifest(name, version).await?);
     let cfg = FetchConfig {
         deadline: a.read_timeout,
         ..FetchConfig::default()
     };
     let cache = a.cache.open(cfg.block_size).await?;
-    let fetcher = Fetcher::new(store, cache, cfg);
+    let fetcher = Fetcher::new(store, cache.clone(), cfg);
+    // Pages of a paged manifest go through the node cache too (shared with other mounts).
+    let opts = ManifestOptions {
+        disk: cache.map(|c| (c, fetcher.scope(name))),
+        ..ManifestOptions::default()
+    };
+    let manifest = Arc::new(fetcher.store().open_manifest(name, version, &opts).await?);
     let mut opts = FsOptions::default();
     opts.uid = a.uid.unwrap_or(opts.uid);
     opts.gid = a.gid.unwrap_or(opts.gid);

@@ -1,7 +1,8 @@
 //! The thin adapter from [`DatastoreFs`] to the kernel through `fuser`. The only file that
 //! imports fuser's filesystem API.
 //!
-//! Metadata requests are answered inline (memory only). `read` is answered from a task on the
+//! Metadata requests are answered inline: from memory, or for a format 2 page not yet loaded,
+//! after one load on this FUSE worker thread (the other workers keep serving). `read` is answered from a task on the
 //! tokio runtime, so the FUSE threads never wait on the network. Every write-type request gets
 //! EROFS (the mount is also `ro`, so most never reach us). Files are opened with
 //! FOPEN_KEEP_CACHE and directories with FOPEN_CACHE_DIR: versions are immutable, so the
@@ -147,7 +148,7 @@ impl fuser::Filesystem for FuseAdapter {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         match self.fs.readlink(ino.0) {
-            Ok(t) => reply.data(t),
+            Ok(t) => reply.data(&t),
             Err(e) => reply.error(Errno::from_i32(e)),
         }
     }
@@ -289,15 +290,22 @@ impl fuser::Filesystem for FuseAdapter {
     ) {
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
+                let mut added = false;
                 for e in entries {
+                    let e = match e {
+                        Ok(e) => e,
+                        Err(err) if !added => return reply.error(Errno::from_i32(err)),
+                        Err(_) => break,
+                    };
                     if reply.add(
                         INodeNo(e.attr.ino),
                         e.next_offset,
                         file_type(e.attr.kind),
-                        e.name,
+                        &e.name,
                     ) {
                         break;
                     }
+                    added = true;
                 }
                 reply.ok();
             }
@@ -316,11 +324,18 @@ impl fuser::Filesystem for FuseAdapter {
         let ttl = self.fs.ttl();
         match self.fs.readdir(ino.0, offset) {
             Ok(entries) => {
+                let mut added = false;
                 for e in entries {
+                    let e = match e {
+                        Ok(e) => e,
+                        Err(err) if !added => return reply.error(Errno::from_i32(err)),
+                        Err(_) => break,
+                    };
+                    added = true;
                     if reply.add(
                         INodeNo(e.attr.ino),
                         e.next_offset,
-                        e.name,
+                        &e.name,
                         &ttl,
                         &file_attr(&e.attr),
                         GEN,

@@ -1,8 +1,10 @@
 //! The read-only filesystem of one datastore version, as plain methods.
 //!
-//! Metadata (lookup, getattr, readdir, readlink, statfs) comes from the manifest in memory and
-//! never touches the network. Data reads go through the [`fetch::Fetcher`] with per-handle
-//! sequential readahead. `fuse.rs` adapts this to the kernel; nothing else here knows FUSE.
+//! Metadata (lookup, getattr, readdir, readlink, statfs) comes from the manifest: from memory,
+//! except that the first use of a format 2 page loads it (from the node cache, else one ranged
+//! GET), on the calling thread; a page that cannot be loaded or fails its check is EIO. Data
+//! reads go through the [`fetch::Fetcher`] with per-handle sequential readahead. `fuse.rs`
+//! adapts this to the kernel; nothing else here knows FUSE.
 //!
 //! Inode numbers are manifest indices plus one (the root is 1). Readdir offsets are stable:
 //! 1 is ".", 2 is "..", and 3 + k is the k-th child in name order.
@@ -12,7 +14,7 @@ pub mod fuse;
 mod readahead;
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -21,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use bytes::{Bytes, BytesMut};
 
 use crate::metrics;
-use crate::store::manifest::{Entry, Kind, Manifest};
+use crate::store::manifest::{Entry, Kind, Manifest, ManifestError};
 use fetch::{Content, Fetcher, ReadError};
 use readahead::Readahead;
 
@@ -44,11 +46,11 @@ pub struct Attr {
 
 /// One directory entry of a readdir answer.
 #[derive(Debug, Clone)]
-pub struct DirEntry<'a> {
+pub struct DirEntry {
     /// Offset of the entry after this one (what the kernel passes back to continue).
     pub next_offset: u64,
     pub attr: Attr,
-    pub name: &'a OsStr,
+    pub name: OsString,
 }
 
 /// Filesystem-wide numbers for statfs.
@@ -157,15 +159,24 @@ impl DatastoreFs {
         self.opts.ttl
     }
 
-    fn entry(&self, ino: u64) -> Result<Entry<'_>, Errno> {
+    /// EIO for a manifest page that cannot be read (logged once here).
+    fn eio(&self, e: ManifestError) -> Errno {
+        tracing::error!(datastore = %self.name, version = self.version, error = %e, "manifest read failed; returning EIO");
+        libc::EIO
+    }
+
+    fn entry(&self, ino: u64) -> Result<Entry, Errno> {
         let idx = ino
             .checked_sub(1)
             .and_then(|i| u32::try_from(i).ok())
             .ok_or(libc::ENOENT)?;
-        self.manifest.entry(idx).ok_or(libc::ENOENT)
+        self.manifest
+            .entry(idx)
+            .map_err(|e| self.eio(e))?
+            .ok_or(libc::ENOENT)
     }
 
-    fn attr_of(&self, e: Entry<'_>) -> Attr {
+    fn attr_of(&self, e: &Entry) -> Attr {
         let kind = e.kind();
         Attr {
             ino: u64::from(e.index()) + 1,
@@ -191,7 +202,7 @@ impl DatastoreFs {
 
     /// Attributes of `ino`.
     pub fn getattr(&self, ino: u64) -> Result<Attr, Errno> {
-        Ok(self.attr_of(self.entry(ino)?))
+        Ok(self.attr_of(&self.entry(ino)?))
     }
 
     /// Finds `name` in directory `parent`.
@@ -202,51 +213,64 @@ impl DatastoreFs {
         }
         let bytes = name.as_bytes();
         if bytes == b"." {
-            return Ok(self.attr_of(dir));
+            return Ok(self.attr_of(&dir));
         }
         if bytes == b".." {
-            return Ok(self.attr_of(dir.parent()));
+            let parent = self.manifest.parent(&dir).map_err(|e| self.eio(e))?;
+            return Ok(self.attr_of(&parent));
         }
         self.manifest
-            .lookup(dir, bytes)
-            .map(|e| self.attr_of(e))
+            .lookup(&dir, bytes)
+            .map_err(|e| self.eio(e))?
+            .map(|e| self.attr_of(&e))
             .ok_or(libc::ENOENT)
     }
 
-    /// Entries of directory `ino` after `offset` (see the module docs for offsets).
+    /// Entries of directory `ino` after `offset` (see the module docs for offsets). An entry
+    /// whose page cannot be read is an error item (the caller stops there).
     pub fn readdir(
         &self,
         ino: u64,
         offset: u64,
-    ) -> Result<impl Iterator<Item = DirEntry<'_>> + '_, Errno> {
+    ) -> Result<impl Iterator<Item = Result<DirEntry, Errno>> + '_, Errno> {
         let dir = self.entry(ino)?;
         if dir.kind() != Kind::Dir {
             return Err(libc::ENOTDIR);
         }
-        let dots = [(1u64, dir, "."), (2, dir.parent(), "..")]
+        let parent = self.manifest.parent(&dir).map_err(|e| self.eio(e))?;
+        let dots = [(1u64, self.attr_of(&dir), "."), (2, self.attr_of(&parent), "..")]
             .into_iter()
             .filter(move |(off, _, _)| *off > offset)
-            .map(|(off, e, n)| DirEntry {
-                next_offset: off,
-                attr: self.attr_of(e),
-                name: OsStr::new(n),
+            .map(|(off, attr, n)| {
+                Ok(DirEntry {
+                    next_offset: off,
+                    attr,
+                    name: OsString::from(n),
+                })
             });
-        let skip = offset.saturating_sub(2) as usize;
-        let children = dir
-            .children()
+        let skip = offset.saturating_sub(2).min(u64::from(u32::MAX)) as u32;
+        let children = self
+            .manifest
+            .children(&dir)
+            .skip_to(skip)
             .enumerate()
-            .skip(skip)
-            .map(move |(k, e)| DirEntry {
-                next_offset: 3 + k as u64,
-                attr: self.attr_of(e),
-                name: e.name_os(),
+            .map(move |(k, e)| {
+                let e = e.map_err(|e| self.eio(e))?;
+                Ok(DirEntry {
+                    next_offset: 3 + u64::from(skip) + k as u64,
+                    attr: self.attr_of(&e),
+                    name: e.name_os().to_os_string(),
+                })
             });
         Ok(dots.chain(children))
     }
 
     /// The target of symlink `ino`.
-    pub fn readlink(&self, ino: u64) -> Result<&[u8], Errno> {
-        self.entry(ino)?.symlink_target().ok_or(libc::EINVAL)
+    pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        self.entry(ino)?
+            .symlink_target()
+            .map(<[u8]>::to_vec)
+            .ok_or(libc::EINVAL)
     }
 
     /// Opens file `ino` for reading; any write access is refused with EROFS.

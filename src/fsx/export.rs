@@ -84,7 +84,10 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
         return Ok(url);
     }
     let manifest = store.load_manifest(name, version).await?;
-    if let Some((path, source)) = store.refused_reference(&manifest) {
+    if let Some((path, source)) = store
+        .refused_reference(&manifest)
+        .map_err(crate::store::Error::from)?
+    {
         return Err(ExportError::Reference { path, source });
     }
     let tree = layout::tree_prefix(name, version);
@@ -119,7 +122,8 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
                 copies.push((format!("{tree}{path}"), src_bucket, src_key, etag, entry.size()));
             }
         }
-    });
+    })
+    .map_err(crate::store::Error::from)?;
     if let Some(p) = bad_path {
         return Err(ExportError::NotUtf8(p));
     }

@@ -203,7 +203,7 @@ impl Store {
             match self.load_manifest(name, v).await {
                 Ok(m) => {
                     committed.insert(v);
-                    referenced.extend(store_blobs(&m).into_keys());
+                    referenced.extend(store_blobs(&m)?.into_keys());
                 }
                 Err(Error::NoSuchVersion { .. }) => {} // deleted meanwhile: see the trash
                 Err(e) => return Err(e),
@@ -228,7 +228,7 @@ impl Store {
                 Err(Error::Store(StoreError::NotFound { .. })) => continue,
                 Err(e) => return Err(e),
             };
-            let blobs = store_blobs(&m);
+            let blobs = store_blobs(&m)?;
             if mounted.contains(v) {
                 kept_for_mounts.push(*v);
                 referenced.extend(blobs.keys());

@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
 use super::manifest::{
-    Blob, ExternalObject, Location, Manifest, ManifestBuilder, ManifestError, Node,
+    Blob, DroppedWhy, ExternalObject, Location, Manifest, ManifestBuilder, ManifestError, Node,
 };
 use super::object::{Expect, ObjectInfo, StoreError};
 use super::upload::{Progress, Report, Skipped};
@@ -137,7 +137,6 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
     builder.set_root(0o755, newest);
     let mut skipped = Vec::new();
     let mut files: Vec<([u8; 32], ObjectInfo)> = Vec::new();
-    const DIR_WINS: &str = "also a prefix of other keys: the directory wins";
     for o in objects {
         let Some(rel) = o.key.strip_prefix(&source.prefix) else {
             continue;
@@ -179,13 +178,7 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
             }
         };
         match builder.insert(&comps, node) {
-            Ok(shadowed) => {
-                for s in shadowed {
-                    skipped.push(Skipped {
-                        path: format!("{}{}", source.prefix, s.path),
-                        reason: DIR_WINS.into(),
-                    });
-                }
+            Ok(()) => {
                 if !is_dir {
                     files.push((id, o));
                 }
@@ -202,15 +195,34 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
             }),
         }
     }
-    // Files dropped by the directory rule after they were added are not in the tree.
-    let dropped: HashSet<String> = skipped.iter().map(|s| s.path.clone()).collect();
-    files.retain(|(_, o)| !dropped.contains(&o.key));
     Plan {
         builder,
         to_copy: files,
         skipped,
     }
 }
+
+impl Plan {
+    /// Builds the manifest (blocking); files the directory rule dropped (known only now) are
+    /// skipped and not copied.
+    pub fn finish(self, source: &S3Source) -> Result<(Manifest, Vec<([u8; 32], ObjectInfo)>, Vec<Skipped>), ManifestError> {
+        let Plan { builder, mut to_copy, mut skipped } = self;
+        let finished = builder.finish()?;
+        let dropped: HashSet<String> =
+            finished.dropped.iter().map(|d| format!("{}{}", source.prefix, d.path)).collect();
+        to_copy.retain(|(_, o)| !dropped.contains(&o.key));
+        skipped.extend(finished.dropped.into_iter().map(|d| Skipped {
+            path: format!("{}{}", source.prefix, d.path),
+            reason: match d.why {
+                DroppedWhy::Shadowed => DIR_WINS.into(),
+                DroppedWhy::Duplicate => "appears twice in the listing: the first one is kept".into(),
+            },
+        }));
+        Ok((finished.manifest, to_copy, skipped))
+    }
+}
+
+const DIR_WINS: &str = "also a prefix of other keys: the directory wins";
 
 /// Creates a new version of `name` from an S3 prefix (see the module docs).
 /// `client` reaches the source bucket (it may differ from the store's endpoint and credentials).
@@ -249,11 +261,12 @@ pub async fn import_from_s3(
             )));
         }
     }
-    let Plan {
-        builder,
-        to_copy,
-        skipped,
-    } = plan(source, opts.mode, objects);
+    let planned = plan(source, opts.mode, objects);
+    let src = source.clone();
+    let (manifest, to_copy, skipped) = tokio::task::spawn_blocking(move || planned.finish(&src))
+        .await
+        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
+    let manifest = Arc::new(manifest);
     for (_, o) in &to_copy {
         progress.files_total.fetch_add(1, Ordering::Relaxed);
         progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
@@ -261,13 +274,10 @@ pub async fn import_from_s3(
     for s in &skipped {
         tracing::warn!(datastore = name, key = %s.path, reason = %s.reason, "skipped source key");
     }
-    let manifest = tokio::task::spawn_blocking(move || builder.finish())
-        .await
-        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
     if opts.skip_if_unchanged {
         if let Some(latest) = store.latest(name).await? {
             let current = store.load_manifest(name, latest).await?;
-            if same_content(&current, &manifest) {
+            if same_content_async(current, &manifest).await? {
                 let info = store.version_info(name, latest).await?;
                 return Ok(Report {
                     version: latest,
@@ -402,28 +412,50 @@ async fn copy_into_store(
     Ok(())
 }
 
-/// Whether two manifests describe the same tree with the same contents.
-pub fn same_content(a: &Manifest, b: &Manifest) -> bool {
+/// Whether two manifests describe the same tree with the same contents, whatever their
+/// formats (so the digest does not depend on entry order). Reads every page of both.
+pub fn same_content(a: &Manifest, b: &Manifest) -> Result<bool, ManifestError> {
     if a.len() != b.len() || a.totals() != b.totals() {
-        return false;
+        return Ok(false);
     }
-    digest(a) == digest(b)
+    Ok(digest(a)? == digest(b)?)
 }
 
-fn digest(m: &Manifest) -> [u8; 32] {
-    let mut h = Sha256::new();
+/// [`same_content`] off the async threads.
+pub(crate) async fn same_content_async(a: Manifest, b: &Arc<Manifest>) -> Result<bool> {
+    let b = b.clone();
+    tokio::task::spawn_blocking(move || same_content(&a, &b))
+        .await
+        .map_err(|e| Error::Source(format!("comparing manifests failed: {e}")))?
+        .map_err(Error::from)
+}
+
+/// A sum of per-entry hashes: equal for equal sets of entries, in any order.
+fn digest(m: &Manifest) -> Result<[u64; 4], ManifestError> {
+    let mut acc = [0u64; 4];
     m.walk(|path, e| {
+        let mut h = Sha256::new();
         h.update(path);
         h.update([0]);
         h.update(format!("{:?}:{}:{}:{}", e.kind(), e.mode(), e.size(), e.mtime_ns()).as_bytes());
         if let Some(b) = e.blob() {
             h.update(b.id);
+            if let Location::Pack(p) = b.location {
+                h.update(p.pack);
+                h.update(p.offset.to_le_bytes());
+            }
         }
         if let Some(t) = e.symlink_target() {
             h.update(t);
         }
-    });
-    h.finalize().into()
+        let d: [u8; 32] = h.finalize().into();
+        for (i, a) in acc.iter_mut().enumerate() {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&d[i * 8..i * 8 + 8]);
+            *a = a.wrapping_add(u64::from_le_bytes(w));
+        }
+    })?;
+    Ok(acc)
 }
 
 #[cfg(test)]
@@ -458,17 +490,11 @@ mod tests {
             obj("data/./dot", 9),
             obj("data//abs", 10),
         ];
-        let Plan {
-            builder,
-            to_copy,
-            skipped,
-        } = plan(&src, ImportMode::Reference, objects);
-        let m = builder.finish().unwrap();
+        let (m, to_copy, skipped) = plan(&src, ImportMode::Reference, objects).finish(&src).unwrap();
         let mut paths = Vec::new();
-        m.walk(|p, e| paths.push(format!("{}:{:?}", String::from_utf8_lossy(p), e.kind())));
-        assert_eq!(
-            paths,
-            [
+        m.walk(|p, e| paths.push(format!("{}:{:?}", String::from_utf8_lossy(p), e.kind()))).unwrap();
+        paths.sort();
+        let mut expected = [
                 ":Dir",
                 "a.txt:File",
                 "dir:Dir",
@@ -478,8 +504,9 @@ mod tests {
                 "x/y:File",
                 "z:Dir",
                 "z/w:File"
-            ]
-        );
+        ];
+        expected.sort();
+        assert_eq!(paths, expected, "walk order is index order; compared as sets");
         let mut skipped_keys: Vec<_> = skipped.iter().map(|s| s.path.as_str()).collect();
         skipped_keys.sort();
         assert_eq!(
@@ -500,6 +527,7 @@ mod tests {
         );
         match m
             .resolve(b"dir/b.txt")
+            .unwrap()
             .and_then(|e| e.blob())
             .map(|b| b.location)
         {

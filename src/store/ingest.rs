@@ -23,9 +23,9 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
-use super::import::same_content;
+use super::import::same_content_async;
 use super::lease::Lease;
-use super::manifest::{Manifest, ManifestBuilder};
+use super::manifest::{DroppedWhy, Manifest, ManifestBuilder};
 use super::upload::sink::{ObjectSink, StoreSink};
 use super::upload::{Progress, Report, Skipped};
 use super::{Error, Result, Store, VersionInfo};
@@ -84,12 +84,21 @@ impl<'a> Sender<'a> {
     }
 }
 
-/// Builds the manifest off the async threads.
-pub(crate) async fn finish(builder: ManifestBuilder) -> Result<Manifest> {
-    tokio::task::spawn_blocking(move || builder.finish())
+/// Builds the manifest off the async threads; the paths it left out go to `skipped`, with the
+/// caller's wording of why.
+pub(crate) async fn finish(
+    builder: ManifestBuilder,
+    skipped: &mut Vec<Skipped>,
+    reason: impl Fn(DroppedWhy) -> &'static str,
+) -> Result<Manifest> {
+    let finished = tokio::task::spawn_blocking(move || builder.finish())
         .await
-        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))?
-        .map_err(Error::from)
+        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
+    skipped.extend(finished.dropped.into_iter().map(|d| Skipped {
+        path: d.path,
+        reason: reason(d.why).to_owned(),
+    }));
+    Ok(finished.manifest)
 }
 
 /// How a new version describes its source in `version.json`.
@@ -145,9 +154,10 @@ impl<'a> Ingest<'a> {
     ) -> Result<Report> {
         let name = self.name;
         let store = self.store;
+        let manifest = std::sync::Arc::new(manifest);
         if skip_if_unchanged && let Some(latest) = store.latest(name).await? {
             let current = store.load_manifest(name, latest).await?;
-            if same_content(&current, &manifest) {
+            if same_content_async(current, &manifest).await? {
                 let info = store.version_info(name, latest).await?;
                 self.lease.release().await;
                 return Ok(Report {

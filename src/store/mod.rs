@@ -37,7 +37,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::OnceCell;
 
-use manifest::{Blob, Location, Manifest, ManifestError};
+use manifest::source::StoreSource;
+use manifest::{Blob, Location, Manifest, ManifestError, ManifestOptions, paged};
 use names::NameError;
 use object::{ByteStream, Expect, ObjectStore, StoreError};
 use s3::{S3Client, S3Options, S3Store};
@@ -311,9 +312,33 @@ impl Store {
 
     /// The first file of `m` (path, why) whose reference-mode object this store refuses to
     /// read ([`Store::check_blob`]); `None` when every blob may be read or the store has no
-    /// reference scope. One pass over the manifest, in memory: run it off the async threads.
-    pub fn refused_reference(&self, m: &Manifest) -> Option<(String, StoreError)> {
-        self.references.as_ref()?;
+    /// reference scope. A format 2 manifest is judged by its reference roots when each is
+    /// allowed as a whole; otherwise (and for format 1) by one pass over the manifest, which
+    /// may read every page: run it off the async threads.
+    pub fn refused_reference(
+        &self,
+        m: &Manifest,
+    ) -> Result<Option<(String, StoreError)>, ManifestError> {
+        if self.references.is_none() {
+            return Ok(None);
+        }
+        if let Some(roots) = m.reference_roots() {
+            let every_root_allowed = roots.iter().all(|(bucket, prefix)| {
+                let blob = Blob {
+                    id: [0; 32],
+                    location: Location::External(manifest::ExternalObject {
+                        bucket: bucket.clone(),
+                        key: prefix.clone(),
+                        etag: None,
+                        version_id: None,
+                    }),
+                };
+                self.check_blob(&blob).is_ok()
+            });
+            if every_root_allowed {
+                return Ok(None);
+            }
+        }
         let mut first = None;
         m.walk(|path, e| {
             if first.is_none()
@@ -322,8 +347,8 @@ impl Store {
             {
                 first = Some((String::from_utf8_lossy(path).into_owned(), err));
             }
-        });
-        first
+        })?;
+        Ok(first)
     }
 
     /// Whether `blob` may be read through this store: store objects always; an `External`
@@ -433,13 +458,87 @@ impl Store {
             })
     }
 
-    /// Reads and validates the manifest of a committed version.
+    /// Opens the manifest of a committed version with default options (no node cache).
     pub async fn load_manifest(&self, name: &str, version: u64) -> Result<Manifest> {
-        let bytes = self.manifest_bytes(name, version).await?;
-        let m = tokio::task::spawn_blocking(move || Manifest::from_compressed(&bytes))
+        self.open_manifest(name, version, &ManifestOptions::default())
             .await
-            .map_err(|e| Error::Source(format!("decoding manifest: {e}")))??;
-        Ok(m)
+    }
+
+    /// Opens the manifest of a committed version. Format 2: its head only (one ranged GET of
+    /// the first [`paged::FIRST_READ`] bytes, a second one when the index is longer); pages
+    /// are read when needed. Format 1: read and decoded whole (off the async threads).
+    pub async fn open_manifest(
+        &self,
+        name: &str,
+        version: u64,
+        opts: &ManifestOptions,
+    ) -> Result<Manifest> {
+        names::validate_datastore_name(name)?;
+        let key = layout::manifest_key(name, version);
+        let not_found = |e: StoreError| match e {
+            StoreError::NotFound { .. } => Error::NoSuchVersion {
+                name: name.to_owned(),
+                version,
+            },
+            e => e.into(),
+        };
+        let size = match self.objects.head(&key).await? {
+            Some(o) => o.size,
+            None => return Err(not_found(StoreError::NotFound { what: key })),
+        };
+        let read = |range: Range<u64>| {
+            StoreSource::read_async(
+                self.objects.clone(),
+                key.clone(),
+                size,
+                range,
+                std::time::Duration::from_secs(20),
+            )
+        };
+        let first = read(0..size.min(paged::FIRST_READ)).await.map_err(not_found)?;
+        if !paged::is_paged(&first) {
+            let bytes = if size <= paged::FIRST_READ {
+                first
+            } else {
+                read(0..size).await.map_err(not_found)?
+            };
+            return tokio::task::spawn_blocking(move || Manifest::from_compressed(&bytes))
+                .await
+                .map_err(|e| Error::Source(format!("decoding manifest: {e}")))?
+                .map_err(Error::from);
+        }
+        let head_len = paged::head_len(&first)?;
+        let head = if head_len <= first.len() as u64 {
+            first.slice(..head_len as usize)
+        } else {
+            let rest = read(first.len() as u64..head_len).await.map_err(not_found)?;
+            let mut head = first.to_vec();
+            head.extend_from_slice(&rest);
+            Bytes::from(head)
+        };
+        self.manifest_from_head(name, version, head, opts).await
+    }
+
+    /// Opens a format 2 manifest of a committed version from a copy of its head (the CSI
+    /// node keeps one per version); its pages are read from the store when needed.
+    pub async fn manifest_from_head(
+        &self,
+        name: &str,
+        version: u64,
+        head: Bytes,
+        opts: &ManifestOptions,
+    ) -> Result<Manifest> {
+        let key = layout::manifest_key(name, version);
+        let objects = self.objects.clone();
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || {
+            let end = paged::Head::parse(&head)?.end;
+            let source = Arc::new(StoreSource::new(objects, key.clone(), end));
+            Manifest::open(head, source, Some(&key), &opts)
+        })
+        .await
+        .map_err(|e| Error::Source(format!("opening manifest: {e}")))?
+        .map_err(Error::from)
     }
 
     /// Ids of all objects of `name` present in the store.
@@ -517,9 +616,11 @@ impl Store {
     }
 }
 
-/// The store objects a manifest references, with their sizes.
-fn store_blobs(m: &Manifest) -> std::collections::HashMap<[u8; 32], u64> {
-    let mut out = std::collections::HashMap::new();
+/// The store objects a manifest references, with their sizes (reads every page): store
+/// objects of files, and packs (from the pack table).
+fn store_blobs(m: &Manifest) -> Result<std::collections::HashMap<[u8; 32], u64>> {
+    let mut out: std::collections::HashMap<[u8; 32], u64> =
+        m.packs().iter().map(|p| (p.id, p.len)).collect();
     m.walk(|_, e| {
         if let Some(Blob {
             id,
@@ -528,8 +629,8 @@ fn store_blobs(m: &Manifest) -> std::collections::HashMap<[u8; 32], u64> {
         {
             out.insert(id, e.size());
         }
-    });
-    out
+    })?;
+    Ok(out)
 }
 
 /// Current time as RFC 3339 (seconds).

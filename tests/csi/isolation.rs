@@ -78,7 +78,7 @@ fn forge(d: &Driver, ns: &str, name: &str, file: &str, len: usize, seed: u64) ->
         .expect("namespace store");
     let v = rt().block_on(store.latest(name)).expect("versions").expect("a version");
     let m = rt().block_on(store.load_manifest(name, v)).expect("manifest");
-    let id = m.resolve(file.as_bytes()).and_then(|e| e.blob()).expect("blob").id;
+    let id = m.resolve(file.as_bytes()).expect("resolve").and_then(|e| e.blob()).expect("blob").id;
     let junk = bytes(seed, len);
     rt().block_on(store.objects().put(
         &layout::object_key(name, &id),

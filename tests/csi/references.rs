@@ -95,7 +95,7 @@ fn reference_objects_are_read_only_from_allowed_locations() {
     b.insert(&["mine.txt"], external(&src_bucket, "a-only/a.txt", 10, 2)).expect("insert");
     b.insert(&["stolen.txt"], external(&secret_bucket, "k", 10, 3)).expect("insert");
     b.insert(&["team-b.txt"], external(&d.bucket, "pfx/namespaces/team-b/raw.txt", 11, 4)).expect("insert");
-    let manifest = b.finish().expect("manifest");
+    let manifest = b.finish().expect("manifest").manifest;
     let info = VersionInfo {
         datastore: "crafted".into(),
         version: 0,
@@ -134,7 +134,7 @@ fn reference_objects_are_read_only_from_allowed_locations() {
     let bstore = namespace_store(&d, "team-b");
     let mut b = ManifestBuilder::new(1_000_000_000);
     b.insert(&["a.txt"], external(&src_bucket, "a-only/a.txt", 10, 2)).expect("insert");
-    let m = b.finish().expect("manifest");
+    let m = b.finish().expect("manifest").manifest;
     let info = VersionInfo { datastore: "borrowed".into(), files: 1, bytes: 10, ..crafted_info() };
     let v = rt().block_on(bstore.commit_version("borrowed", info, &m)).expect("commit");
     let ctx = params(&[("datastore", "borrowed"), ("version", &v.to_string()), ("store", &bstore.url().to_string())]);
@@ -160,7 +160,7 @@ fn reads_check_the_location_too() {
     let mut b = ManifestBuilder::new(1_000_000_000);
     b.insert(&["x.txt"], external(&src_bucket, "b-only/x.txt", 5, 5)).expect("insert");
     b.insert(&["y.txt"], external(&src_bucket, "b-only/y.txt", 6, 6)).expect("insert");
-    let m = b.finish().expect("manifest");
+    let m = b.finish().expect("manifest").manifest;
     let info = VersionInfo { datastore: "refs".into(), files: 2, bytes: 11, ..crafted_info() };
     let v = rt().block_on(store.commit_version("refs", info, &m)).expect("commit");
     let mut n = d.node();
@@ -213,12 +213,12 @@ fn reference_objects_are_read_with_the_volumes_own_credentials() {
     b.insert(&["y.txt"], external(&name, "data/y.txt", 13, 8)).expect("insert");
     b.insert(&["w.txt"], external(&name, "data/w.txt", 14, 10)).expect("insert");
     b.insert(&["z.txt"], external(&name, "data/z.txt", 15, 11)).expect("insert");
-    let m = b.finish().expect("manifest");
+    let m = b.finish().expect("manifest").manifest;
     let info = VersionInfo { datastore: "own".into(), files: 4, bytes: 54, ..crafted_info() };
     let v = rt().block_on(store.commit_version("own", info, &m)).expect("commit");
     let mut b = ManifestBuilder::new(1_000_000_000);
     b.insert(&["z.txt"], external(&d.bucket, "pfx/namespaces/team-b/raw.txt", 11, 9)).expect("insert");
-    let m = b.finish().expect("manifest");
+    let m = b.finish().expect("manifest").manifest;
     let info = VersionInfo { datastore: "storebucket".into(), files: 1, bytes: 11, ..crafted_info() };
     let vs = rt().block_on(store.commit_version("storebucket", info, &m)).expect("commit");
     let url = store.url().to_string();

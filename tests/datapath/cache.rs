@@ -100,6 +100,7 @@ fn remount_reads_cached_blocks_without_gets_and_refetches_corrupt_ones() {
         .expect("manifest");
     let id = manifest
         .resolve(b"data.bin")
+        .expect("resolve")
         .and_then(|e| e.blob())
         .expect("blob")
         .id;

@@ -398,8 +398,9 @@ fn unsafe_members_are_skipped_and_reported() {
         0o640,
         "the root's mode from ./"
     );
-    // Hard links share the content: one object.
-    assert_eq!(r.info.transferred_files, 1);
+    // Hard links share the content: one object. The second "ok/file.txt" is sent too (a
+    // duplicate is known only once the tree is sorted, at the end) but is not in the version.
+    assert_eq!(r.info.transferred_files, 2);
     assert!(!dir.path().join("evil").exists() && !dir.path().join("up").exists());
 }
 

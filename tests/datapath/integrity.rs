@@ -50,7 +50,8 @@ pub fn check_version(store: &Store, name: &str, version: u64) {
             if let Some(b) = e.blob() {
                 files.push((String::from_utf8_lossy(p).into_owned(), b, e.size()));
             }
-        });
+        })
+        .expect("walk");
         let src = PathBuf::from(&info.source);
         let on_disk = tree_facts(&src)
             .into_iter()

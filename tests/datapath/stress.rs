@@ -224,7 +224,8 @@ fn stress(target: &Target, rounds: u64, kill_seed: Option<u64>) {
             if let Some(b) = e.blob() {
                 used.insert(b.id);
             }
-        });
+        })
+        .expect("walk");
     }
     let present = rt().block_on(target.api.object_ids(NAME)).expect("ids");
     assert_eq!(

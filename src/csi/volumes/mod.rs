@@ -1,9 +1,10 @@
 //! The node's volumes: one FUSE session per staged volume, read-only bind mounts per pod, and
 //! recovery after a restart.
 //!
-//! State: each staged volume is recorded in the state directory with its manifest (see
-//! [`state`]), so that a restarted plugin can serve its volumes again without any CSI call and
-//! even before the store is reachable.
+//! State: each staged volume is recorded in the state directory with its manifest (or, for a
+//! paged manifest, its head; see [`state`]), so that a restarted plugin can serve its volumes
+//! again without any CSI call. One [`Manifest`] per version is open in the process, shared by
+//! every volume of that version (a registry of weak references).
 //!
 //! Crash consistency: a volume's record is written before it is mounted and removed only
 //! after its mounts are gone; every step of a teardown is idempotent and a failed step (an
@@ -26,8 +27,10 @@ mod state;
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use super::error::{CsiError, CsiResult};
 use super::params::{FileModes, VolumeContext, VolumeType};
@@ -40,7 +43,7 @@ use crate::fs::{DatastoreFs, FsOptions};
 use crate::mount::holder::HolderClient;
 use crate::mount::{LustreSource, MountState, Mounter, notify_resend};
 use crate::store::lease::Lease;
-use crate::store::manifest::Manifest;
+use crate::store::manifest::{Manifest, ManifestOptions};
 use crate::store::object::StoreError;
 use crate::store::s3::StaticCredentials;
 pub use recovery::RecoveryPolicy;
@@ -147,6 +150,9 @@ pub struct NodeVolumes {
     mounter: Arc<dyn Mounter>,
     holder: Option<HolderClient>,
     fetchers: tokio::sync::Mutex<HashMap<String, Arc<Fetcher>>>,
+    /// Open manifests by (store, datastore, version), shared by the volumes that use them.
+    manifests: Mutex<HashMap<String, Weak<Manifest>>>,
+    manifest_open: tokio::sync::Mutex<()>,
     live: Mutex<HashMap<String, Live>>,
     unrecovered: Mutex<HashMap<String, Unrecovered>>,
     records: StateDir,
@@ -173,6 +179,8 @@ impl NodeVolumes {
             mounter,
             holder,
             fetchers: tokio::sync::Mutex::new(HashMap::new()),
+            manifests: Mutex::new(HashMap::new()),
+            manifest_open: tokio::sync::Mutex::new(()),
             live: Mutex::new(HashMap::new()),
             unrecovered: Mutex::new(HashMap::new()),
             locks: KeyedLocks::default(),
@@ -216,29 +224,68 @@ impl NodeVolumes {
         Ok(fetcher)
     }
 
-    /// The manifest of a version: from the local copy, else from the store (then kept).
+    /// The manifest of a version: one per (store, datastore, version) in this process, shared
+    /// by every volume that uses it (so its pages are loaded and held once); opened from the
+    /// local copy, else from the store (then a copy is kept). Pages go through the node cache.
     async fn manifest(
         &self,
         fetcher: &Fetcher,
         ctx: &VolumeContext,
         version: u64,
     ) -> CsiResult<Arc<Manifest>> {
-        if let Some(m) = self.records.read_manifest(ctx, version).await {
-            return Ok(Arc::new(m));
+        let key = format!("{}\0{}\0{version}", ctx.store, ctx.datastore);
+        // One open at a time, so that two volumes of one version never open it twice.
+        let _opening = self.manifest_open.lock().await;
+        if let Some(m) = self.open_manifests().get(&key).and_then(Weak::upgrade) {
+            return Ok(m);
         }
-        let bytes = fetcher
-            .store()
-            .manifest_bytes(&ctx.datastore, version)
-            .await?;
-        let raw = bytes.clone();
-        let m = tokio::task::spawn_blocking(move || Manifest::from_compressed(&raw))
-            .await
-            .map_err(|e| CsiError::Internal(e.to_string()))?
-            .map_err(|e| {
-                CsiError::Internal(format!("manifest of {}@{version}: {e}", ctx.datastore))
-            })?;
-        self.records.keep_manifest(ctx, version, bytes).await;
-        Ok(Arc::new(m))
+        let store = fetcher.store();
+        let opts = ManifestOptions {
+            disk: self
+                .cache
+                .clone()
+                .map(|c| (c, fetcher.scope(&ctx.datastore))),
+            ..ManifestOptions::default()
+        };
+        let m = match self.records.read_manifest(ctx, version, store, &opts).await {
+            Some(m) => Arc::new(m),
+            None => {
+                let m = store
+                    .open_manifest(&ctx.datastore, version, &opts)
+                    .await
+                    .map_err(|e| match e {
+                        crate::store::Error::Manifest(e) => CsiError::Internal(format!(
+                            "manifest of {}@{version}: {e}",
+                            ctx.datastore
+                        )),
+                        e => e.into(),
+                    })?;
+                let m = Arc::new(m);
+                let copy = match m.head_bytes() {
+                    Some(head) => Some(head),
+                    None => {
+                        let whole = m.clone();
+                        tokio::task::spawn_blocking(move || whole.to_compressed())
+                            .await
+                            .ok()
+                            .and_then(Result::ok)
+                            .map(Bytes::from)
+                    }
+                };
+                if let Some(bytes) = copy {
+                    self.records.keep_manifest(ctx, version, bytes).await;
+                }
+                m
+            }
+        };
+        let mut open = self.open_manifests();
+        open.retain(|_, w| w.strong_count() > 0);
+        open.insert(key, Arc::downgrade(&m));
+        Ok(m)
+    }
+
+    fn open_manifests(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<Manifest>>> {
+        self.manifests.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Builds the filesystem of a volume and serves `fd` with it.
@@ -388,7 +435,13 @@ impl NodeVolumes {
         let store = fetcher.store().clone();
         let refused = tokio::task::spawn_blocking(move || store.refused_reference(&manifest))
             .await
-            .map_err(|e| CsiError::Internal(e.to_string()))?;
+            .map_err(|e| CsiError::Internal(e.to_string()))?
+            .map_err(|e| {
+                CsiError::Internal(format!(
+                    "manifest of {}@{}: {e}",
+                    state.context.datastore, state.version
+                ))
+            })?;
         if let Some((path, e)) = refused {
             return Err(CsiError::PermissionDenied(format!(
                 "{}@{}: file {path:?}: {e}",

@@ -5,12 +5,16 @@
 //!   mounts are gone, so a crash at any point leaves either a record that recovery acts on
 //!   or nothing of ours mounted.
 //! - `manifests/<hash of store>-<datastore>@<version>`: a copy of a version's manifest, so that
-//!   a restarted plugin serves its volumes even before the store is reachable. Volumes of one
-//!   version share it; it is removed with the last volume that uses it, and copies no record
-//!   refers to (left by a crash) are removed at start.
+//!   a restarted plugin opens its volumes' manifests without the store. For a paged (format 2)
+//!   manifest only its head is kept (header and page index: pages come from the node cache or
+//!   the store when needed); a format 1 manifest is kept whole, so its volumes are served even
+//!   before the store is reachable. Volumes of one version share it; it is removed with the
+//!   last volume that uses it, and copies no record refers to (left by a crash) are removed at
+//!   start.
 //!
-//! Every write is atomic (temporary file, fsync, rename). Manifests can be gigabytes: reading,
-//! decoding and writing them runs in `spawn_blocking`, never on the threads that serve FUSE.
+//! Every write is atomic (temporary file, fsync, rename). Format 1 manifests can be gigabytes:
+//! reading, decoding and writing them runs in `spawn_blocking`, never on the threads that serve
+//! FUSE.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -22,7 +26,8 @@ use sha2::{Digest, Sha256};
 use super::VolumeState;
 use crate::csi::error::{CsiError, CsiResult};
 use crate::csi::params::VolumeContext;
-use crate::store::manifest::Manifest;
+use crate::store::Store;
+use crate::store::manifest::{Manifest, ManifestOptions, paged};
 
 /// A name derived from an id, safe as a file name.
 pub(super) fn file_id(id: &str) -> String {
@@ -162,31 +167,47 @@ impl StateDir {
         .await
     }
 
-    /// The manifest copy of a version, if there is a readable one.
+    /// The manifest copy of a version, if there is a readable one (a format 2 head is opened
+    /// over `store`, with `opts`).
     pub(super) async fn read_manifest(
         &self,
         ctx: &VolumeContext,
         version: u64,
+        store: &Store,
+        opts: &ManifestOptions,
     ) -> Option<Manifest> {
         let path = self.manifest_path(ctx, version);
+        let shown = path.display().to_string();
         let read = tokio::task::spawn_blocking(move || {
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
                 Err(e) => return Some(Err(format!("{}: {e}", path.display()))),
             };
-            Some(Manifest::from_compressed(&bytes).map_err(|e| format!("{}: {e}", path.display())))
+            if paged::is_paged(&bytes) {
+                return Some(Ok(Err(Bytes::from(bytes))));
+            }
+            Some(
+                Manifest::from_compressed(&bytes)
+                    .map(Ok)
+                    .map_err(|e| format!("{}: {e}", path.display())),
+            )
         })
         .await;
-        match read {
-            Ok(Some(Ok(m))) => Some(m),
-            Ok(None) => None,
-            Ok(Some(Err(e))) => {
-                tracing::warn!(error = %e, "local manifest copy unreadable; fetching it again");
-                None
-            }
+        let opened = match read {
+            Ok(Some(Ok(Ok(m)))) => Ok(m),
+            Ok(Some(Ok(Err(head)))) => store
+                .manifest_from_head(&ctx.datastore, version, head, opts)
+                .await
+                .map_err(|e| format!("{shown}: {e}")),
+            Ok(None) => return None,
+            Ok(Some(Err(e))) => Err(e),
+            Err(e) => Err(e.to_string()),
+        };
+        match opened {
+            Ok(m) => Some(m),
             Err(e) => {
-                tracing::warn!(error = %e, "reading the local manifest copy failed");
+                tracing::warn!(error = %e, "local manifest copy unreadable; fetching it again");
                 None
             }
         }

@@ -36,7 +36,7 @@ use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
 use super::ingest::{Body, Ingest, Origin, finish};
-use super::manifest::{Blob, Location, ManifestBuilder, ManifestError, Node};
+use super::manifest::{Blob, DroppedWhy, Location, ManifestBuilder, ManifestError, Node};
 use super::upload::{Progress, Report, Skipped};
 use super::{Error, Result, Store, names};
 use fetch::{Fetcher, Head};
@@ -224,7 +224,7 @@ pub async fn import_from_http(
     }
     let ingest = Ingest::begin(store, name, progress).await?;
     let mut attempt = 1;
-    let (builder, skipped) = loop {
+    let (builder, mut skipped) = loop {
         progress
             .bytes_total
             .store(head.length.unwrap_or(0), Ordering::Relaxed);
@@ -249,7 +249,11 @@ pub async fn import_from_http(
         mode: opts.unpack.mode().to_owned(),
         validator: head.validator(),
     };
-    let manifest = finish(builder).await?;
+    let manifest = finish(builder, &mut skipped, |why| match why {
+        DroppedWhy::Shadowed => "also a directory in the archive: the directory wins",
+        DroppedWhy::Duplicate => "appears twice in the archive: the first one is kept",
+    })
+    .await?;
     ingest
         .commit(manifest, skipped, origin, opts.skip_if_unchanged)
         .await
@@ -426,14 +430,8 @@ async fn consume(
         let shown = String::from_utf8_lossy(&comps.join(&b'/')).into_owned();
         let os: Vec<std::ffi::OsString> = comps.iter().map(|c| manifest_os(c)).collect();
         match builder.insert(&os, node) {
-            Ok(shadowed) => {
+            Ok(()) => {
                 newest = Some(newest.map_or(mtime, |n| n.max(mtime)));
-                for s in shadowed {
-                    skipped.push(Skipped {
-                        path: s.path,
-                        reason: "also a directory in the archive: the directory wins".into(),
-                    });
-                }
             }
             Err(e) => {
                 let reason = match e {

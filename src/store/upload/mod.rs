@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::{StreamExt, TryStreamExt};
 
 use super::ingest::{Body, Ingest, Origin, Sender, finish};
-use super::manifest::{Blob, Kind, Location, Manifest, Node};
+use super::manifest::{Blob, DroppedWhy, Kind, Location, Manifest, Node};
 use super::object::StoreError;
 use super::{Error, Result, Store, VersionInfo, names};
 use scan::{Scan, ScannedFile, hash_file};
@@ -173,14 +173,13 @@ pub(crate) async fn send_and_build(
                 location: Location::Store,
             },
         };
-        for s in builder.insert(&f.comps, node)? {
-            skipped.push(Skipped {
-                path: s.path,
-                reason: "a directory of the same name exists".into(),
-            });
-        }
+        builder.insert(&f.comps, node)?;
     }
-    let manifest = finish(builder).await?;
+    let manifest = finish(builder, &mut skipped, |why| match why {
+        DroppedWhy::Shadowed => "a directory of the same name exists",
+        DroppedWhy::Duplicate => "appears twice: the first one is kept",
+    })
+    .await?;
     Ok(Built { manifest, skipped })
 }
 
@@ -216,16 +215,27 @@ pub async fn create_from_dir(
 }
 
 /// Gives one file its id and sends its content unless the store already has it.
-async fn upload_one(sender: &Sender<'_>, f: &ScannedFile, previous: &Option<Manifest>) -> Result<[u8; 32]> {
-    let reused = previous.as_ref().and_then(|m| {
-        let e = m.resolve(&f.rel())?;
-        let blob = e.blob()?;
-        (e.kind() == Kind::File
-            && e.size() == f.size
-            && e.mtime_ns() == f.mtime_ns
-            && blob.location == Location::Store)
-            .then_some(blob.id)
-    });
+async fn upload_one(sender: &Sender<'_>, f: &ScannedFile, previous: &Arc<Option<Manifest>>) -> Result<[u8; 32]> {
+    // A hint only: a previous version whose pages cannot be read is no reason to fail.
+    let reused = match previous.as_ref() {
+        Some(_) => {
+            let (previous, rel, size, mtime_ns) = (previous.clone(), f.rel(), f.size, f.mtime_ns);
+            tokio::task::spawn_blocking(move || {
+                let m = previous.as_ref().as_ref()?;
+                let e = m.resolve(&rel).ok()??;
+                let blob = e.blob()?;
+                (e.kind() == Kind::File
+                    && e.size() == size
+                    && e.mtime_ns() == mtime_ns
+                    && blob.location == Location::Store)
+                    .then_some(blob.id)
+            })
+            .await
+            .ok()
+            .flatten()
+        }
+        None => None,
+    };
     if let Some(id) = reused
         && sender.has(&id)
     {

@@ -189,7 +189,8 @@ fn check_against(manifest: &Manifest, present: &HashMap<[u8; 32], u64>) -> Resul
                 Some(_) => None,
             },
         };
-    });
+    })
+    .map_err(|e| StagedError::Invalid(e.to_string()))?;
     problem.map_or(Ok(()), Err)
 }
 
@@ -213,7 +214,7 @@ mod tests {
             b.insert(&path.split('/').collect::<Vec<_>>(), node)
                 .expect("insert");
         }
-        b.finish().expect("finish")
+        b.finish().expect("finish").manifest
     }
 
     #[test]

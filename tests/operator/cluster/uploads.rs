@@ -210,7 +210,7 @@ fn a_user_with_namespace_rbac_only_uploads_into_its_own_namespace_and_nowhere_el
         let file = |id, location| Node::File { mode: 0o644, mtime_ns: 0, size: data.len() as u64, blob: Blob { id, location } };
         b.insert(&["mine.txt"], file(id, Location::Store)).expect("insert");
         b.insert(&["theirs.txt"], file([7; 32], Location::External(ExternalObject { bucket, key: y_key, etag: None, version_id: None }))).expect("insert");
-        let manifest = b.finish().expect("manifest").to_compressed().expect("compress");
+        let manifest = b.finish().expect("manifest").manifest.to_compressed().expect("compress");
         sink.put_manifest(bytes::Bytes::from(manifest)).await.expect("stage the manifest");
         mine.patch(&session, &PatchParams::default(), &Patch::Merge(&json!({"spec": {"commit": true}}))).await.expect("commit");
         let st = wait_session(&mine, &session, "the refusal", &mut op, |st| st.phase.is_some_and(UploadPhase::is_final)).await;
@@ -253,7 +253,7 @@ fn an_expired_session_neither_uploads_nor_commits() {
         let mut b = ManifestBuilder::new(0);
         let node = Node::File { mode: 0o644, mtime_ns: 0, size: data.len() as u64, blob: Blob { id, location: Location::Store } };
         b.insert(&["f"], node).expect("insert");
-        sink.put_manifest(bytes::Bytes::from(b.finish().expect("manifest").to_compressed().expect("compress"))).await.expect("stage before the expiry");
+        sink.put_manifest(bytes::Bytes::from(b.finish().expect("manifest").manifest.to_compressed().expect("compress"))).await.expect("stage before the expiry");
 
         // The commit is asked for only after the expiry, while no operator runs (so nothing
         // but the expiry decides), then the operator comes back.
