@@ -422,9 +422,45 @@ impl S3Client {
                 .map(|_| ())
                 .map_err(|e| map_err(&what, e))
             } else {
-                self.copy_multipart(&source, src_etag, size, dst_bucket, dst_key, &what)
+                self.copy_multipart(&source, src_etag, 0..size, dst_bucket, dst_key, &what)
                     .await
             }
+        })
+        .await
+    }
+
+    /// Server-side copy of bytes `range` of `src` (pinned to its ETag when given) to
+    /// `dst_bucket/dst_key`, as a multipart upload of part copies (one part for any range up to
+    /// a part's size: S3 has no minimum for the last part). An empty range writes an empty object.
+    pub async fn copy_range(
+        &self,
+        src_bucket: &str,
+        src_key: &str,
+        src_etag: Option<&str>,
+        range: std::ops::Range<u64>,
+        dst_bucket: &str,
+        dst_key: &str,
+    ) -> Result<(), StoreError> {
+        let what = format!(
+            "copying bytes {}..{} of s3://{src_bucket}/{src_key} to s3://{dst_bucket}/{dst_key}",
+            range.start, range.end
+        );
+        let source = format!("{src_bucket}/{}", encode_key(src_key));
+        instrumented("copy", async {
+            if range.is_empty() {
+                return self
+                    .control
+                    .put_object()
+                    .bucket(dst_bucket)
+                    .key(dst_key)
+                    .body(aws_sdk_s3::primitives::ByteStream::from_static(b""))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| map_err(&what, e));
+            }
+            self.copy_multipart(&source, src_etag, range, dst_bucket, dst_key, &what)
+                .await
         })
         .await
     }
@@ -433,7 +469,7 @@ impl S3Client {
         &self,
         source: &str,
         src_etag: Option<&str>,
-        size: u64,
+        range: std::ops::Range<u64>,
         bucket: &str,
         key: &str,
         what: &str,
@@ -449,10 +485,10 @@ impl S3Client {
         let upload_id = upload.upload_id().unwrap_or_default().to_owned();
         let parts = async {
             let mut parts = Vec::new();
-            let mut start = 0u64;
+            let mut start = range.start;
             let mut number = 1i32;
-            while start < size {
-                let end = (start + COPY_PART).min(size);
+            while start < range.end {
+                let end = (start + COPY_PART).min(range.end);
                 let r = self
                     .control
                     .upload_part_copy()
