@@ -1023,7 +1023,7 @@ mod tests {
                 assert_eq!(e.etag.as_deref(), Some("\"abc\""));
                 assert_eq!(e.version_id, None);
             }
-            Location::Store => panic!("expected an external object"),
+            other => panic!("expected an external object, got {other:?}"),
         }
         let l = m.resolve(b"link").unwrap();
         assert_eq!(l.symlink_target(), Some("a/é z".as_bytes()));

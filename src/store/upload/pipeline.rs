@@ -284,3 +284,7 @@ fn unchanged(
     };
     present.then_some(blob)
 }
+
+#[cfg(test)]
+#[path = "pipeline_tests.rs"]
+mod tests;
