@@ -366,6 +366,55 @@ impl S3Client {
         .boxed()
     }
 
+    /// One level below `prefix` (a listing with the '/' delimiter): the objects directly in it
+    /// and the common prefixes (whole, ending with '/') of everything deeper, streamed page by
+    /// page.
+    pub fn list_level(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> BoxStream<'static, Result<Listed, StoreError>> {
+        let what = format!("listing s3://{bucket}/{prefix}");
+        let pages = self
+            .control
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        futures::stream::unfold((pages, what), |(mut pages, what)| async move {
+            let started = std::time::Instant::now();
+            let page = pages.next().await?;
+            let page = page.map_err(|e| map_err(&what, e));
+            record("list", started, &page);
+            let items: Vec<Result<Listed, StoreError>> = match page {
+                Ok(p) => p
+                    .contents()
+                    .iter()
+                    .filter_map(|o| {
+                        Some(Ok(Listed::Object(ObjectInfo {
+                            key: o.key()?.to_owned(),
+                            size: o.size().unwrap_or(0).max(0) as u64,
+                            etag: o.e_tag().map(str::to_owned),
+                            version_id: None,
+                            modified_ns: o.last_modified().map(datetime_ns).unwrap_or(0),
+                        })))
+                    })
+                    .chain(
+                        p.common_prefixes()
+                            .iter()
+                            .filter_map(|cp| Some(Ok(Listed::Prefix(cp.prefix()?.to_owned())))),
+                    )
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            Some((futures::stream::iter(items), (pages, what)))
+        })
+        .flatten()
+        .boxed()
+    }
+
     /// Names of the common prefixes directly below `prefix` (which ends with '/').
     pub async fn list_dirs(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
         let what = format!("listing s3://{bucket}/{prefix}");
@@ -453,7 +502,7 @@ impl S3Client {
                     .put_object()
                     .bucket(dst_bucket)
                     .key(dst_key)
-                    .body(aws_sdk_s3::primitives::ByteStream::from_static(b""))
+                    .body(SdkBody::from_static(b""))
                     .send()
                     .await
                     .map(|_| ())
@@ -561,6 +610,14 @@ impl S3Client {
         }
         completed
     }
+}
+
+/// An entry of a delimited listing ([`S3Client::list_level`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    Object(ObjectInfo),
+    /// A common prefix, whole (it ends with the delimiter).
+    Prefix(String),
 }
 
 /// Strips quotes and a weak marker so `"abc"`, `abc` and `W/"abc"` compare equal.
