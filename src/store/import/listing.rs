@@ -23,7 +23,8 @@ pub const MAX_DEPTH: usize = 2;
 const QUEUE: usize = 8192;
 
 /// Every object under `prefix` in `bucket`, listed by up to `parallel` requests at once (see the
-/// module docs). The listing runs on its own task; dropping the stream stops it.
+/// module docs). The listing runs on its own task (call inside a Tokio runtime); dropping the
+/// stream stops it.
 pub fn list_partitioned(
     client: &S3Client,
     bucket: &str,
