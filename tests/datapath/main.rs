@@ -13,6 +13,7 @@ mod faults;
 mod http;
 mod import;
 mod integrity;
+mod packs;
 mod stress;
 mod readonly;
 mod roundtrip;
