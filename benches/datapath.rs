@@ -7,6 +7,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "datapath/scale.rs"]
+mod scale;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -399,6 +401,7 @@ fn main() {
             transferred_files: 0,
             transferred_bytes: 0,
             manifest_bytes: 0,
+            validator: None,
         };
         let v = rt()
             .block_on(store.commit_version("huge", info, &manifest))
@@ -465,6 +468,15 @@ fn main() {
             ratio: 300_000.0 / hwm.max(1) as f64,
             goal: "< 300 MB".into(),
         });
+    }
+
+    // 5. Scale: versions of millions of files, large creates.
+    if run("scale") {
+        let ctx = scale::Ctx {
+            server: &server,
+            bucket: &bucket,
+        };
+        scale::run(&ctx, &store, work.path(), quick, &mut rows);
     }
 
     drop(server);
