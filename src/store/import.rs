@@ -14,9 +14,9 @@
 pub mod listing;
 
 use std::collections::HashSet;
-use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
@@ -268,46 +268,63 @@ pub async fn import_from_s3(
         ImportMode::Copy => Some(store.begin_upload(name).await?),
         ImportMode::Reference => None,
     };
-    let present = match opts.mode {
-        ImportMode::Copy => Mutex::new(store.object_ids(name).await?),
-        ImportMode::Reference => Mutex::new(HashSet::new()),
+    let mut present = match opts.mode {
+        ImportMode::Copy => store.object_ids(name).await?,
+        ImportMode::Reference => HashSet::new(),
     };
     let mut planner = Planner::new(source, opts.mode);
-    let listed = listing::list_partitioned(client, &source.bucket, &source.prefix, concurrency)
-        .map_err(Error::from)
-        .map_ok(|o| with_etag(client, &source.bucket, o))
-        .try_buffer_unordered(concurrency);
-    let planner_ref = &mut planner;
-    let present = &present;
-    listed
-        .try_filter_map(|o| {
-            let file = planner_ref.add(&o).map(|id| (id, o));
-            if let Some((_, o)) = &file {
-                progress.files_total.fetch_add(1, Ordering::Relaxed);
-                progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
-            }
-            futures::future::ready(Ok(file))
-        })
-        .map_ok(|(id, o)| async move {
-            if opts.mode == ImportMode::Reference && o.etag.is_none() {
-                return Err(Error::Source(format!(
-                    "s3://{}/{} has no ETag, so reference mode cannot pin it; use --mode copy",
-                    source.bucket, o.key
-                )));
-            }
-            let fresh = opts.mode == ImportMode::Copy
-                && present.lock().map(|mut s| s.insert(id)).unwrap_or(false);
-            if fresh {
+    // Pages of the listing as they arrive; copies of the current page wait in `pending` while
+    // `concurrency` run (so a page never starts more than that).
+    let mut pages = std::pin::pin!(listing::list_partitioned(
+        client,
+        &source.bucket,
+        &source.prefix,
+        concurrency
+    ));
+    let mut pending: std::collections::VecDeque<([u8; 32], ObjectInfo)> = Default::default();
+    let mut copies = FuturesUnordered::new();
+    let mut listed_all = false;
+    loop {
+        while copies.len() < concurrency
+            && let Some((id, o)) = pending.pop_front()
+        {
+            copies.push(async move {
                 copy_into_store(store, client, name, &source.bucket, &o, &id).await?;
                 progress.files_transferred.fetch_add(1, Ordering::Relaxed);
                 progress.bytes_transferred.fetch_add(o.size, Ordering::Relaxed);
-            }
-            progress.file_done(o.size);
-            Ok(())
-        })
-        .try_buffer_unordered(concurrency)
-        .try_collect::<()>()
-        .await?;
+                progress.file_done(o.size);
+                Ok::<(), Error>(())
+            });
+        }
+        if listed_all && pending.is_empty() && copies.is_empty() {
+            break;
+        }
+        let can_pull = !listed_all && pending.is_empty();
+        tokio::select! {
+            Some(r) = copies.next(), if !copies.is_empty() => r?,
+            page = pages.next(), if can_pull => match page {
+                None => listed_all = true,
+                Some(page) => {
+                    let page = with_etags(client, &source.bucket, page?, concurrency).await?;
+                    for o in page {
+                        let Some(id) = planner.add(&o) else { continue };
+                        progress.files_total.fetch_add(1, Ordering::Relaxed);
+                        progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
+                        match opts.mode {
+                            ImportMode::Reference if o.etag.is_none() => {
+                                return Err(Error::Source(format!(
+                                    "s3://{}/{} has no ETag, so reference mode cannot pin it; use --mode copy",
+                                    source.bucket, o.key
+                                )));
+                            }
+                            ImportMode::Copy if present.insert(id) => pending.push_back((id, o)),
+                            ImportMode::Copy | ImportMode::Reference => progress.file_done(o.size),
+                        }
+                    }
+                }
+            },
+        }
+    }
     let (builder, skipped) = planner.finish();
     let manifest = tokio::task::spawn_blocking(move || builder.finish())
         .await
@@ -361,17 +378,37 @@ pub async fn import_from_s3(
     })
 }
 
-/// `o` with its ETag: listings of real S3 carry them, some compatible servers omit them, and
-/// pins need them (one HEAD for such a file; directory markers need none).
-async fn with_etag(client: &super::s3::S3Client, bucket: &str, mut o: ObjectInfo) -> Result<ObjectInfo> {
-    if o.etag.is_none()
-        && !o.key.ends_with('/')
-        && let Some(h) = client.head(bucket, &o.key).await?
-    {
-        o.etag = h.etag;
-        o.version_id = o.version_id.take().or(h.version_id);
+/// `page` with ETags: listings of real S3 carry them, some compatible servers omit them, and
+/// pins need them (one HEAD per such file, `concurrency` at a time; directory markers need
+/// none).
+async fn with_etags(
+    client: &super::s3::S3Client,
+    bucket: &str,
+    mut page: Vec<ObjectInfo>,
+    concurrency: usize,
+) -> Result<Vec<ObjectInfo>> {
+    let missing: Vec<(usize, String)> = page
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.etag.is_none() && !o.key.ends_with('/'))
+        .map(|(i, o)| (i, o.key.clone()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(page);
     }
-    Ok(o)
+    let heads: Vec<(usize, Option<ObjectInfo>)> = futures::stream::iter(missing)
+        .map(|(i, key)| async move { Ok::<_, Error>((i, client.head(bucket, &key).await?)) })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await?;
+    for (i, h) in heads {
+        if let Some(h) = h {
+            let o = &mut page[i];
+            o.etag = h.etag;
+            o.version_id = o.version_id.take().or(h.version_id);
+        }
+    }
+    Ok(page)
 }
 
 /// Copies one source object into the store: server-side when the store is in S3, streamed

@@ -180,6 +180,7 @@ fn partitioned_listing_yields_every_key_once() {
             })
             .expect("list")
             .into_iter()
+            .flatten()
             .map(|o| o.key)
             .collect();
         listed.sort();

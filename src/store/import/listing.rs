@@ -9,7 +9,7 @@
 //! delimited listing puts a key either among its objects or under exactly one common prefix.
 //!
 //! Memory: the partition names (one per directory of the first levels) and a bounded queue of
-//! listed objects; never the listing itself. A flat prefix (no '/' below it) is one sequential
+//! pages of listed objects; never the listing itself. A flat prefix (no '/' below it) is one sequential
 //! listing. Order is not the keys' order; the manifest builder sorts.
 
 use futures::{SinkExt, StreamExt, TryStreamExt};
@@ -19,18 +19,22 @@ use super::super::s3::{Listed, S3Client};
 
 /// Levels below the prefix that may be split into partitions.
 pub const MAX_DEPTH: usize = 2;
-/// Listed objects waiting for the consumer.
-const QUEUE: usize = 8192;
+/// Pages of listed objects waiting for the consumer. Objects travel a page at a time: one
+/// wake-up of the consumer per page, not per key (per key, ten million cross-thread wake-ups
+/// cost more than the listing itself).
+const QUEUE: usize = 16;
+/// Objects sent together at most.
+pub const BATCH: usize = 1000;
 
 /// Every object under `prefix` in `bucket`, listed by up to `parallel` requests at once (see the
-/// module docs). The listing runs on its own task (call inside a Tokio runtime); dropping the
-/// stream stops it.
+/// module docs), a page (at most [`BATCH`] objects) at a time. The listing runs on its own task
+/// (call inside a Tokio runtime); dropping the stream stops it.
 pub fn list_partitioned(
     client: &S3Client,
     bucket: &str,
     prefix: &str,
     parallel: usize,
-) -> impl futures::Stream<Item = Result<ObjectInfo, StoreError>> + Send + 'static {
+) -> impl futures::Stream<Item = Result<Vec<ObjectInfo>, StoreError>> + Send + 'static {
     let (tx, rx) = futures::channel::mpsc::channel(QUEUE);
     let task = tokio::spawn(produce(
         client.clone(),
@@ -40,9 +44,9 @@ pub fn list_partitioned(
         tx,
     ));
     let guard = AbortOnDrop(task);
-    rx.map(move |item| {
+    rx.map(move |page| {
         let _ = &guard;
-        item
+        page
     })
 }
 
@@ -54,7 +58,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-type Tx = futures::channel::mpsc::Sender<Result<ObjectInfo, StoreError>>;
+type Tx = futures::channel::mpsc::Sender<Result<Vec<ObjectInfo>, StoreError>>;
 
 async fn produce(client: S3Client, bucket: String, prefix: String, parallel: usize, mut tx: Tx) {
     if let Err(e) = produce_inner(&client, &bucket, prefix, parallel, &mut tx).await {
@@ -81,15 +85,17 @@ async fn produce_inner(
                 let mut tx = tx.clone();
                 async move {
                     let mut deeper = Vec::new();
-                    let mut level = client.list_level(bucket, &p);
-                    while let Some(item) = level.try_next().await? {
-                        match item {
-                            Listed::Object(o) => {
-                                if tx.send(Ok(o)).await.is_err() {
-                                    break;
-                                }
+                    let mut level = client.list_level(bucket, &p).ready_chunks(BATCH);
+                    while let Some(items) = level.next().await {
+                        let mut objects = Vec::with_capacity(items.len());
+                        for item in items {
+                            match item? {
+                                Listed::Object(o) => objects.push(o),
+                                Listed::Prefix(p) => deeper.push(p),
                             }
-                            Listed::Prefix(p) => deeper.push(p),
+                        }
+                        if !objects.is_empty() && tx.send(Ok(objects)).await.is_err() {
+                            break;
                         }
                     }
                     Ok::<_, StoreError>(deeper)
@@ -107,9 +113,10 @@ async fn produce_inner(
         .map(|p| {
             let mut tx = tx.clone();
             async move {
-                let mut all = client.list(bucket, &p);
-                while let Some(o) = all.try_next().await? {
-                    if tx.send(Ok(o)).await.is_err() {
+                let mut all = client.list(bucket, &p).ready_chunks(BATCH);
+                while let Some(items) = all.next().await {
+                    let objects = items.into_iter().collect::<Result<Vec<_>, _>>()?;
+                    if tx.send(Ok(objects)).await.is_err() {
                         break;
                     }
                 }
