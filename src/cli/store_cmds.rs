@@ -38,6 +38,10 @@ pub struct CreateArgs {
     /// Files transferred at once.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub concurrency: u16,
+    /// For local directories: files up to this size are sent in packs (many files per object,
+    /// at most 8MiB each); 0 sends one object per file.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = super::parse_size)]
+    pub pack_threshold: u64,
     /// For s3:// and http(s) sources: make no version when nothing changed since the latest one.
     #[arg(long)]
     pub skip_unchanged: bool,
@@ -126,6 +130,7 @@ pub async fn create(a: CreateArgs) -> anyhow::Result<()> {
             let opts = UploadOptions {
                 concurrency: usize::from(a.concurrency),
                 symlinks: a.symlinks,
+                pack_threshold: a.pack_threshold,
             };
             Ok(create_from_dir(&store, &a.name, &dir, &opts, &progress).await?)
         }

@@ -2,7 +2,8 @@
 //!
 //! The store keeps file contents by id (`objects/<aa>/<sha256>`); Lustre imports keys as paths.
 //! So a high-performance version gets `datastores/<name>/trees/<N>/<path>`: one server-side copy
-//! per file (from the store, or from the referenced bucket pinned to its ETag), plus a `dir/`
+//! per file (from the store, or from the referenced bucket pinned to its ETag; a packed file's
+//! range of its pack with a one-part UploadPartCopy), plus a `dir/`
 //! marker for each empty directory. It resumes: a file already there with the right size is not
 //! copied again. `versions/<N>/tree.json`, written last, says the tree is complete. Symlinks are
 //! not exported (FSx would import them as regular files); they are counted and logged.
@@ -27,8 +28,6 @@ pub enum ExportError {
     NotS3(String),
     #[error("path {0:?} is not UTF-8, which S3 keys (and so FSx imports) require")]
     NotUtf8(String),
-    #[error("file {0:?} is stored in a pack, which FSx exports cannot copy yet")]
-    Packed(String),
     #[error(transparent)]
     Store(#[from] crate::store::Error),
     #[error(transparent)]
@@ -91,12 +90,12 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
         return Err(ExportError::Reference { path, source });
     }
     let tree = layout::tree_prefix(name, version);
-    // (destination store key, source bucket, source key, source etag, size); empty directories.
+    // (destination store key, source bucket, source key, source etag, size, offset in the
+    // source when it is a pack); empty directories.
     let mut copies = Vec::new();
     let mut empty_dirs = Vec::new();
     let mut bad_path = None;
     let mut symlinks = 0u64;
-    let mut packed = None;
     manifest.walk(|path, entry| {
         if path.is_empty() || bad_path.is_some() {
             return;
@@ -111,24 +110,18 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
             Kind::Symlink => symlinks += 1,
             _ => {
                 let Some(blob) = entry.blob() else { return };
-                let (src_bucket, src_key, etag) = match blob.location {
-                    Location::Store => (bucket.clone(), full_key(&prefix, &layout::object_key(name, &blob.id)), None),
-                    Location::External(e) => (e.bucket, e.key, e.etag),
-                    Location::Pack(_) => {
-                        packed = Some(path.to_owned());
-                        return;
-                    }
+                let (src_bucket, src_key, etag, offset) = match blob.location {
+                    Location::Store => (bucket.clone(), full_key(&prefix, &layout::object_key(name, &blob.id)), None, None),
+                    Location::External(e) => (e.bucket, e.key, e.etag, None),
+                    Location::Pack(at) => (bucket.clone(), full_key(&prefix, &layout::object_key(name, &at.pack)), None, Some(at.offset)),
                 };
-                copies.push((format!("{tree}{path}"), src_bucket, src_key, etag, entry.size()));
+                copies.push((format!("{tree}{path}"), src_bucket, src_key, etag, entry.size(), offset));
             }
         }
     })
     .map_err(crate::store::Error::from)?;
     if let Some(p) = bad_path {
         return Err(ExportError::NotUtf8(p));
-    }
-    if let Some(p) = packed {
-        return Err(ExportError::Packed(p));
     }
     if symlinks > 0 {
         tracing::warn!(datastore = name, version, symlinks, "symlinks are not exported to FSx");
@@ -137,12 +130,15 @@ pub async fn export_tree(store: &Store, name: &str, version: u64, progress: &Exp
     let s3 = store.s3().await.clone();
     let objects = store.objects().clone();
     futures::stream::iter(copies)
-        .map(|(dst, src_bucket, src_key, etag, size)| {
+        .map(|(dst, src_bucket, src_key, etag, size, offset)| {
             let (s3, objects, bucket, prefix) = (s3.clone(), objects.clone(), bucket.clone(), prefix.clone());
             async move {
                 let done = objects.head(&dst).await?.is_some_and(|o| o.size == size);
-                if !done {
-                    s3.copy(&src_bucket, &src_key, etag.as_deref(), size, &bucket, &full_key(&prefix, &dst)).await?;
+                let dst = full_key(&prefix, &dst);
+                match (done, offset) {
+                    (true, _) => {}
+                    (false, None) => s3.copy(&src_bucket, &src_key, etag.as_deref(), size, &bucket, &dst).await?,
+                    (false, Some(o)) => s3.copy_range(&src_bucket, &src_key, etag.as_deref(), o..o + size, &bucket, &dst).await?,
                 }
                 progress.files_done.fetch_add(1, Ordering::Relaxed);
                 Ok::<_, StoreError>(())

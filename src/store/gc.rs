@@ -20,6 +20,10 @@
 //!   batch; then trashed manifests that no mount needs and that are no longer committed are
 //!   removed (a trashed manifest that is still committed belongs to a delete in progress).
 //!
+//! An object is one file's content or a pack of many (`store::pack`): a manifest references a
+//! pack through each file in it (`store_blobs`), so a pack lives while any committed or
+//! mounted version uses any of its files, and goes with the last of them.
+//!
 //! Why this is safe: an uploader and a sweeper each write their own lease before reading the
 //! other's kind, so on a strongly consistent store at least one sees the other (the uploader
 //! waits, or the sweeper skips). A mount that loaded a manifest wrote its lease before; if the

@@ -11,10 +11,13 @@
 //! source identity `bucket/key@etag`, so an unchanged object is never copied twice); `reference`
 //! copies nothing and pins each object's ETag: a mount refuses bytes of an object that changed.
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+pub mod listing;
 
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 
@@ -129,42 +132,55 @@ pub struct Plan {
     pub skipped: Vec<Skipped>,
 }
 
-/// Maps a listing to a tree by the rules in the module docs. Pure: no I/O.
-pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Plan {
-    // Implicit directories take the newest object's time: the same source gives the same tree.
-    let newest = objects.iter().map(|o| o.modified_ns).max().unwrap_or(0);
-    let mut builder = ManifestBuilder::new(newest);
-    builder.set_root(0o755, newest);
-    let mut skipped = Vec::new();
-    let mut files: Vec<([u8; 32], ObjectInfo)> = Vec::new();
-    for o in objects {
-        let Some(rel) = o.key.strip_prefix(&source.prefix) else {
-            continue;
-        };
+const DIR_WINS: &str = "also a prefix of other keys: the directory wins";
+
+/// Maps listed objects to a tree by the rules in the module docs, one object at a time (so a
+/// listing of any size streams through it). Pure: no I/O.
+pub struct Planner<'s> {
+    source: &'s S3Source,
+    mode: ImportMode,
+    builder: ManifestBuilder,
+    skipped: Vec<Skipped>,
+    newest: i64,
+}
+
+impl<'s> Planner<'s> {
+    pub fn new(source: &'s S3Source, mode: ImportMode) -> Self {
+        Planner {
+            source,
+            mode,
+            builder: ManifestBuilder::new(0),
+            skipped: Vec::new(),
+            newest: 0,
+        }
+    }
+
+    /// Adds one listed object. Returns its content id when it became a file of the tree (a
+    /// later key may still shadow it by the directory rule; copying it anyway is harmless).
+    pub fn add(&mut self, o: &ObjectInfo) -> Option<[u8; 32]> {
+        self.newest = self.newest.max(o.modified_ns);
+        let rel = o.key.strip_prefix(&self.source.prefix)?;
         if rel.is_empty() {
-            continue; // the prefix itself, as a directory marker
+            return None; // the prefix itself, as a directory marker
         }
         let (comps, is_dir) = match names::split_relative_path(rel) {
             Ok(p) => p,
             Err(e) => {
-                skipped.push(Skipped {
-                    path: o.key.clone(),
-                    reason: e.to_string(),
-                });
-                continue;
+                self.skip(o.key.clone(), e.to_string());
+                return None;
             }
         };
-        let id = source_id(&source.bucket, &o);
+        let id = source_id(&self.source.bucket, o);
         let node = if is_dir {
             Node::Dir {
                 mode: 0o755,
                 mtime_ns: o.modified_ns,
             }
         } else {
-            let location = match mode {
+            let location = match self.mode {
                 ImportMode::Copy => Location::Store,
                 ImportMode::Reference => Location::External(ExternalObject {
-                    bucket: source.bucket.clone(),
+                    bucket: self.source.bucket.clone(),
                     key: o.key.clone(),
                     etag: o.etag.clone(),
                     version_id: o.version_id.clone(),
@@ -177,24 +193,46 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
                 blob: Blob { id, location },
             }
         };
-        match builder.insert(&comps, node) {
+        match self.builder.insert(&comps, node) {
             Ok(()) => {
-                if !is_dir {
-                    files.push((id, o));
-                }
+                (!is_dir).then_some(id)
             }
             Err(ManifestError::DirIsFile { .. }) => {
-                skipped.push(Skipped {
-                    path: o.key.clone(),
-                    reason: DIR_WINS.into(),
-                });
+                self.skip(o.key.clone(), DIR_WINS.into());
+                None
             }
-            Err(e) => skipped.push(Skipped {
-                path: o.key.clone(),
-                reason: e.to_string(),
-            }),
+            Err(e) => {
+                self.skip(o.key.clone(), e.to_string());
+                None
+            }
         }
     }
+
+    fn skip(&mut self, path: String, reason: String) {
+        tracing::warn!(key = %path, %reason, "skipped source key");
+        self.skipped.push(Skipped { path, reason });
+    }
+
+    /// The tree and the keys left out. Implicit directories (and the root) take the newest
+    /// object's time: the same source gives the same tree, whatever the listing's order.
+    pub fn finish(mut self) -> (ManifestBuilder, Vec<Skipped>) {
+        self.builder.set_default_mtime(self.newest);
+        self.builder.set_root(0o755, self.newest);
+        (self.builder, self.skipped)
+    }
+}
+
+/// Maps a whole listing to a tree ([`Planner`]), leaving out of `to_copy` the files that a
+/// later key shadowed.
+pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Plan {
+    let mut planner = Planner::new(source, mode);
+    let mut files = Vec::new();
+    for o in objects {
+        if let Some(id) = planner.add(&o) {
+            files.push((id, o));
+        }
+    }
+    let (builder, skipped) = planner.finish();
     Plan {
         builder,
         to_copy: files,
@@ -205,27 +243,51 @@ pub fn plan(source: &S3Source, mode: ImportMode, objects: Vec<ObjectInfo>) -> Pl
 impl Plan {
     /// Builds the manifest (blocking); files the directory rule dropped (known only now) are
     /// skipped and not copied.
-    pub fn finish(self, source: &S3Source) -> Result<(Manifest, Vec<([u8; 32], ObjectInfo)>, Vec<Skipped>), ManifestError> {
-        let Plan { builder, mut to_copy, mut skipped } = self;
-        let finished = builder.finish()?;
-        let dropped: HashSet<String> =
-            finished.dropped.iter().map(|d| format!("{}{}", source.prefix, d.path)).collect();
-        to_copy.retain(|(_, o)| !dropped.contains(&o.key));
-        skipped.extend(finished.dropped.into_iter().map(|d| Skipped {
+    pub fn finish(
+        self,
+        source: &S3Source,
+    ) -> Result<(Manifest, Vec<([u8; 32], ObjectInfo)>, Vec<Skipped>), ManifestError> {
+        let Plan {
+            builder,
+            mut to_copy,
+            mut skipped,
+        } = self;
+        let (manifest, dropped) = finish_builder(builder, source)?;
+        let keys: HashSet<&str> = dropped.iter().map(|d| d.path.as_str()).collect();
+        to_copy.retain(|(_, o)| !keys.contains(o.key.as_str()));
+        skipped.extend(dropped);
+        Ok((manifest, to_copy, skipped))
+    }
+}
+
+/// Finishes a planned tree: the manifest, and the keys the builder dropped (as skipped).
+fn finish_builder(
+    builder: ManifestBuilder,
+    source: &S3Source,
+) -> Result<(Manifest, Vec<Skipped>), ManifestError> {
+    let finished = builder.finish()?;
+    let dropped = finished
+        .dropped
+        .into_iter()
+        .map(|d| Skipped {
             path: format!("{}{}", source.prefix, d.path),
             reason: match d.why {
                 DroppedWhy::Shadowed => DIR_WINS.into(),
                 DroppedWhy::Duplicate => "appears twice in the listing: the first one is kept".into(),
             },
-        }));
-        Ok((finished.manifest, to_copy, skipped))
-    }
+        })
+        .collect();
+    Ok((finished.manifest, dropped))
 }
-
-const DIR_WINS: &str = "also a prefix of other keys: the directory wins";
 
 /// Creates a new version of `name` from an S3 prefix (see the module docs).
 /// `client` reaches the source bucket (it may differ from the store's endpoint and credentials).
+///
+/// Streams: the listing ([`listing::list_partitioned`], partitions in parallel) goes through
+/// the [`Planner`] into the manifest builder as it arrives, with missing ETags fetched and
+/// (copy mode) objects copied `concurrency` at a time on the way; nothing holds the listing.
+/// Copies rely on a snapshot of present objects, so the upload lease comes first (see `gc`).
+/// With `skip_if_unchanged`, an unchanged source commits nothing (its copies were all present).
 pub async fn import_from_s3(
     store: &Store,
     client: &super::s3::S3Client,
@@ -235,99 +297,93 @@ pub async fn import_from_s3(
     progress: &Progress,
 ) -> Result<Report> {
     names::validate_datastore_name(name)?;
-    let client = client.clone();
-    let mut objects: Vec<ObjectInfo> = client
-        .list(&source.bucket, &source.prefix)
-        .try_collect()
-        .await?;
-    // Listings of real S3 carry ETags; some compatible servers omit them. Pins need them.
-    for o in objects
-        .iter_mut()
-        .filter(|o| o.etag.is_none() && !o.key.ends_with('/'))
-    {
-        if let Some(h) = client.head(&source.bucket, &o.key).await? {
-            o.etag = h.etag;
-            o.version_id = o.version_id.take().or(h.version_id);
-        }
-    }
-    if opts.mode == ImportMode::Reference {
-        if let Some(o) = objects
-            .iter()
-            .find(|o| o.etag.is_none() && !o.key.ends_with('/'))
-        {
-            return Err(Error::Source(format!(
-                "s3://{}/{} has no ETag, so reference mode cannot pin it; use --mode copy",
-                source.bucket, o.key
-            )));
-        }
-    }
-    let planned = plan(source, opts.mode, objects);
-    let src = source.clone();
-    let (manifest, to_copy, skipped) = tokio::task::spawn_blocking(move || planned.finish(&src))
-        .await
-        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
-    let manifest = Arc::new(manifest);
-    for (_, o) in &to_copy {
-        progress.files_total.fetch_add(1, Ordering::Relaxed);
-        progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
-    }
-    for s in &skipped {
-        tracing::warn!(datastore = name, key = %s.path, reason = %s.reason, "skipped source key");
-    }
-    if opts.skip_if_unchanged {
-        if let Some(latest) = store.latest(name).await? {
-            let current = store.load_manifest(name, latest).await?;
-            if same_content_async(current, &manifest).await? {
-                let info = store.version_info(name, latest).await?;
-                return Ok(Report {
-                    version: latest,
-                    info,
-                    skipped,
-                    unchanged: true,
-                });
-            }
-        }
-    }
-
-    // Copies rely on a snapshot of present objects: register first (see `gc`).
+    let concurrency = opts.concurrency.max(1);
     let lease = match opts.mode {
         ImportMode::Copy => Some(store.begin_upload(name).await?),
         ImportMode::Reference => None,
     };
-    if opts.mode == ImportMode::Copy {
-        let present = Arc::new(Mutex::new(store.object_ids(name).await?));
-        let to_copy = &to_copy;
-        futures::stream::iter(0..to_copy.len())
-            .map(|i| {
-                let present = present.clone();
-                let client = client.clone();
-                async move {
-                    let (id, o) = &to_copy[i];
-                    let fresh = present.lock().map(|mut s| s.insert(*id)).unwrap_or(false);
-                    if fresh {
-                        copy_into_store(store, &client, name, &source.bucket, o, id).await?;
-                        progress.files_transferred.fetch_add(1, Ordering::Relaxed);
-                        progress
-                            .bytes_transferred
-                            .fetch_add(o.size, Ordering::Relaxed);
+    let mut present = match opts.mode {
+        ImportMode::Copy => store.object_ids(name).await?,
+        ImportMode::Reference => HashSet::new(),
+    };
+    let mut planner = Planner::new(source, opts.mode);
+    // Pages of the listing as they arrive; copies of the current page wait in `pending` while
+    // `concurrency` run (so a page never starts more than that).
+    let mut pages = std::pin::pin!(listing::list_partitioned(
+        client,
+        &source.bucket,
+        &source.prefix,
+        concurrency
+    ));
+    let mut pending: std::collections::VecDeque<([u8; 32], ObjectInfo)> = Default::default();
+    let mut copies = FuturesUnordered::new();
+    let mut listed_all = false;
+    loop {
+        while copies.len() < concurrency
+            && let Some((id, o)) = pending.pop_front()
+        {
+            copies.push(async move {
+                copy_into_store(store, client, name, &source.bucket, &o, &id).await?;
+                progress.files_transferred.fetch_add(1, Ordering::Relaxed);
+                progress.bytes_transferred.fetch_add(o.size, Ordering::Relaxed);
+                progress.file_done(o.size);
+                Ok::<(), Error>(())
+            });
+        }
+        if listed_all && pending.is_empty() && copies.is_empty() {
+            break;
+        }
+        let can_pull = !listed_all && pending.is_empty();
+        tokio::select! {
+            Some(r) = copies.next(), if !copies.is_empty() => r?,
+            page = pages.next(), if can_pull => match page {
+                None => listed_all = true,
+                Some(page) => {
+                    let page = with_etags(client, &source.bucket, page?, concurrency).await?;
+                    for o in page {
+                        let Some(id) = planner.add(&o) else { continue };
+                        progress.files_total.fetch_add(1, Ordering::Relaxed);
+                        progress.bytes_total.fetch_add(o.size, Ordering::Relaxed);
+                        match opts.mode {
+                            ImportMode::Reference if o.etag.is_none() => {
+                                return Err(Error::Source(format!(
+                                    "s3://{}/{} has no ETag, so reference mode cannot pin it; use --mode copy",
+                                    source.bucket, o.key
+                                )));
+                            }
+                            ImportMode::Copy if present.insert(id) => pending.push_back((id, o)),
+                            ImportMode::Copy | ImportMode::Reference => progress.file_done(o.size),
+                        }
                     }
-                    progress.files_done.fetch_add(1, Ordering::Relaxed);
-                    progress.bytes_done.fetch_add(o.size, Ordering::Relaxed);
-                    Ok::<(), Error>(())
                 }
-            })
-            .buffer_unordered(opts.concurrency.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
-    } else {
-        progress.files_done.store(
-            progress.files_total.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
-        progress.bytes_done.store(
-            progress.bytes_total.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+            },
+        }
+    }
+    let (builder, mut skipped) = planner.finish();
+    let src = source.clone();
+    let (manifest, dropped) = tokio::task::spawn_blocking(move || finish_builder(builder, &src))
+        .await
+        .map_err(|e| Error::Source(format!("building manifest failed: {e}")))??;
+    // A copy of a file dropped by the directory rule is made anyway (harmless: unreferenced
+    // objects are collected); it is reported as skipped.
+    skipped.extend(dropped);
+    let manifest = Arc::new(manifest);
+    if opts.skip_if_unchanged
+        && let Some(latest) = store.latest(name).await?
+    {
+        let current = store.load_manifest(name, latest).await?;
+        if same_content_async(current, &manifest).await? {
+            let info = store.version_info(name, latest).await?;
+            if let Some(l) = lease {
+                l.release().await;
+            }
+            return Ok(Report {
+                version: latest,
+                info,
+                skipped,
+                unchanged: true,
+            });
+        }
     }
 
     let totals = manifest.totals();
@@ -359,6 +415,39 @@ pub async fn import_from_s3(
         skipped,
         unchanged: false,
     })
+}
+
+/// `page` with ETags: listings of real S3 carry them, some compatible servers omit them, and
+/// pins need them (one HEAD per such file, `concurrency` at a time; directory markers need
+/// none).
+async fn with_etags(
+    client: &super::s3::S3Client,
+    bucket: &str,
+    mut page: Vec<ObjectInfo>,
+    concurrency: usize,
+) -> Result<Vec<ObjectInfo>> {
+    let missing: Vec<(usize, String)> = page
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.etag.is_none() && !o.key.ends_with('/'))
+        .map(|(i, o)| (i, o.key.clone()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(page);
+    }
+    let heads: Vec<(usize, Option<ObjectInfo>)> = futures::stream::iter(missing)
+        .map(|(i, key)| async move { Ok::<_, Error>((i, client.head(bucket, &key).await?)) })
+        .buffer_unordered(concurrency)
+        .try_collect()
+        .await?;
+    for (i, h) in heads {
+        if let Some(h) = h {
+            let o = &mut page[i];
+            o.etag = h.etag;
+            o.version_id = o.version_id.take().or(h.version_id);
+        }
+    }
+    Ok(page)
 }
 
 /// Copies one source object into the store: server-side when the store is in S3, streamed

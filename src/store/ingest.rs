@@ -10,6 +10,8 @@
 //!    after an interruption upload only what is missing). A body that does not hash to its id
 //!    fails the upload. An [`Ingest`] sends into its store directly; the kubectl plugin's upload
 //!    sessions use a [`Sender`] over presigned POST forms and let the operator lease and commit.
+//!    Small files travel in packs instead ([`Sender::put_pack`], see `store::pack`): one object
+//!    holds many of them, content-addressed like any other.
 //! 3. [`Ingest::commit`] builds the manifest, optionally compares it with the latest version
 //!    (then nothing is committed), and commits under the lease (see `commit`).
 //!
@@ -80,6 +82,28 @@ impl<'a> Sender<'a> {
             return Err(e.into());
         }
         self.progress.files_transferred.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Sender<'_> {
+    /// Sends a sealed pack of `contents` file contents unless it is present or claimed (a
+    /// re-run after an interruption builds the same packs and finds them here).
+    pub async fn put_pack(&self, id: [u8; 32], bytes: Bytes, contents: u64) -> Result<()> {
+        let claimed = self.present.lock().map(|mut s| s.insert(id)).unwrap_or(false);
+        if !claimed {
+            return Ok(());
+        }
+        let n = bytes.len() as u64;
+        if let Err(e) = self.sink.put_bytes(&id, bytes).await {
+            if let Ok(mut s) = self.present.lock() {
+                s.remove(&id);
+            }
+            return Err(e.into());
+        }
+        self.progress.bytes_transferred.fetch_add(n, Ordering::Relaxed);
+        self.progress.files_transferred.fetch_add(contents, Ordering::Relaxed);
+        tracing::debug!(pack = %hex::encode(id), bytes = n, contents, "sent pack");
         Ok(())
     }
 }

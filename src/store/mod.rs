@@ -21,6 +21,7 @@ pub mod manifest;
 pub mod names;
 pub mod namespaces;
 pub mod object;
+pub mod pack;
 pub mod post_form;
 pub mod s3;
 pub mod upload;
@@ -622,15 +623,23 @@ fn store_blobs(m: &Manifest) -> Result<std::collections::HashMap<[u8; 32], u64>>
     let mut out: std::collections::HashMap<[u8; 32], u64> =
         m.packs().iter().map(|p| (p.id, p.len)).collect();
     m.walk(|_, e| {
-        if let Some(Blob {
-            id,
-            location: Location::Store,
-        }) = e.blob()
-        {
-            out.insert(id, e.size());
+        if let Some(blob) = e.blob() {
+            if let Some((id, size)) = stored_object(&blob, e.size()) {
+                out.insert(id, size);
+            }
         }
     })?;
     Ok(out)
+}
+
+/// The store object that holds a file of `size` bytes with content `blob`, and that object's
+/// size: the content's own object, or the pack it is in (none for reference-mode files).
+pub(crate) fn stored_object(blob: &Blob, size: u64) -> Option<([u8; 32], u64)> {
+    match &blob.location {
+        Location::Store => Some((blob.id, size)),
+        Location::Pack(at) => Some((at.pack, at.pack_len)),
+        Location::External(_) => None,
+    }
 }
 
 /// Current time as RFC 3339 (seconds).
@@ -641,6 +650,35 @@ pub fn now_rfc3339() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn packs_are_store_objects_of_their_own_size() {
+        let at = manifest::PackedAt {
+            pack: [2; 32],
+            pack_len: 1000,
+            offset: 10,
+        };
+        let packed = Blob {
+            id: [1; 32],
+            location: Location::Pack(at),
+        };
+        assert_eq!(stored_object(&packed, 5), Some(([2; 32], 1000)));
+        let own = Blob {
+            id: [1; 32],
+            location: Location::Store,
+        };
+        assert_eq!(stored_object(&own, 5), Some(([1; 32], 5)));
+        let ext = Blob {
+            id: [1; 32],
+            location: Location::External(manifest::ExternalObject {
+                bucket: "b".into(),
+                key: "k".into(),
+                etag: None,
+                version_id: None,
+            }),
+        };
+        assert_eq!(stored_object(&ext, 5), None);
+    }
 
     #[test]
     fn store_urls() {

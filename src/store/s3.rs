@@ -366,6 +366,55 @@ impl S3Client {
         .boxed()
     }
 
+    /// One level below `prefix` (a listing with the '/' delimiter): the objects directly in it
+    /// and the common prefixes (whole, ending with '/') of everything deeper, streamed page by
+    /// page.
+    pub fn list_level(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> BoxStream<'static, Result<Listed, StoreError>> {
+        let what = format!("listing s3://{bucket}/{prefix}");
+        let pages = self
+            .control
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        futures::stream::unfold((pages, what), |(mut pages, what)| async move {
+            let started = std::time::Instant::now();
+            let page = pages.next().await?;
+            let page = page.map_err(|e| map_err(&what, e));
+            record("list", started, &page);
+            let items: Vec<Result<Listed, StoreError>> = match page {
+                Ok(p) => p
+                    .contents()
+                    .iter()
+                    .filter_map(|o| {
+                        Some(Ok(Listed::Object(ObjectInfo {
+                            key: o.key()?.to_owned(),
+                            size: o.size().unwrap_or(0).max(0) as u64,
+                            etag: o.e_tag().map(str::to_owned),
+                            version_id: None,
+                            modified_ns: o.last_modified().map(datetime_ns).unwrap_or(0),
+                        })))
+                    })
+                    .chain(
+                        p.common_prefixes()
+                            .iter()
+                            .filter_map(|cp| Some(Ok(Listed::Prefix(cp.prefix()?.to_owned())))),
+                    )
+                    .collect(),
+                Err(e) => vec![Err(e)],
+            };
+            Some((futures::stream::iter(items), (pages, what)))
+        })
+        .flatten()
+        .boxed()
+    }
+
     /// Names of the common prefixes directly below `prefix` (which ends with '/').
     pub async fn list_dirs(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
         let what = format!("listing s3://{bucket}/{prefix}");
@@ -422,9 +471,45 @@ impl S3Client {
                 .map(|_| ())
                 .map_err(|e| map_err(&what, e))
             } else {
-                self.copy_multipart(&source, src_etag, size, dst_bucket, dst_key, &what)
+                self.copy_multipart(&source, src_etag, 0..size, dst_bucket, dst_key, &what)
                     .await
             }
+        })
+        .await
+    }
+
+    /// Server-side copy of bytes `range` of `src` (pinned to its ETag when given) to
+    /// `dst_bucket/dst_key`, as a multipart upload of part copies (one part for any range up to
+    /// a part's size: S3 has no minimum for the last part). An empty range writes an empty object.
+    pub async fn copy_range(
+        &self,
+        src_bucket: &str,
+        src_key: &str,
+        src_etag: Option<&str>,
+        range: std::ops::Range<u64>,
+        dst_bucket: &str,
+        dst_key: &str,
+    ) -> Result<(), StoreError> {
+        let what = format!(
+            "copying bytes {}..{} of s3://{src_bucket}/{src_key} to s3://{dst_bucket}/{dst_key}",
+            range.start, range.end
+        );
+        let source = format!("{src_bucket}/{}", encode_key(src_key));
+        instrumented("copy", async {
+            if range.is_empty() {
+                return self
+                    .control
+                    .put_object()
+                    .bucket(dst_bucket)
+                    .key(dst_key)
+                    .body(SdkBody::from_static(b""))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| map_err(&what, e));
+            }
+            self.copy_multipart(&source, src_etag, range, dst_bucket, dst_key, &what)
+                .await
         })
         .await
     }
@@ -433,7 +518,7 @@ impl S3Client {
         &self,
         source: &str,
         src_etag: Option<&str>,
-        size: u64,
+        range: std::ops::Range<u64>,
         bucket: &str,
         key: &str,
         what: &str,
@@ -449,10 +534,10 @@ impl S3Client {
         let upload_id = upload.upload_id().unwrap_or_default().to_owned();
         let parts = async {
             let mut parts = Vec::new();
-            let mut start = 0u64;
+            let mut start = range.start;
             let mut number = 1i32;
-            while start < size {
-                let end = (start + COPY_PART).min(size);
+            while start < range.end {
+                let end = (start + COPY_PART).min(range.end);
                 let r = self
                     .control
                     .upload_part_copy()
@@ -525,6 +610,14 @@ impl S3Client {
         }
         completed
     }
+}
+
+/// An entry of a delimited listing ([`S3Client::list_level`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listed {
+    Object(ObjectInfo),
+    /// A common prefix, whole (it ends with the delimiter).
+    Prefix(String),
 }
 
 /// Strips quotes and a weak marker so `"abc"`, `abc` and `W/"abc"` compare equal.

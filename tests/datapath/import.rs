@@ -146,3 +146,50 @@ fn local_store_from_s3_source() {
         bytes(9, 300_000)
     );
 }
+
+/// The partitioned listing yields every key under the prefix exactly once, whatever the
+/// parallelism, and lists partitions with several requests when asked to go parallel.
+#[test]
+fn partitioned_listing_yields_every_key_once() {
+    init_logging();
+    let (src, bucket) = source_bucket();
+    // (The test server keeps no directory markers: its objects are files.)
+    let mut keys = vec!["p/top1".to_owned(), "p/top2".to_owned()];
+    for d in 0..5 {
+        for e in 0..3 {
+            for f in 0..4 {
+                keys.push(format!("p/d{d}/e{e}/f{f}"));
+            }
+            keys.push(format!("p/d{d}/e{e}/deep/er/x"));
+        }
+        keys.push(format!("p/d{d}/file"));
+    }
+    keys.push("outside/p".into());
+    for k in &keys {
+        put(&src, k, k.as_bytes());
+    }
+    let mut expected: Vec<String> = keys.iter().filter(|k| k.starts_with("p/")).cloned().collect();
+    expected.sort();
+    let client = rt().block_on(datastore::store::s3::S3Client::new(&s3_options(server(), fast_timeouts())));
+    for parallel in [1, 4, 64] {
+        server().reset_counts(&bucket);
+        let mut listed: Vec<String> = rt()
+            .block_on(async {
+                let listing = datastore::store::import::listing::list_partitioned(&client, &bucket, "p/", parallel);
+                futures::TryStreamExt::try_collect::<Vec<_>>(listing).await
+            })
+            .expect("list")
+            .into_iter()
+            .flatten()
+            .map(|o| o.key)
+            .collect();
+        listed.sort();
+        assert_eq!(listed, expected, "parallel {parallel}");
+        let lists = server().counts(&bucket).list;
+        if parallel == 1 {
+            assert_eq!(lists, 1, "one sequential listing");
+        } else {
+            assert!(lists > 5, "partitions listed separately: {lists}");
+        }
+    }
+}

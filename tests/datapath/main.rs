@@ -14,6 +14,7 @@ mod http;
 mod import;
 mod integrity;
 mod manifests;
+mod packs;
 mod stress;
 mod readonly;
 mod roundtrip;

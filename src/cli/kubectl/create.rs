@@ -92,6 +92,10 @@ pub struct CreateArgs {
     /// Files uploaded at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
+    /// For local directories: files up to this size are sent in packs (many files per object,
+    /// at most 8MiB each); 0 sends one object per file.
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = crate::cli::parse_size)]
+    pub pack_threshold: u64,
     /// Upload with your own S3 credentials (the AWS chain: environment, profile, role) straight
     /// to the store, instead of through an upload session that the operator authorizes by
     /// Kubernetes RBAC. Needed for files over 5 GiB. Implied by --store.
@@ -353,7 +357,7 @@ async fn direct_upload(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<u64> {
     let store = Store::open(&namespace_store(&base, &cl.namespace), s3).await?;
     let progress = Arc::new(Progress::default());
     let reporter = ProgressReporter::start(progress.clone(), &format!("uploading {}", c.name));
-    let opts = UploadOptions { concurrency: c.concurrency.max(1), ..Default::default() };
+    let opts = UploadOptions { concurrency: c.concurrency.max(1), pack_threshold: c.pack_threshold, ..Default::default() };
     let report = create_from_dir(&store, &c.name, &PathBuf::from(&c.source), &opts, &progress).await;
     reporter.finish();
     let report = report?;

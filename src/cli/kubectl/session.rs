@@ -28,7 +28,8 @@ use crate::cli::progress::ProgressReporter;
 use crate::operator::upload_crd::{DatastoreUpload, DatastoreUploadSpec, DatastoreUploadStatus, UploadPhase};
 use crate::store::upload::post_sink::{Forms, PostSink, get, http_client};
 use crate::store::ingest::Sender;
-use crate::store::upload::{Built, Progress, SymlinkPolicy, scan_source, send_and_build};
+use crate::store::upload::scan::Walk;
+use crate::store::upload::{Built, PipelineOptions, Progress, SymlinkPolicy, effective_packs, send_and_build, walk_source};
 
 /// Field manager of the plugin's writes.
 const MANAGER: &str = "kubectl-datastore";
@@ -54,7 +55,7 @@ pub async fn available(cl: &Cluster) -> anyhow::Result<bool> {
 /// Uploads `c.source` as a new version of `c.name` through a session; returns the version.
 pub async fn upload(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<u64> {
     let progress = Arc::new(Progress::default());
-    let scan = scan_source(std::path::Path::new(&c.source), SymlinkPolicy::default(), &progress).await?;
+    let walk = walk_source(std::path::Path::new(&c.source), SymlinkPolicy::default())?;
     let api: Api<DatastoreUpload> = Api::namespaced(cl.client.clone(), &cl.namespace);
     let mut up = DatastoreUpload::new("", DatastoreUploadSpec { datastore: c.name.clone(), source: Some(c.source.clone()), ..Default::default() });
     up.metadata.name = None;
@@ -67,7 +68,7 @@ pub async fn upload(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<u64> {
     let session = created.name_any();
     tracing::info!(session, "upload session created");
     let reporter = ProgressReporter::start(progress.clone(), &format!("uploading {}", c.name));
-    let result = run(&api, &session, scan, c, &progress).await;
+    let result = run(&api, &session, walk, c, &progress).await;
     reporter.finish();
     if let Err(e) = api.delete(&session, &DeleteParams::default()).await {
         tracing::debug!(session, error = %e, "could not delete the upload session");
@@ -84,7 +85,7 @@ pub async fn upload(cl: &Cluster, c: &CreateArgs) -> anyhow::Result<u64> {
     Ok(version)
 }
 
-async fn run(api: &Api<DatastoreUpload>, session: &str, scan: crate::store::upload::scan::Scan, c: &CreateArgs, progress: &Progress) -> anyhow::Result<(u64, Built)> {
+async fn run(api: &Api<DatastoreUpload>, session: &str, walk: Walk, c: &CreateArgs, progress: &Progress) -> anyhow::Result<(u64, Built)> {
     let st = wait(api, session, "the operator to open the upload session", READY_WAIT, |st| st.phase.is_some()).await?;
     let forms = match st.phase {
         Some(UploadPhase::Ready) => st.forms().ok_or_else(|| anyhow!("upload session {session} is Ready without forms"))?,
@@ -98,7 +99,8 @@ async fn run(api: &Api<DatastoreUpload>, session: &str, scan: crate::store::uplo
     let sink = PostSink::new(http, forms);
     let present = std::sync::Mutex::new(present);
     let sender = Sender::new(&sink, &present, progress);
-    let sent = send_and_build(scan, &sender, None, c.concurrency.max(1), progress).await;
+    let opts = PipelineOptions { concurrency: c.concurrency.max(1), packs: effective_packs(c.pack_threshold) };
+    let sent = send_and_build(walk, &sender, None, &opts, progress).await;
     refresher.abort();
     let built = sent?;
     let compressed = built.manifest.to_compressed().map_err(|e| anyhow!("encoding the manifest: {e}"))?;

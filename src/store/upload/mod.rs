@@ -22,22 +22,22 @@
 //! its id); nothing is committed and a re-run picks it up.
 
 pub mod forms;
+pub(crate) mod pipeline;
 pub mod post_sink;
 pub mod scan;
 pub mod sink;
 pub mod staged;
 
+use std::ffi::OsString;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use futures::{StreamExt, TryStreamExt};
-
-use super::ingest::{Body, Ingest, Origin, Sender, finish};
-use super::manifest::{Blob, DroppedWhy, Kind, Location, Manifest, Node};
-use super::object::StoreError;
+use super::ingest::{Ingest, Origin, Sender, finish};
+use super::manifest::{DroppedWhy, Manifest, ManifestBuilder, Node};
+use super::pack::{self, PackOptions};
 use super::{Error, Result, Store, VersionInfo, names};
-use scan::{Scan, ScannedFile, hash_file};
+pub(crate) use pipeline::PipelineOptions;
+use scan::Walk;
 
 /// What to do with symbolic links in the source directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -74,6 +74,9 @@ pub struct UploadOptions {
     /// Files uploaded at once.
     pub concurrency: usize,
     pub symlinks: SymlinkPolicy,
+    /// Files of at most this many bytes travel in packs (see `store::pack`); 0: one object
+    /// per file.
+    pub pack_threshold: u64,
 }
 
 impl Default for UploadOptions {
@@ -81,6 +84,7 @@ impl Default for UploadOptions {
         UploadOptions {
             concurrency: 16,
             symlinks: SymlinkPolicy::Preserve,
+            pack_threshold: pack::DEFAULT_THRESHOLD,
         }
     }
 }
@@ -102,24 +106,11 @@ pub struct Report {
     pub unchanged: bool,
 }
 
-/// Scans `src` off the async threads and sets the progress totals.
-pub(crate) async fn scan_source(
-    src: &Path,
-    policy: SymlinkPolicy,
-    progress: &Progress,
-) -> Result<Scan> {
-    let src_owned = src.to_path_buf();
-    let scan = tokio::task::spawn_blocking(move || scan::scan(&src_owned, policy))
-        .await
-        .map_err(|e| Error::Source(format!("scanning failed: {e}")))??;
-    progress
-        .files_total
-        .store(scan.files.len() as u64, Ordering::Relaxed);
-    progress
-        .bytes_total
-        .store(scan.files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
-    tracing::info!(source = %src.display(), files = scan.files.len(), "scanned source");
-    Ok(scan)
+/// Starts walking `src` (see [`scan::walk`]).
+pub(crate) fn walk_source(src: &Path, policy: SymlinkPolicy) -> Result<Walk> {
+    let walk = scan::walk(src, policy)?;
+    tracing::info!(source = %src.display(), "walking source");
+    Ok(walk)
 }
 
 /// A manifest whose contents were all sent (or were present), and what was left out.
@@ -128,59 +119,42 @@ pub(crate) struct Built {
     pub skipped: Vec<Skipped>,
 }
 
-/// Gives every scanned file its id, sends through `sender` the contents the store lacks,
-/// `concurrency` at a time, and builds the manifest. `previous` (a hint) lets unchanged files
-/// keep their id without being read.
+/// Gives every file of `walk` its id, sends through `sender` the contents the store lacks
+/// (small ones in packs; see [`pipeline`]) and builds the manifest as the walk streams.
+/// `previous` (a hint) lets unchanged files keep their location without being read.
 pub(crate) async fn send_and_build(
-    scan: Scan,
+    walk: Walk,
     sender: &Sender<'_>,
-    previous: Option<Manifest>,
-    concurrency: usize,
+    previous: Option<&Manifest>,
+    opts: &PipelineOptions,
     progress: &Progress,
 ) -> Result<Built> {
-    let Scan {
-        mut builder,
-        files,
-        mut skipped,
-    } = scan;
-    let previous = Arc::new(previous);
-    let files = &files;
-    let results: Vec<(usize, [u8; 32])> = futures::stream::iter(0..files.len())
-        .map(|i| {
-            let previous = previous.clone();
-            async move {
-                let f = &files[i];
-                let id = upload_one(sender, f, &previous).await?;
-                progress.file_done(f.size);
-                Ok::<_, Error>((i, id))
-            }
-        })
-        .buffer_unordered(concurrency.max(1))
-        .try_collect()
-        .await?;
-
-    let mut ids = vec![[0u8; 32]; files.len()];
-    for (i, id) in results {
-        ids[i] = id;
-    }
-    for (f, id) in files.iter().zip(ids) {
-        let node = Node::File {
-            mode: f.mode,
-            mtime_ns: f.mtime_ns,
-            size: f.size,
-            blob: Blob {
-                id,
-                location: Location::Store,
-            },
-        };
-        builder.insert(&f.comps, node)?;
-    }
+    let mut builder = ManifestBuilder::new(walk.root_mtime_ns);
+    builder.set_root(walk.root_mode, walk.root_mtime_ns);
+    let mut emit = |comps: Vec<OsString>, node: Node| -> Result<()> {
+        builder.insert(&comps, node)?;
+        Ok(())
+    };
+    let mut skipped = pipeline::send_files(walk, sender, previous, opts, progress, &mut emit).await?;
     let manifest = finish(builder, &mut skipped, |why| match why {
         DroppedWhy::Shadowed => "a directory of the same name exists",
         DroppedWhy::Duplicate => "appears twice: the first one is kept",
     })
     .await?;
     Ok(Built { manifest, skipped })
+}
+
+/// The pack options a create uses: `threshold` (0: none), or none at all when this build's
+/// manifests cannot hold packed files.
+pub(crate) fn effective_packs(threshold: u64) -> PackOptions {
+    if threshold > 0 && !pack::manifests_hold_packs() {
+        tracing::info!("this build's manifests cannot hold packed files: one object per file");
+        return PackOptions::none();
+    }
+    PackOptions {
+        threshold,
+        ..PackOptions::default()
+    }
 }
 
 /// Creates a new version of `name` from the local directory `src`, writing to `store` with the
@@ -193,7 +167,7 @@ pub async fn create_from_dir(
     progress: &Progress,
 ) -> Result<Report> {
     names::validate_datastore_name(name)?;
-    let scan = scan_source(src, opts.symlinks, progress).await?;
+    let walk = walk_source(src, opts.symlinks)?;
     // Only a hint (unchanged files are not re-read): a version deleted meanwhile is no error.
     let previous = match store.latest(name).await? {
         Some(v) => match store.load_manifest(name, v).await {
@@ -204,53 +178,16 @@ pub async fn create_from_dir(
         None => None,
     };
     let ingest = Ingest::begin(store, name, progress).await?;
+    let pipeline = PipelineOptions {
+        concurrency: opts.concurrency,
+        packs: effective_packs(opts.pack_threshold),
+    };
     let Built { manifest, skipped } =
-        send_and_build(scan, &ingest.sender(), previous, opts.concurrency, progress).await?;
+        send_and_build(walk, &ingest.sender(), previous.as_ref(), &pipeline, progress).await?;
     let origin = Origin {
         source: src.display().to_string(),
         mode: "upload".into(),
         validator: None,
     };
     ingest.commit(manifest, skipped, origin, false).await
-}
-
-/// Gives one file its id and sends its content unless the store already has it.
-async fn upload_one(sender: &Sender<'_>, f: &ScannedFile, previous: &Arc<Option<Manifest>>) -> Result<[u8; 32]> {
-    // A hint only: a previous version whose pages cannot be read is no reason to fail.
-    let reused = match previous.as_ref() {
-        Some(_) => {
-            let (previous, rel, size, mtime_ns) = (previous.clone(), f.rel(), f.size, f.mtime_ns);
-            tokio::task::spawn_blocking(move || {
-                let m = previous.as_ref().as_ref()?;
-                let e = m.resolve(&rel).ok()??;
-                let blob = e.blob()?;
-                (e.kind() == Kind::File
-                    && e.size() == size
-                    && e.mtime_ns() == mtime_ns
-                    && blob.location == Location::Store)
-                    .then_some(blob.id)
-            })
-            .await
-            .ok()
-            .flatten()
-        }
-        None => None,
-    };
-    if let Some(id) = reused
-        && sender.has(&id)
-    {
-        return Ok(id);
-    }
-    let path = f.path.clone();
-    let size = f.size;
-    let (id, data) = tokio::task::spawn_blocking(move || hash_file(&path, size))
-        .await
-        .map_err(|e| Error::Source(format!("hashing failed: {e}")))?
-        .map_err(|e| Error::Store(StoreError::io(f.path.display().to_string(), e)))?;
-    let body = match data {
-        Some(bytes) => Body::Memory(bytes),
-        None => Body::File { path: &f.path, size: f.size },
-    };
-    sender.put(id, body).await?;
-    Ok(id)
 }

@@ -1,6 +1,9 @@
-//! Walking a source directory into a manifest builder (directories and symlinks) and a list
-//! of files, and hashing files into content ids. Nothing here touches a store: the same scan
-//! feeds a direct upload and one through presigned POST forms.
+//! Walking a source directory, and hashing files into content ids. Nothing here touches a
+//! store: the same walk feeds a direct upload and one through presigned POST forms.
+//!
+//! The walk streams: a blocking thread reads one directory at a time (its names, sorted) and
+//! hands what it finds through a bounded queue, so a create holds at most one directory's names
+//! and the queue, never the whole tree (a million files would be hundreds of megabytes).
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -11,7 +14,6 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::super::manifest::{ManifestBuilder, Node};
 use super::super::object::StoreError;
 use super::super::{Error, Result, names};
 use super::{Skipped, SymlinkPolicy};
@@ -40,13 +42,32 @@ impl ScannedFile {
     }
 }
 
-/// What a scan found: directories and symlinks already in the builder, files to upload, and
-/// entries left out.
-pub(crate) struct Scan {
-    pub builder: ManifestBuilder,
-    pub files: Vec<ScannedFile>,
-    pub skipped: Vec<Skipped>,
+/// What the walk found, in walk order.
+pub(crate) enum Found {
+    Dir {
+        comps: Vec<OsString>,
+        mode: u32,
+        mtime_ns: i64,
+    },
+    Symlink {
+        comps: Vec<OsString>,
+        mtime_ns: i64,
+        target: Vec<u8>,
+    },
+    File(ScannedFile),
+    Skipped(Skipped),
 }
+
+/// A walk of a source directory in progress: the root's own metadata, and everything below it
+/// as it is found (a bounded queue fed by a blocking thread).
+pub(crate) struct Walk {
+    pub root_mode: u32,
+    pub root_mtime_ns: i64,
+    pub found: tokio::sync::mpsc::Receiver<Result<Found>>,
+}
+
+/// Entries the walk may find ahead of the create.
+const QUEUE: usize = 4096;
 
 fn mtime_ns(m: &std::fs::Metadata) -> i64 {
     m.mtime()
@@ -62,11 +83,13 @@ fn shown(comps: &[OsString]) -> String {
         .join("/")
 }
 
-/// Walks `root` into a manifest builder (directories and links) and a list of files.
-pub(crate) fn scan(root: &Path, policy: SymlinkPolicy) -> Result<Scan> {
-    let io = |what: &Path, e: std::io::Error| {
-        Error::Store(StoreError::io(what.display().to_string(), e))
-    };
+fn io(what: &Path, e: std::io::Error) -> Error {
+    Error::Store(StoreError::io(what.display().to_string(), e))
+}
+
+/// Starts walking `root` (a directory) on a blocking thread. The order is deterministic:
+/// depth-first, each directory's entries by name. Dropping the [`Walk`] stops the thread.
+pub(crate) fn walk(root: &Path, policy: SymlinkPolicy) -> Result<Walk> {
     let root_meta = std::fs::metadata(root).map_err(|e| io(root, e))?;
     if !root_meta.is_dir() {
         return Err(Error::Source(format!(
@@ -74,94 +97,120 @@ pub(crate) fn scan(root: &Path, policy: SymlinkPolicy) -> Result<Scan> {
             root.display()
         )));
     }
-    let mut builder = ManifestBuilder::new(mtime_ns(&root_meta));
-    builder.set_root(root_meta.mode() & 0o7777, mtime_ns(&root_meta));
-    let mut files = Vec::new();
-    let mut skipped = Vec::new();
-    let mut visited: HashSet<(u64, u64)> = HashSet::from([(root_meta.dev(), root_meta.ino())]);
+    let (tx, found) = tokio::sync::mpsc::channel(QUEUE);
+    let root_owned = root.to_path_buf();
+    let root_id = (root_meta.dev(), root_meta.ino());
+    tokio::task::spawn_blocking(move || {
+        let mut send = |item: Result<Found>| tx.blocking_send(item).is_ok();
+        if let Err(e) = walk_into(&root_owned, root_id, policy, &mut send) {
+            send(Err(e));
+        }
+    });
+    Ok(Walk {
+        root_mode: root_meta.mode() & 0o7777,
+        root_mtime_ns: mtime_ns(&root_meta),
+        found,
+    })
+}
+
+/// The walk itself; `send` returns false when nobody listens any more (then it stops).
+fn walk_into(
+    root: &Path,
+    root_id: (u64, u64),
+    policy: SymlinkPolicy,
+    send: &mut dyn FnMut(Result<Found>) -> bool,
+) -> Result<()> {
+    let mut visited: HashSet<(u64, u64)> = HashSet::from([root_id]);
     // Depth-first with an explicit stack: deep trees cannot overflow the thread's stack.
     let mut stack: Vec<(PathBuf, Vec<OsString>)> = vec![(root.to_path_buf(), Vec::new())];
     while let Some((dir, comps)) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        // Names only (not whole entries): a directory of a million files costs its names.
+        let mut names: Vec<OsString> = std::fs::read_dir(&dir)
             .map_err(|e| io(&dir, e))?
+            .map(|e| e.map(|e| e.file_name()))
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| io(&dir, e))?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
+        names.sort();
+        let mut subdirs = Vec::new();
+        for name in names {
+            let path = dir.join(&name);
             let mut child = comps.clone();
-            child.push(entry.file_name());
-            let path = entry.path();
-            if let Err(e) = names::validate_component(&entry.file_name()) {
-                skipped.push(Skipped {
-                    path: shown(&child),
-                    reason: e.to_string(),
-                });
+            child.push(name);
+            let Some(item) = examine(&path, child, policy, &mut visited)? else {
                 continue;
-            }
-            let lmeta = std::fs::symlink_metadata(&path).map_err(|e| io(&path, e))?;
-            let meta = if lmeta.file_type().is_symlink() {
-                match policy {
-                    SymlinkPolicy::Preserve => {
-                        let target = std::fs::read_link(&path).map_err(|e| io(&path, e))?;
-                        let node = Node::Symlink {
-                            mtime_ns: mtime_ns(&lmeta),
-                            target: target.as_os_str().as_bytes().to_vec(),
-                        };
-                        builder.insert(&child, node)?;
-                        continue;
-                    }
-                    SymlinkPolicy::Follow => match std::fs::metadata(&path) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            skipped.push(Skipped {
-                                path: shown(&child),
-                                reason: format!("dangling symlink: {e}"),
-                            });
-                            continue;
-                        }
-                    },
-                }
-            } else {
-                lmeta
             };
-            let ft = meta.file_type();
-            if ft.is_dir() {
-                if !visited.insert((meta.dev(), meta.ino())) {
-                    skipped.push(Skipped {
-                        path: shown(&child),
-                        reason: "symlink loop".into(),
-                    });
-                    continue;
-                }
-                builder.insert(
-                    &child,
-                    Node::Dir {
-                        mode: meta.mode() & 0o7777,
-                        mtime_ns: mtime_ns(&meta),
-                    },
-                )?;
-                stack.push((path, child));
-            } else if ft.is_file() {
-                files.push(ScannedFile {
-                    comps: child,
-                    path,
-                    size: meta.len(),
-                    mode: meta.mode() & 0o7777,
-                    mtime_ns: mtime_ns(&meta),
-                });
-            } else {
-                skipped.push(Skipped {
-                    path: shown(&child),
-                    reason: "not a regular file, directory or symlink".into(),
-                });
+            if let Found::Dir { comps, .. } = &item {
+                subdirs.push((path, comps.clone()));
+            }
+            if !send(Ok(item)) {
+                return Ok(());
             }
         }
+        // Popped in name order.
+        stack.extend(subdirs.into_iter().rev());
     }
-    Ok(Scan {
-        builder,
-        files,
-        skipped,
-    })
+    Ok(())
+}
+
+/// What one directory entry is (`None`: a followed link to a directory already visited is
+/// reported as skipped instead).
+fn examine(
+    path: &Path,
+    child: Vec<OsString>,
+    policy: SymlinkPolicy,
+    visited: &mut HashSet<(u64, u64)>,
+) -> Result<Option<Found>> {
+    let skipped = |child: &[OsString], reason: String| {
+        Ok(Some(Found::Skipped(Skipped {
+            path: shown(child),
+            reason,
+        })))
+    };
+    if let Some(last) = child.last()
+        && let Err(e) = names::validate_component(last)
+    {
+        return skipped(&child, e.to_string());
+    }
+    let lmeta = std::fs::symlink_metadata(path).map_err(|e| io(path, e))?;
+    let meta = if lmeta.file_type().is_symlink() {
+        match policy {
+            SymlinkPolicy::Preserve => {
+                let target = std::fs::read_link(path).map_err(|e| io(path, e))?;
+                return Ok(Some(Found::Symlink {
+                    comps: child,
+                    mtime_ns: mtime_ns(&lmeta),
+                    target: target.as_os_str().as_bytes().to_vec(),
+                }));
+            }
+            SymlinkPolicy::Follow => match std::fs::metadata(path) {
+                Ok(m) => m,
+                Err(e) => return skipped(&child, format!("dangling symlink: {e}")),
+            },
+        }
+    } else {
+        lmeta
+    };
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        if !visited.insert((meta.dev(), meta.ino())) {
+            return skipped(&child, "symlink loop".into());
+        }
+        Ok(Some(Found::Dir {
+            comps: child,
+            mode: meta.mode() & 0o7777,
+            mtime_ns: mtime_ns(&meta),
+        }))
+    } else if ft.is_file() {
+        Ok(Some(Found::File(ScannedFile {
+            comps: child,
+            path: path.to_path_buf(),
+            size: meta.len(),
+            mode: meta.mode() & 0o7777,
+            mtime_ns: mtime_ns(&meta),
+        })))
+    } else {
+        skipped(&child, "not a regular file, directory or symlink".into())
+    }
 }
 
 /// Hashes a file; returns its id and, for small files, its bytes (read once, uploaded from memory).

@@ -12,7 +12,8 @@
 //!    read another location with its own credentials — and every store object it names present
 //!    with the size the manifest gives it (a file that changed while it was sent usually
 //!    changed size; objects are content-addressed, so a same-sized forgery only ever harms the
-//!    sender's own datastore, whose cache scope is its own).
+//!    sender's own datastore, whose cache scope is its own). A packed file's pack must be
+//!    present with the `pack_len` the manifest gives it, and the file's range inside it.
 //! 4. The normal commit (`commit`), under the lease; then [`Store::delete_upload_session`].
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use std::collections::HashMap;
 use bytes::{Bytes, BytesMut};
 use futures::TryStreamExt;
 
-use super::super::manifest::{Location, Manifest};
+use super::super::manifest::{Blob, Location, Manifest};
 use super::super::object::StoreError;
 use super::super::{Error, Result, Store, layout, names};
 
@@ -35,8 +36,13 @@ pub enum StagedError {
     Invalid(String),
     #[error("{path}: a reference to another location; uploads may only name their own objects")]
     External { path: String },
-    #[error("{path}: packed files cannot be uploaded through a session yet")]
-    Packed { path: String },
+    #[error("{path}: its range {offset}+{size} does not fit in its pack of {pack_len} bytes")]
+    OutsidePack {
+        path: String,
+        offset: u64,
+        size: u64,
+        pack_len: u64,
+    },
     #[error("{path}: its content {id} was not uploaded")]
     MissingObject { path: String, id: String },
     #[error(
@@ -62,7 +68,7 @@ impl StagedError {
             | StagedError::TooLarge { .. }
             | StagedError::Invalid(_)
             | StagedError::External { .. }
-            | StagedError::Packed { .. }
+            | StagedError::OutsidePack { .. }
             | StagedError::MissingObject { .. }
             | StagedError::WrongSize { .. } => false,
         }
@@ -171,27 +177,49 @@ fn check_against(manifest: &Manifest, present: &HashMap<[u8; 32], u64>) -> Resul
             return;
         }
         let Some(blob) = e.blob() else { return };
-        let path = String::from_utf8_lossy(path).into_owned();
-        problem = match blob.location {
-            Location::External(_) => Some(StagedError::External { path }),
-            Location::Pack(_) => Some(StagedError::Packed { path }),
-            Location::Store => match present.get(&blob.id) {
-                None => Some(StagedError::MissingObject {
-                    path,
-                    id: hex::encode(blob.id),
-                }),
-                Some(&found) if found != e.size() => Some(StagedError::WrongSize {
-                    path,
-                    id: hex::encode(blob.id),
-                    expected: e.size(),
-                    found,
-                }),
-                Some(_) => None,
-            },
-        };
+        problem = check_file(path, &blob, e.size(), present).err();
     })
     .map_err(|e| StagedError::Invalid(e.to_string()))?;
     problem.map_or(Ok(()), Err)
+}
+
+/// Whether the file at `path` (`size` bytes of content `blob`) names only present objects of
+/// the right size.
+fn check_file(
+    path: &[u8],
+    blob: &Blob,
+    size: u64,
+    present: &HashMap<[u8; 32], u64>,
+) -> Result<(), StagedError> {
+    let path = || String::from_utf8_lossy(path).into_owned();
+    let (object, expected) = match &blob.location {
+        Location::External(_) => return Err(StagedError::External { path: path() }),
+        Location::Store => (blob.id, size),
+        Location::Pack(at) => {
+            if at.offset.checked_add(size).is_none_or(|end| end > at.pack_len) {
+                return Err(StagedError::OutsidePack {
+                    path: path(),
+                    offset: at.offset,
+                    size,
+                    pack_len: at.pack_len,
+                });
+            }
+            (at.pack, at.pack_len)
+        }
+    };
+    match present.get(&object) {
+        None => Err(StagedError::MissingObject {
+            path: path(),
+            id: hex::encode(object),
+        }),
+        Some(&found) if found != expected => Err(StagedError::WrongSize {
+            path: path(),
+            id: hex::encode(object),
+            expected,
+            found,
+        }),
+        Some(_) => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -263,6 +291,37 @@ mod tests {
         assert!(
             matches!(external, Err(StagedError::External { ref path }) if path == "x/y"),
             "{external:?}"
+        );
+    }
+
+    /// Packed files are accepted when their pack is present with its length and their range
+    /// lies inside it (checked per file: format 1 manifests cannot hold packed files).
+    #[test]
+    fn packed_files_need_their_pack_present_and_their_range_inside_it() {
+        let present = HashMap::from([([9; 32], 100)]);
+        let packed = |pack: [u8; 32], pack_len: u64, offset: u64| Blob {
+            id: [1; 32],
+            location: Location::Pack(crate::store::manifest::PackedAt {
+                pack,
+                pack_len,
+                offset,
+            }),
+        };
+        assert!(check_file(b"a", &packed([9; 32], 100, 0), 100, &present).is_ok());
+        assert!(check_file(b"a", &packed([9; 32], 100, 90), 10, &present).is_ok());
+        let outside = check_file(b"a", &packed([9; 32], 100, 91), 10, &present);
+        assert!(
+            matches!(outside, Err(StagedError::OutsidePack { offset: 91, size: 10, pack_len: 100, .. })),
+            "{outside:?}"
+        );
+        let overflow = check_file(b"a", &packed([9; 32], 100, u64::MAX), 10, &present);
+        assert!(matches!(overflow, Err(StagedError::OutsidePack { .. })), "{overflow:?}");
+        let missing = check_file(b"b", &packed([8; 32], 100, 0), 1, &present);
+        assert!(matches!(missing, Err(StagedError::MissingObject { ref path, .. }) if path == "b"), "{missing:?}");
+        let wrong = check_file(b"c", &packed([9; 32], 200, 0), 1, &present);
+        assert!(
+            matches!(wrong, Err(StagedError::WrongSize { expected: 200, found: 100, .. })),
+            "{wrong:?}"
         );
     }
 }
