@@ -235,7 +235,9 @@ impl<T> Packer<T> {
             return None;
         }
         let bytes = Bytes::from(std::mem::take(&mut self.open));
-        let id: [u8; 32] = std::mem::replace(&mut self.hasher, Sha256::new()).finalize().into();
+        let id: [u8; 32] = std::mem::replace(&mut self.hasher, Sha256::new())
+            .finalize()
+            .into();
         let pack_len = bytes.len() as u64;
         self.packs.push((id, pack_len));
         let members = std::mem::take(&mut self.members)
@@ -278,7 +280,10 @@ mod tests {
     }
 
     /// Collects every file's location, sealed packs by id.
-    fn run(p: &mut Packer<&'static str>, files: &[(&'static str, &'static [u8])]) -> (Vec<(&'static str, PackedAt)>, HashMap<[u8; 32], Bytes>) {
+    fn run(
+        p: &mut Packer<&'static str>,
+        files: &[(&'static str, &'static [u8])],
+    ) -> (Vec<(&'static str, PackedAt)>, HashMap<[u8; 32], Bytes>) {
         let mut placed = Vec::new();
         let mut packs = HashMap::new();
         let mut take = |s: Sealed<&'static str>, placed: &mut Vec<_>| {
@@ -308,7 +313,13 @@ mod tests {
 
     #[test]
     fn packs_seal_at_the_target_and_every_file_reads_back() {
-        let files: [(&str, &[u8]); 5] = [("a", b"aaaa"), ("b", b"bbbb"), ("c", b"cc"), ("d", b"dddddd"), ("e", b"e")];
+        let files: [(&str, &[u8]); 5] = [
+            ("a", b"aaaa"),
+            ("b", b"bbbb"),
+            ("c", b"cc"),
+            ("d", b"dddddd"),
+            ("e", b"e"),
+        ];
         let mut p = Packer::new(&opts(8));
         let (placed, packs) = run(&mut p, &files);
         // a+b fill the first pack (8 bytes), c+d the second (8), e is the last, partial one.
@@ -329,7 +340,12 @@ mod tests {
 
     #[test]
     fn identical_contents_are_stored_once_open_or_sealed() {
-        let files: [(&str, &[u8]); 4] = [("a", b"same"), ("b", b"same"), ("c", b"other!!!"), ("d", b"same")];
+        let files: [(&str, &[u8]); 4] = [
+            ("a", b"same"),
+            ("b", b"same"),
+            ("c", b"other!!!"),
+            ("d", b"same"),
+        ];
         let mut p = Packer::new(&opts(8));
         let (placed, packs) = run(&mut p, &files);
         let total: usize = packs.values().map(|b| b.len()).sum();
@@ -368,7 +384,10 @@ mod tests {
         let (first, _) = run(&mut Packer::new(&opts(8)), &files);
         let (again, _) = run(&mut Packer::new(&opts(8)), &files);
         assert_eq!(first, again);
-        assert!(Packer::<()>::new(&opts(8)).seal().is_none(), "an empty pack is never sealed");
+        assert!(
+            Packer::<()>::new(&opts(8)).seal().is_none(),
+            "an empty pack is never sealed"
+        );
     }
 
     #[test]

@@ -23,18 +23,34 @@ fn small_tree(dir: &std::path::Path, n: u64, seed: u64) {
         let sub = dir.join(format!("d{}", i % 7));
         std::fs::create_dir_all(&sub).expect("mkdir");
         let len = 1024 + (i * 37 % 3072) as usize;
-        write_file(&sub.join(format!("f{i:05}")), &bytes(seed * 1_000_000 + i, len), 0o644);
+        write_file(
+            &sub.join(format!("f{i:05}")),
+            &bytes(seed * 1_000_000 + i, len),
+            0o644,
+        );
     }
 }
 
-fn create(store: &datastore::store::Store, name: &str, src: &std::path::Path) -> datastore::store::upload::Report {
-    rt().block_on(create_from_dir(store, name, src, &UploadOptions::default(), &Progress::default()))
-        .expect("create")
+fn create(
+    store: &datastore::store::Store,
+    name: &str,
+    src: &std::path::Path,
+) -> datastore::store::upload::Report {
+    rt().block_on(create_from_dir(
+        store,
+        name,
+        src,
+        &UploadOptions::default(),
+        &Progress::default(),
+    ))
+    .expect("create")
 }
 
 /// The packs a version's manifest names, and how many of its files are packed.
 fn packs_of(store: &datastore::store::Store, name: &str, version: u64) -> (HashSet<[u8; 32]>, u64) {
-    let m = rt().block_on(store.load_manifest(name, version)).expect("manifest");
+    let m = rt()
+        .block_on(store.load_manifest(name, version))
+        .expect("manifest");
     let mut packs = HashSet::new();
     let mut packed = 0;
     m.walk(|_, e| {
@@ -89,7 +105,10 @@ fn a_new_version_reuses_packed_contents_it_already_holds() {
     write_file(&src.path().join("new.txt"), b"new content", 0o644);
     let r2 = create(&store, "reuse", src.path());
     assert_eq!((r1.version, r2.version), (1, 2));
-    assert_eq!(r2.info.transferred_bytes, 11, "only the new content is sent");
+    assert_eq!(
+        r2.info.transferred_bytes, 11,
+        "only the new content is sent"
+    );
     let (p1, _) = packs_of(&store, "reuse", 1);
     let (p2, _) = packs_of(&store, "reuse", 2);
     assert!(p1.is_subset(&p2), "v2 names v1 packs");
@@ -103,7 +122,10 @@ fn a_pack_lives_while_a_committed_or_mounted_version_uses_it() {
     init_logging();
     assert!(pack::manifests_hold_packs(), "{NEEDS_FORMAT_2}");
     let (store, _) = s3_store();
-    let (a, b) = (tempfile::tempdir().expect("a"), tempfile::tempdir().expect("b"));
+    let (a, b) = (
+        tempfile::tempdir().expect("a"),
+        tempfile::tempdir().expect("b"),
+    );
     small_tree(a.path(), 300, 3);
     small_tree(b.path(), 300, 4);
     create(&store, "gc", a.path());
@@ -112,9 +134,13 @@ fn a_pack_lives_while_a_committed_or_mounted_version_uses_it() {
     let (p2, _) = packs_of(&store, "gc", 2);
     assert!(p1.is_disjoint(&p2));
 
-    rt().block_on(store.delete_version("gc", 2)).expect("delete v2");
+    rt().block_on(store.delete_version("gc", 2))
+        .expect("delete v2");
     let left = objects(&store, "gc");
-    assert!(p1.is_subset(&left), "version 1's packs survive deleting version 2");
+    assert!(
+        p1.is_subset(&left),
+        "version 1's packs survive deleting version 2"
+    );
     assert!(p2.is_disjoint(&left), "version 2's packs are collected");
 
     // Mounted: the delete is refused and the packs stay.
@@ -124,6 +150,10 @@ fn a_pack_lives_while_a_committed_or_mounted_version_uses_it() {
     assert_same_tree(&tree_facts(a.path()), &tree_facts(m.path()));
     drop(m);
     rt().block_on(lease.release());
-    rt().block_on(store.delete_version("gc", 1)).expect("delete v1");
-    assert!(objects(&store, "gc").is_empty(), "the last version's packs go with it");
+    rt().block_on(store.delete_version("gc", 1))
+        .expect("delete v1");
+    assert!(
+        objects(&store, "gc").is_empty(),
+        "the last version's packs go with it"
+    );
 }

@@ -30,6 +30,7 @@ mod check;
 pub mod format1;
 mod page;
 pub mod paged;
+mod pages;
 mod reader;
 pub mod source;
 mod spill;

@@ -17,18 +17,18 @@
 //!   order without filling the LRU, keeping only directory paths (never every page), so the
 //!   order of a walk is index order, not depth-first.
 //!
-//! Navigation that may load a page returns `Result`; an entry's own fields never fail.
+//! Navigation that may load a page returns `Result`; an entry's own fields never fail. The page
+//! machinery itself (LRU, slots, node cache, preload) is in `pages.rs`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use lru::LruCache;
-use sha2::{Digest, Sha256};
 
 use super::check::Checker;
 use super::page::{Entry, PackRef, Page};
+use super::pages::{Disk, Paged};
 use super::paged::{self, Head};
 use super::source::{FileSource, MemorySource, PageSource};
 use super::{Kind, MAX_RAW_LEN, ManifestError, Totals, corrupt, format1};
@@ -80,39 +80,6 @@ impl std::fmt::Debug for ManifestOptions {
             .field("preload_raw_bytes", &self.preload_raw_bytes)
             .finish()
     }
-}
-
-/// Domain separation of the cache id of manifest pages.
-const PAGES_DOMAIN: &[u8] = b"datastore-csi manifest pages v1\0";
-
-struct Disk {
-    cache: Arc<BlockCache>,
-    id: [u8; 32],
-}
-
-type Outcome = Result<Arc<Page>, (bool, String)>;
-
-#[derive(Default)]
-struct Slot {
-    done: Mutex<Option<Outcome>>,
-    cv: Condvar,
-}
-
-struct Lru {
-    pages: LruCache<u32, Arc<Page>>,
-    bytes: usize,
-    loading: HashMap<u32, Arc<Slot>>,
-}
-
-struct Paged {
-    head: Head,
-    head_bytes: Bytes,
-    source: Arc<dyn PageSource>,
-    disk: Option<Disk>,
-    lru: Mutex<Lru>,
-    budget: usize,
-    loads: AtomicU64,
-    waiting: AtomicU64,
 }
 
 enum Body {
@@ -198,18 +165,7 @@ impl Manifest {
             )));
         }
         let disk = match (&opts.disk, key) {
-            (Some((cache, scope)), Some(key)) => {
-                let mut h = Sha256::new();
-                h.update(PAGES_DOMAIN);
-                h.update((key.len() as u64).to_le_bytes());
-                h.update(key.as_bytes());
-                h.update(head.head_sha256);
-                let id: [u8; 32] = h.finalize().into();
-                Some(Disk {
-                    cache: cache.clone(),
-                    id: scope.content_id(&id),
-                })
-            }
+            (Some((cache, scope)), Some(key)) => Some(Disk::new(cache.clone(), scope, key, &head)),
             _ => None,
         };
         let preload = head.raw_total <= opts.preload_raw_bytes
@@ -217,20 +173,13 @@ impl Manifest {
         let m = Manifest {
             entries: head.entries,
             totals: head.totals,
-            body: Body::Paged(Box::new(Paged {
+            body: Body::Paged(Box::new(Paged::new(
                 head,
                 head_bytes,
                 source,
                 disk,
-                lru: Mutex::new(Lru {
-                    pages: LruCache::unbounded(),
-                    bytes: 0,
-                    loading: HashMap::new(),
-                }),
-                budget: opts.page_cache_bytes,
-                loads: AtomicU64::new(0),
-                waiting: AtomicU64::new(0),
-            })),
+                opts.page_cache_bytes,
+            ))),
         };
         if preload && let Some(p) = m.paged() {
             p.preload();
@@ -246,7 +195,7 @@ impl Manifest {
         }
     }
 
-    fn paged(&self) -> Option<&Paged> {
+    pub(super) fn paged(&self) -> Option<&Paged> {
         match &self.body {
             Body::Paged(p) => Some(p),
             Body::Whole(_) => None,
@@ -476,7 +425,7 @@ impl Manifest {
             Body::Whole(page) => f(page),
             Body::Paged(p) => {
                 for i in 0..p.head.index.len() {
-                    let cached = p.lock().pages.peek(&(i as u32)).cloned();
+                    let cached = p.cached(i as u32);
                     let page = match cached {
                         Some(page) => page,
                         None => Arc::new(p.load(i)?),
@@ -494,126 +443,6 @@ impl Manifest {
             Body::Whole(page) => Ok(page.clone()),
             Body::Paged(p) => p.page(p.head.page_of(idx) as u32),
         }
-    }
-}
-
-impl Paged {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {
-        self.lru.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Page `i` from memory, or loaded once however many threads ask (module docs).
-    fn page(&self, i: u32) -> Result<Arc<Page>, ManifestError> {
-        let slot = {
-            let mut lru = self.lock();
-            if let Some(p) = lru.pages.get(&i) {
-                return Ok(p.clone());
-            }
-            match lru.loading.get(&i) {
-                Some(slot) => Some(slot.clone()),
-                None => {
-                    lru.loading.insert(i, Arc::new(Slot::default()));
-                    None
-                }
-            }
-        };
-        if let Some(slot) = slot {
-            self.waiting.fetch_add(1, Ordering::Relaxed);
-            let mut done = slot.done.lock().unwrap_or_else(|e| e.into_inner());
-            while done.is_none() {
-                done = slot.cv.wait(done).unwrap_or_else(|e| e.into_inner());
-            }
-            self.waiting.fetch_sub(1, Ordering::Relaxed);
-            return match done.as_ref() {
-                Some(Ok(p)) => Ok(p.clone()),
-                Some(Err((true, m))) => Err(ManifestError::Corrupt(m.clone())),
-                Some(Err((false, m))) => Err(ManifestError::Fetch(m.clone())),
-                None => Err(ManifestError::Fetch("the page load failed".into())),
-            };
-        }
-        let result = self.load(i as usize).map(Arc::new);
-        let outcome: Outcome = match &result {
-            Ok(p) => Ok(p.clone()),
-            Err(ManifestError::Corrupt(m)) => Err((true, m.clone())),
-            Err(e) => Err((false, e.to_string())),
-        };
-        let mut lru = self.lock();
-        let slot = lru.loading.remove(&i);
-        if let Ok(p) = &result {
-            lru.bytes += p.mem_len();
-            if let Some((_, old)) = lru.pages.push(i, p.clone()) {
-                lru.bytes -= old.mem_len();
-            }
-            while lru.bytes > self.budget && lru.pages.len() > 1 {
-                match lru.pages.pop_lru() {
-                    Some((_, old)) => lru.bytes -= old.mem_len(),
-                    None => break,
-                }
-            }
-        }
-        drop(lru);
-        if let Some(slot) = slot {
-            *slot.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
-            slot.cv.notify_all();
-        }
-        result
-    }
-
-    /// Reads every page with one read and keeps those that check out (best effort: a page
-    /// that does not is loaded, and fails, when it is needed).
-    fn preload(&self) {
-        let start = self.head.head_len;
-        let all = match self.source.read(start..self.head.end) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read the manifest's pages at once; loading them when needed");
-                return;
-            }
-        };
-        self.loads.fetch_add(1, Ordering::Relaxed);
-        let mut lru = self.lock();
-        for (i, at) in self.head.index.iter().enumerate() {
-            let from = (at.off - start) as usize;
-            let Some(stored) = all.get(from..from + at.len as usize) else {
-                continue;
-            };
-            match self.head.decode_page(i, stored) {
-                Ok((page, _)) => {
-                    lru.bytes += page.mem_len();
-                    lru.pages.put(i as u32, Arc::new(page));
-                }
-                Err(e) => tracing::warn!(page = i, error = %e, "manifest page failed its check"),
-            }
-        }
-    }
-
-    /// Loads and checks page `i`: the node cache first, else the source (then cached).
-    fn load(&self, i: usize) -> Result<Page, ManifestError> {
-        let at = self.head.index[i];
-        let key = self.disk.as_ref().map(|d| BlockKey {
-            id: d.id,
-            block: i as u64,
-        });
-        if let (Some(d), Some(key)) = (&self.disk, &key)
-            && let Some(stored) = d.cache.get_blocking(key, at.len as usize)
-        {
-            match self.head.decode_page(i, &stored) {
-                Ok((page, _)) => return Ok(page),
-                Err(e) => {
-                    tracing::warn!(page = i, error = %e, "cached manifest page is not the one indexed; fetching it again");
-                    d.cache.remove_blocking(key);
-                }
-            }
-        }
-        let stored = self
-            .source
-            .read(at.off..at.off + u64::from(at.len))?;
-        self.loads.fetch_add(1, Ordering::Relaxed);
-        let (page, _) = self.head.decode_page(i, &stored)?;
-        if let (Some(d), Some(key)) = (&self.disk, &key) {
-            d.cache.put_blocking(key, &stored);
-        }
-        Ok(page)
     }
 }
 

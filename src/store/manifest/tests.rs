@@ -524,3 +524,87 @@ fn small_manifests_are_read_whole_when_opened() {
     m.entry(m.len() as u32 - 1).unwrap();
     assert_eq!((n, src.reads.load(Ordering::SeqCst)), (m.len(), 1));
 }
+
+fn vm_hwm_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Figures for the report: `DATASTORE_MEASURE_FILES=1000000 cargo test --release --lib
+/// measure_builder -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_builder() {
+    let files: usize = std::env::var("DATASTORE_MEASURE_FILES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let budget: usize = std::env::var("DATASTORE_MEASURE_BUDGET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16 << 20);
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = vm_hwm_kb();
+    let started = Instant::now();
+    let mut b = ManifestBuilder::with_budget(1, budget);
+    for i in 0..files {
+        let mut id = [0u8; 32];
+        id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let node = Node::File {
+            mode: 0o644,
+            mtime_ns: 1_700_000_000_000_000_000 + i as i64,
+            size: 1000 + i as u64,
+            blob: Blob { id, location: Location::Store },
+        };
+        // Directories of 1000, inserted in a scattered order.
+        let j = (i * 7_919) % files;
+        b.insert(&[format!("d{:05}", j / 1000), format!("image-{j:09}.jpg")], node)
+            .unwrap();
+    }
+    let runs = b.spilled_runs();
+    let inserted = started.elapsed();
+    let m = b.finish().unwrap().manifest;
+    let built = started.elapsed();
+    let hwm = vm_hwm_kb();
+    let stored = Bytes::from(m.to_compressed().unwrap());
+    let head = m.head_bytes().unwrap();
+    drop(m);
+    let t = Instant::now();
+    let m = Manifest::open(head.clone(), Arc::new(MemorySource(stored.clone())), None, &ManifestOptions::lazy()).unwrap();
+    let opened = t.elapsed();
+    let t = Instant::now();
+    let j = files / 2;
+    let e = m
+        .resolve(format!("d{:05}/image-{j:09}.jpg", j / 1000).as_bytes())
+        .unwrap()
+        .unwrap();
+    let lookup = t.elapsed();
+    assert_eq!(e.kind(), Kind::File);
+    let t = Instant::now();
+    let dir = m.resolve(format!("d{:05}", j / 1000).as_bytes()).unwrap().unwrap();
+    let listed = m.children(&dir).filter(|e| e.is_ok()).count();
+    let ls = t.elapsed();
+    println!(
+        "files {files}, budget {} MiB: insert {:.2?} ({runs} runs), finish {:.2?}, peak RSS +{} MiB (HWM {} MiB); \
+         stored {} MiB ({} B/entry), raw {} MiB, {} pages, head {} KiB; open head+index {:.2?}; \
+         cold lookup {:.2?} ({} page loads); list {listed} entries {:.2?}",
+        budget >> 20,
+        inserted,
+        built - inserted,
+        hwm.saturating_sub(before) >> 10,
+        hwm >> 10,
+        stored.len() >> 20,
+        stored.len() / m.len(),
+        m.paged().map_or(0, |p| p.head.raw_total) >> 20,
+        m.page_count(),
+        head.len() >> 10,
+        opened,
+        lookup,
+        m.page_loads(),
+        ls,
+    );
+}

@@ -19,15 +19,15 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use futures::stream::FuturesUnordered;
 use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use super::super::ingest::{Body, Sender};
 use super::super::manifest::{Blob, Kind, Location, Manifest, Node, PackedAt};
 use super::super::object::StoreError;
 use super::super::pack::{PackOptions, Packer, Placed, Sealed};
 use super::super::{Error, Result};
-use super::scan::{Found, ScannedFile, Walk, hash_file, READ_ONCE_MAX};
+use super::scan::{Found, READ_ONCE_MAX, ScannedFile, Walk, hash_file};
 use super::{Progress, Skipped};
 
 /// Where each entry goes: the manifest builder, or a test's list.
@@ -113,7 +113,8 @@ pub(crate) async fn send_files(
         if walked && objects.is_empty() && sealed.is_empty() {
             break;
         }
-        let can_pull = !walked && objects.len() < concurrency && sealed.len() < packs.in_flight.max(1);
+        let can_pull =
+            !walked && objects.len() < concurrency && sealed.len() < packs.in_flight.max(1);
         tokio::select! {
             Some(r) = objects.next(), if !objects.is_empty() => r?,
             Some(r) = sealed.next(), if !sealed.is_empty() => r?,
@@ -187,7 +188,9 @@ fn send_pack<'a>(
         let (c, n) = p.node(Location::Pack(at));
         emit(c, n)?;
     }
-    Ok(Box::pin(async move { sender.put_pack(id, bytes, contents).await }))
+    Ok(Box::pin(async move {
+        sender.put_pack(id, bytes, contents).await
+    }))
 }
 
 /// Remembers the previous version's packed contents whose packs the store holds.

@@ -12,9 +12,9 @@ use bytes::Bytes;
 use super::*;
 use crate::store::ingest::Ingest;
 use crate::store::object::{self, StoreError};
+use crate::store::upload::SymlinkPolicy;
 use crate::store::upload::scan;
 use crate::store::upload::sink::ObjectSink;
-use crate::store::upload::SymlinkPolicy;
 use crate::store::{Store, StoreUrl};
 
 /// `small` files of 1..=40 bytes (every fifth one a duplicate of `dup`), one 300-byte file.
@@ -48,7 +48,12 @@ fn packs() -> PackOptions {
 
 type Files = Vec<(String, Node)>;
 
-async fn run(store: &Store, src: &Path, sink: Option<&dyn ObjectSink>, progress: &Progress) -> Result<Files> {
+async fn run(
+    store: &Store,
+    src: &Path,
+    sink: Option<&dyn ObjectSink>,
+    progress: &Progress,
+) -> Result<Files> {
     let ingest = Ingest::begin(store, "ds", progress).await?;
     let walk = scan::walk(src, SymlinkPolicy::Preserve)?;
     let opts = PipelineOptions {
@@ -58,7 +63,10 @@ async fn run(store: &Store, src: &Path, sink: Option<&dyn ObjectSink>, progress:
     let mut out = Vec::new();
     let mut emit = |comps: Vec<OsString>, node: Node| -> Result<()> {
         if matches!(node, Node::File { .. }) {
-            let path: Vec<String> = comps.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+            let path: Vec<String> = comps
+                .iter()
+                .map(|c| c.to_string_lossy().into_owned())
+                .collect();
             out.push((path.join("/"), node));
         }
         Ok(())
@@ -80,7 +88,10 @@ async fn read(store: &Store, node: &Node) -> Vec<u8> {
     let Node::File { size, blob, .. } = node else {
         panic!("not a file")
     };
-    let body = store.read_blob("ds", blob, *size, 0..*size).await.expect("read");
+    let body = store
+        .read_blob("ds", blob, *size, 0..*size)
+        .await
+        .expect("read");
     object::collect(body).await.expect("body").to_vec()
 }
 
@@ -116,7 +127,11 @@ async fn small_files_go_into_packs_and_read_back_byte_for_byte() {
         }
     }
     let objects = store.object_ids("ds").await.unwrap();
-    assert_eq!(objects.len(), packs_used.len() + 1, "the packs and the large file");
+    assert_eq!(
+        objects.len(),
+        packs_used.len() + 1,
+        "the packs and the large file"
+    );
     // 49 distinct small contents of about 1..40 bytes (the duplicates once): several packs of
     // at least the 200-byte target, each sealed as it filled.
     assert!(packs_used.len() >= 3, "{}", packs_used.len());
@@ -130,10 +145,21 @@ async fn small_files_go_into_packs_and_read_back_byte_for_byte() {
         .collect();
     assert_eq!(dup.len(), 1, "identical contents are stored once");
     let stored: u64 = progress.bytes_transferred.load(Ordering::Relaxed);
-    let distinct: u64 = files.values().collect::<HashSet<_>>().iter().map(|b| b.len() as u64).sum();
+    let distinct: u64 = files
+        .values()
+        .collect::<HashSet<_>>()
+        .iter()
+        .map(|b| b.len() as u64)
+        .sum();
     assert_eq!(stored, distinct, "every distinct byte sent once");
-    assert_eq!(progress.files_done.load(Ordering::Relaxed), files.len() as u64);
-    assert_eq!(progress.files_total.load(Ordering::Relaxed), files.len() as u64);
+    assert_eq!(
+        progress.files_done.load(Ordering::Relaxed),
+        files.len() as u64
+    );
+    assert_eq!(
+        progress.files_total.load(Ordering::Relaxed),
+        files.len() as u64
+    );
 }
 
 #[tokio::test]
@@ -141,9 +167,13 @@ async fn a_rerun_builds_the_same_packs_and_sends_nothing() {
     let (src, dst) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     tree(src.path(), 60);
     let store = local_store(dst.path());
-    let first = run(&store, src.path(), None, &Progress::default()).await.expect("first");
+    let first = run(&store, src.path(), None, &Progress::default())
+        .await
+        .expect("first");
     let progress = Progress::default();
-    let again = run(&store, src.path(), None, &progress).await.expect("again");
+    let again = run(&store, src.path(), None, &progress)
+        .await
+        .expect("again");
     assert_eq!(first, again, "same packs, same offsets");
     assert_eq!(progress.bytes_transferred.load(Ordering::Relaxed), 0);
 }
@@ -179,7 +209,13 @@ impl ObjectSink for FailingSink {
         .put_bytes(id, bytes)
         .await
     }
-    async fn put_file(&self, _: &[u8; 32], _: &Path, _: u64, _: object::Progress<'_>) -> Result<(), StoreError> {
+    async fn put_file(
+        &self,
+        _: &[u8; 32],
+        _: &Path,
+        _: u64,
+        _: object::Progress<'_>,
+    ) -> Result<(), StoreError> {
         unreachable!("no file over the read-once size here")
     }
 }
@@ -195,16 +231,34 @@ async fn a_failed_send_fails_the_run_and_a_rerun_completes_it() {
         first: tokio::sync::Mutex::new(()),
     };
     let failed = run(&store, src.path(), Some(&sink), &Progress::default()).await;
-    assert!(matches!(failed, Err(Error::Store(StoreError::Server { .. }))), "{:?}", failed.err());
-    assert_eq!(store.object_ids("ds").await.unwrap().len(), 1, "one object made it");
+    assert!(
+        matches!(failed, Err(Error::Store(StoreError::Server { .. }))),
+        "{:?}",
+        failed.err()
+    );
+    assert_eq!(
+        store.object_ids("ds").await.unwrap().len(),
+        1,
+        "one object made it"
+    );
     assert!(store.versions("ds").await.unwrap().is_empty());
     let progress = Progress::default();
-    let placed = run(&store, src.path(), None, &progress).await.expect("rerun");
+    let placed = run(&store, src.path(), None, &progress)
+        .await
+        .expect("rerun");
     for (path, node) in &placed {
         assert_eq!(&read(&store, node).await, &files[path], "{path}");
     }
-    let distinct: u64 = files.values().collect::<HashSet<_>>().iter().map(|b| b.len() as u64).sum();
-    assert!(progress.bytes_transferred.load(Ordering::Relaxed) < distinct, "the object sent before is not sent again");
+    let distinct: u64 = files
+        .values()
+        .collect::<HashSet<_>>()
+        .iter()
+        .map(|b| b.len() as u64)
+        .sum();
+    assert!(
+        progress.bytes_transferred.load(Ordering::Relaxed) < distinct,
+        "the object sent before is not sent again"
+    );
 }
 
 #[tokio::test]
@@ -227,7 +281,9 @@ async fn threshold_zero_sends_one_object_per_content() {
         }
         Ok(())
     };
-    send_files(walk, &ingest.sender(), None, &opts, &progress, &mut emit).await.unwrap();
+    send_files(walk, &ingest.sender(), None, &opts, &progress, &mut emit)
+        .await
+        .unwrap();
     assert_eq!(n, files.len());
     let distinct = files.values().collect::<HashSet<_>>().len();
     assert_eq!(store.object_ids("ds").await.unwrap().len(), distinct);

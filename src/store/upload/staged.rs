@@ -196,7 +196,11 @@ fn check_file(
         Location::External(_) => return Err(StagedError::External { path: path() }),
         Location::Store => (blob.id, size),
         Location::Pack(at) => {
-            if at.offset.checked_add(size).is_none_or(|end| end > at.pack_len) {
+            if at
+                .offset
+                .checked_add(size)
+                .is_none_or(|end| end > at.pack_len)
+            {
                 return Err(StagedError::OutsidePack {
                     path: path(),
                     offset: at.offset,
@@ -311,16 +315,37 @@ mod tests {
         assert!(check_file(b"a", &packed([9; 32], 100, 90), 10, &present).is_ok());
         let outside = check_file(b"a", &packed([9; 32], 100, 91), 10, &present);
         assert!(
-            matches!(outside, Err(StagedError::OutsidePack { offset: 91, size: 10, pack_len: 100, .. })),
+            matches!(
+                outside,
+                Err(StagedError::OutsidePack {
+                    offset: 91,
+                    size: 10,
+                    pack_len: 100,
+                    ..
+                })
+            ),
             "{outside:?}"
         );
         let overflow = check_file(b"a", &packed([9; 32], 100, u64::MAX), 10, &present);
-        assert!(matches!(overflow, Err(StagedError::OutsidePack { .. })), "{overflow:?}");
+        assert!(
+            matches!(overflow, Err(StagedError::OutsidePack { .. })),
+            "{overflow:?}"
+        );
         let missing = check_file(b"b", &packed([8; 32], 100, 0), 1, &present);
-        assert!(matches!(missing, Err(StagedError::MissingObject { ref path, .. }) if path == "b"), "{missing:?}");
+        assert!(
+            matches!(missing, Err(StagedError::MissingObject { ref path, .. }) if path == "b"),
+            "{missing:?}"
+        );
         let wrong = check_file(b"c", &packed([9; 32], 200, 0), 1, &present);
         assert!(
-            matches!(wrong, Err(StagedError::WrongSize { expected: 200, found: 100, .. })),
+            matches!(
+                wrong,
+                Err(StagedError::WrongSize {
+                    expected: 200,
+                    found: 100,
+                    ..
+                })
+            ),
             "{wrong:?}"
         );
     }
