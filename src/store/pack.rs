@@ -21,16 +21,14 @@
 //!   order, so a re-run after an interruption builds the same packs, finds them present and
 //!   sends only what is missing.
 //!
-//! Only paged (format 2) manifests can hold packed files; [`manifests_hold_packs`] tells
-//! whether this build's manifest builder accepts them, and creates pack only when it does.
+//! Only paged (format 2) manifests can hold packed files; every new version is format 2.
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Blob, Location, ManifestBuilder, Node, PackedAt};
+use super::manifest::PackedAt;
 
 /// Files up to this size go into packs by default.
 pub const DEFAULT_THRESHOLD: u64 = 1 << 20;
@@ -78,29 +76,6 @@ impl PackOptions {
     pub fn packs(&self, size: u64) -> bool {
         self.threshold > 0 && size <= self.threshold
     }
-}
-
-/// Whether this build's manifests can hold packed files (format 2). Probed once by building a
-/// one-file manifest with a packed location.
-pub fn manifests_hold_packs() -> bool {
-    static HOLDS: OnceLock<bool> = OnceLock::new();
-    *HOLDS.get_or_init(|| {
-        let mut b = ManifestBuilder::new(0);
-        let node = Node::File {
-            mode: 0o644,
-            mtime_ns: 0,
-            size: 1,
-            blob: Blob {
-                id: [0; 32],
-                location: Location::Pack(PackedAt {
-                    pack: [0; 32],
-                    pack_len: 1,
-                    offset: 0,
-                }),
-            },
-        };
-        b.insert(&["probe"], node).is_ok() && b.finish().is_ok()
-    })
 }
 
 /// A pack that was sealed: its id and bytes (to send), and its files with their locations.

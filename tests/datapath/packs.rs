@@ -1,21 +1,13 @@
 //! Packed versions end to end: create from a tree of small files, read back through FUSE,
 //! reuse across versions, and the sweep's treatment of packs.
-//!
-//! Only paged (format 2) manifests hold packed files. Until the manifest builder of this build
-//! accepts them (`pack::manifests_hold_packs`), creates send one object per file and these
-//! tests cannot observe packs: they are ignored with that reason and run after the merge of the
-//! paged-manifest work (`cargo test --test datapath -- packs:: --include-ignored`).
 
 use std::collections::HashSet;
 
 use datastore::fs::fetch::FetchConfig;
 use datastore::store::manifest::Location;
-use datastore::store::pack;
 use datastore::store::upload::{Progress, UploadOptions, create_from_dir};
 
 use crate::common::*;
-
-const NEEDS_FORMAT_2: &str = "needs manifests that hold packed files (format 2, branch paged)";
 
 /// `n` files of 1–4 KiB in a few directories, distinct contents.
 fn small_tree(dir: &std::path::Path, n: u64, seed: u64) {
@@ -60,7 +52,8 @@ fn packs_of(store: &datastore::store::Store, name: &str, version: u64) -> (HashS
             packs.insert(at.pack);
             packed += 1;
         }
-    });
+    })
+    .expect("walk");
     (packs, packed)
 }
 
@@ -69,10 +62,8 @@ fn objects(store: &datastore::store::Store, name: &str) -> HashSet<[u8; 32]> {
 }
 
 #[test]
-#[ignore = "needs manifests that hold packed files (format 2, branch paged)"]
 fn packed_version_reads_back_through_fuse_with_few_objects() {
     init_logging();
-    assert!(pack::manifests_hold_packs(), "{NEEDS_FORMAT_2}");
     let (store, bucket) = s3_store();
     let src = tempfile::tempdir().expect("tempdir");
     small_tree(src.path(), 3000, 1);
@@ -92,10 +83,8 @@ fn packed_version_reads_back_through_fuse_with_few_objects() {
 }
 
 #[test]
-#[ignore = "needs manifests that hold packed files (format 2, branch paged)"]
 fn a_new_version_reuses_packed_contents_it_already_holds() {
     init_logging();
-    assert!(pack::manifests_hold_packs(), "{NEEDS_FORMAT_2}");
     let (store, _) = s3_store();
     let src = tempfile::tempdir().expect("tempdir");
     small_tree(src.path(), 500, 2);
@@ -117,10 +106,8 @@ fn a_new_version_reuses_packed_contents_it_already_holds() {
 }
 
 #[test]
-#[ignore = "needs manifests that hold packed files (format 2, branch paged)"]
 fn a_pack_lives_while_a_committed_or_mounted_version_uses_it() {
     init_logging();
-    assert!(pack::manifests_hold_packs(), "{NEEDS_FORMAT_2}");
     let (store, _) = s3_store();
     let (a, b) = (
         tempfile::tempdir().expect("a"),

@@ -144,13 +144,8 @@ pub(crate) async fn send_and_build(
     Ok(Built { manifest, skipped })
 }
 
-/// The pack options a create uses: `threshold` (0: none), or none at all when this build's
-/// manifests cannot hold packed files.
+/// The pack options a create uses: files up to `threshold` bytes are packed (0: none).
 pub(crate) fn effective_packs(threshold: u64) -> PackOptions {
-    if threshold > 0 && !pack::manifests_hold_packs() {
-        tracing::info!("this build's manifests cannot hold packed files: one object per file");
-        return PackOptions::none();
-    }
     PackOptions {
         threshold,
         ..PackOptions::default()

@@ -196,7 +196,8 @@ fn send_pack<'a>(
 /// Remembers the previous version's packed contents whose packs the store holds.
 fn seed(packer: &mut Packer<Pending>, m: &Manifest, sender: &Sender<'_>) {
     let mut full = false;
-    m.walk(|_, e| {
+    // A hint only: a previous version whose pages cannot be read packs everything again.
+    let walked = m.walk(|_, e| {
         if full {
             return;
         }
@@ -209,6 +210,9 @@ fn seed(packer: &mut Packer<Pending>, m: &Manifest, sender: &Sender<'_>) {
             full = !packer.seed(id, at);
         }
     });
+    if let Err(e) = walked {
+        tracing::warn!(error = %e, "could not read the previous version's packs; packing anew");
+    }
 }
 
 /// Turns one walk entry into a step: the file's id (or its unchanged previous location).
