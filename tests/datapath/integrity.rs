@@ -95,7 +95,7 @@ fn delete_during_an_upload_keeps_the_objects_it_reuses() {
             &store,
             "reuse",
             &v1,
-            &UploadOptions::default(),
+            &UploadOptions { pack_threshold: 0, ..UploadOptions::default() },
             &Progress::default(),
         ))
         .expect("v1");
@@ -124,7 +124,9 @@ fn delete_during_an_upload_keeps_the_objects_it_reuses() {
     let task = {
         let (store, v2, progress) = (store.clone(), v2.clone(), progress.clone());
         rt().spawn(async move {
+            // One object per file: slow enough for the delete to land mid-upload.
             let opts = UploadOptions {
+                pack_threshold: 0,
                 concurrency: 2,
                 ..UploadOptions::default()
             };

@@ -73,8 +73,10 @@ fn format_1_versions_still_mount() {
     std::fs::create_dir_all(src.path().join("empty dir")).expect("mkdir");
     std::os::unix::fs::symlink("d1/f01", src.path().join("link")).expect("symlink");
     let (store, _bucket) = s3_store();
+    // Format 1 had no packs: one object per file, as old versions were written.
+    let opts = UploadOptions { pack_threshold: 0, ..UploadOptions::default() };
     let report = rt()
-        .block_on(create_from_dir(&store, "old", src.path(), &UploadOptions::default(), &Progress::default()))
+        .block_on(create_from_dir(&store, "old", src.path(), &opts, &Progress::default()))
         .expect("create");
     let m = rt().block_on(store.load_manifest("old", report.version)).expect("manifest");
     assert_eq!(m.format(), 2, "new versions are paged");

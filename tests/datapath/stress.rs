@@ -222,7 +222,11 @@ fn stress(target: &Target, rounds: u64, kill_seed: Option<u64>) {
             .expect("manifest");
         m.walk(|_, e| {
             if let Some(b) = e.blob() {
-                used.insert(b.id);
+                // A packed file keeps its pack, not an object of its own.
+                used.insert(match b.location {
+                    datastore::store::manifest::Location::Pack(at) => at.pack,
+                    _ => b.id,
+                });
             }
         })
         .expect("walk");

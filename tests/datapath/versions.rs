@@ -21,7 +21,8 @@ fn two_versions_side_by_side_and_incremental_upload() {
             0o644,
         );
     }
-    let opts = UploadOptions::default();
+    // Object granularity (what each delete frees); packed versions: tests/datapath/packs.rs.
+    let opts = UploadOptions { pack_threshold: 0, ..UploadOptions::default() };
     let r1 = rt()
         .block_on(create_from_dir(
             &store,
@@ -149,8 +150,10 @@ fn interrupted_upload_is_invisible_and_resumes() {
     let task = {
         let (store, src, progress) = (store.clone(), src.path().to_path_buf(), progress.clone());
         rt().spawn(async move {
+            // One object per file, so the interruption lands between files.
             let opts = UploadOptions {
                 concurrency: 4,
+                pack_threshold: 0,
                 ..UploadOptions::default()
             };
             create_from_dir(&store, "resume", &src, &opts, &progress).await
