@@ -400,6 +400,7 @@ fn main() {
             transferred_files: 0,
             transferred_bytes: 0,
             manifest_bytes: 0,
+            validator: None,
         };
         let v = rt()
             .block_on(store.commit_version("huge", info, &manifest))
