@@ -166,31 +166,32 @@ impl Store {
 /// The first problem of `manifest` given the present objects and their sizes.
 fn check_against(manifest: &Manifest, present: &HashMap<[u8; 32], u64>) -> Result<(), StagedError> {
     let mut problem = None;
-    manifest.walk(|path, e| {
-        if problem.is_some() {
-            return;
-        }
-        let Some(blob) = e.blob() else { return };
-        let path = String::from_utf8_lossy(path).into_owned();
-        problem = match blob.location {
-            Location::External(_) => Some(StagedError::External { path }),
-            Location::Pack(_) => Some(StagedError::Packed { path }),
-            Location::Store => match present.get(&blob.id) {
-                None => Some(StagedError::MissingObject {
-                    path,
-                    id: hex::encode(blob.id),
-                }),
-                Some(&found) if found != e.size() => Some(StagedError::WrongSize {
-                    path,
-                    id: hex::encode(blob.id),
-                    expected: e.size(),
-                    found,
-                }),
-                Some(_) => None,
-            },
-        };
-    })
-    .map_err(|e| StagedError::Invalid(e.to_string()))?;
+    manifest
+        .walk(|path, e| {
+            if problem.is_some() {
+                return;
+            }
+            let Some(blob) = e.blob() else { return };
+            let path = String::from_utf8_lossy(path).into_owned();
+            problem = match blob.location {
+                Location::External(_) => Some(StagedError::External { path }),
+                Location::Pack(_) => Some(StagedError::Packed { path }),
+                Location::Store => match present.get(&blob.id) {
+                    None => Some(StagedError::MissingObject {
+                        path,
+                        id: hex::encode(blob.id),
+                    }),
+                    Some(&found) if found != e.size() => Some(StagedError::WrongSize {
+                        path,
+                        id: hex::encode(blob.id),
+                        expected: e.size(),
+                        found,
+                    }),
+                    Some(_) => None,
+                },
+            };
+        })
+        .map_err(|e| StagedError::Invalid(e.to_string()))?;
     problem.map_or(Ok(()), Err)
 }
 
