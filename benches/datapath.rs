@@ -7,6 +7,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "datapath/scale.rs"]
+mod scale;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -467,6 +469,15 @@ fn main() {
             ratio: 300_000.0 / hwm.max(1) as f64,
             goal: "< 300 MB".into(),
         });
+    }
+
+    // 5. Scale: versions of millions of files, large creates.
+    if run("scale") {
+        let ctx = scale::Ctx {
+            server: &server,
+            bucket: &bucket,
+        };
+        scale::run(&ctx, &store, work.path(), quick, &mut rows);
     }
 
     drop(server);

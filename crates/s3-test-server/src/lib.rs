@@ -25,6 +25,9 @@ use hyper::body::Frame;
 use s3s::dto::*;
 use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
 
+mod synthetic;
+pub use synthetic::Synthetic;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The access key the server accepts (requests must be signed with it, as with real S3).
@@ -79,6 +82,8 @@ struct BucketState {
     ignore_if_none_match: std::sync::atomic::AtomicBool,
     /// Reachable with the tenant key only.
     tenant_only: std::sync::atomic::AtomicBool,
+    /// Answered from a formula instead of files (see [`Synthetic`]).
+    synthetic: Mutex<Option<Synthetic>>,
 }
 
 #[derive(Default)]
@@ -90,6 +95,14 @@ impl Shared {
     fn bucket(&self, name: &str) -> Arc<BucketState> {
         let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         b.entry(name.to_owned()).or_default().clone()
+    }
+
+    fn synthetic(&self, bucket: &str) -> Option<Synthetic> {
+        *self
+            .bucket(bucket)
+            .synthetic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -188,6 +201,19 @@ impl TestServer {
             .bucket(bucket)
             .tenant_only
             .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Creates a read-only bucket of `shape.keys` keys that exist only as a formula (see
+    /// [`Synthetic`]): List, Head and Get answer from it, as fast as the protocol allows.
+    pub fn create_synthetic_bucket(&self, name: &str, shape: Synthetic) -> std::io::Result<()> {
+        self.create_bucket(name)?;
+        *self
+            .shared
+            .bucket(name)
+            .synthetic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(shape);
+        Ok(())
     }
 
     /// Stops serving: closes the listener and every connection.
@@ -535,6 +561,9 @@ impl S3 for Fast {
         &self,
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        if let Some(shape) = self.shared.synthetic(&req.input.bucket) {
+            return Ok(S3Response::new(shape.list(&req.input)));
+        }
         self.inner.list_objects_v2(req).await
     }
 
@@ -562,6 +591,9 @@ impl S3 for Fast {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
+        if let Some(shape) = self.shared.synthetic(&req.input.bucket) {
+            return shape.head(&req.input.key).map(S3Response::new);
+        }
         self.inner.head_object(req).await
     }
 
@@ -632,6 +664,9 @@ impl S3 for Fast {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        if let Some(shape) = self.shared.synthetic(&req.input.bucket) {
+            return shape.get(&req.input).map(S3Response::new);
+        }
         let input = &req.input;
         let head_input = HeadObjectInput::builder()
             .bucket(input.bucket.clone())
