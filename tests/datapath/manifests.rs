@@ -38,13 +38,19 @@ fn info(name: &str, m: &Manifest) -> VersionInfo {
 fn as_format1(m: &Manifest) -> Vec<u8> {
     let mut b = format1::Builder::new(0);
     m.walk(|path, e| {
-        let comps: Vec<&[u8]> = path.split(|c| *c == b'/').filter(|c| !c.is_empty()).collect();
+        let comps: Vec<&[u8]> = path
+            .split(|c| *c == b'/')
+            .filter(|c| !c.is_empty())
+            .collect();
         let comps: Vec<&std::ffi::OsStr> = comps
             .iter()
             .map(|c| std::os::unix::ffi::OsStrExt::from_bytes(*c))
             .collect();
         let node = match e.kind() {
-            Kind::Dir => Node::Dir { mode: e.mode(), mtime_ns: e.mtime_ns() },
+            Kind::Dir => Node::Dir {
+                mode: e.mode(),
+                mtime_ns: e.mtime_ns(),
+            },
             Kind::File => Node::File {
                 mode: e.mode(),
                 mtime_ns: e.mtime_ns(),
@@ -67,7 +73,11 @@ fn format_1_versions_still_mount() {
     let src = tempfile::tempdir().expect("src");
     for d in 0..4u64 {
         for f in 0..30u64 {
-            write_file(&src.path().join(format!("d{d}/f{f:02}")), &bytes(d * 100 + f, (f * 97) as usize), 0o644);
+            write_file(
+                &src.path().join(format!("d{d}/f{f:02}")),
+                &bytes(d * 100 + f, (f * 97) as usize),
+                0o644,
+            );
         }
     }
     std::fs::create_dir_all(src.path().join("empty dir")).expect("mkdir");
@@ -78,12 +88,18 @@ fn format_1_versions_still_mount() {
     let report = rt()
         .block_on(create_from_dir(&store, "old", src.path(), &opts, &Progress::default()))
         .expect("create");
-    let m = rt().block_on(store.load_manifest("old", report.version)).expect("manifest");
+    let m = rt()
+        .block_on(store.load_manifest("old", report.version))
+        .expect("manifest");
     assert_eq!(m.format(), 2, "new versions are paged");
     // What an old store holds: the same version, written in format 1.
     let old = as_format1(&m);
-    rt().block_on(store.objects().put(&layout::manifest_key("old", report.version), old.into(), false))
-        .expect("write format 1");
+    rt().block_on(store.objects().put(
+        &layout::manifest_key("old", report.version),
+        old.into(),
+        false,
+    ))
+    .expect("write format 1");
     let mnt = mount_version(&store, "old", report.version, None, FetchConfig::default());
     assert_eq!(mnt.fs.manifest().format(), 1);
     assert_same_tree(&tree_facts(src.path()), &tree_facts(mnt.path()));
@@ -93,8 +109,12 @@ fn format_1_versions_still_mount() {
 fn synthetic(store: &Store, name: &str, dirs: usize, per_dir: usize) -> u64 {
     let content = b"shared content\n".to_vec();
     let id: [u8; 32] = Sha256::digest(&content).into();
-    rt().block_on(store.objects().put(&layout::object_key(name, &id), content.clone().into(), false))
-        .expect("put content");
+    rt().block_on(store.objects().put(
+        &layout::object_key(name, &id),
+        content.clone().into(),
+        false,
+    ))
+    .expect("put content");
     let mut b = ManifestBuilder::new(1_700_000_000_000_000_000);
     for d in 0..dirs {
         for f in 0..per_dir {
@@ -102,14 +122,19 @@ fn synthetic(store: &Store, name: &str, dirs: usize, per_dir: usize) -> u64 {
                 mode: 0o644,
                 mtime_ns: 1_700_000_000_000_000_000,
                 size: content.len() as u64,
-                blob: Blob { id, location: Location::Store },
+                blob: Blob {
+                    id,
+                    location: Location::Store,
+                },
             };
-            b.insert(&[format!("dir{d:02}"), format!("file-{f:05}.txt")], node).expect("insert");
+            b.insert(&[format!("dir{d:02}"), format!("file-{f:05}.txt")], node)
+                .expect("insert");
         }
     }
     let m = b.finish().expect("build").manifest;
     assert!(m.page_count() >= 4, "pages: {}", m.page_count());
-    rt().block_on(store.commit_version(name, info(name, &m), &m)).expect("commit")
+    rt().block_on(store.commit_version(name, info(name, &m), &m))
+        .expect("commit")
 }
 
 /// (path, index) of every file, and the page of each.
@@ -117,7 +142,10 @@ fn files_by_page(m: &Manifest) -> Vec<(String, usize)> {
     let mut out = Vec::new();
     m.walk(|p, e| {
         if e.kind() == Kind::File {
-            out.push((String::from_utf8_lossy(p).into_owned(), m.page_index_of(e.index())));
+            out.push((
+                String::from_utf8_lossy(p).into_owned(),
+                m.page_index_of(e.index()),
+            ));
         }
     })
     .expect("walk");
@@ -129,8 +157,14 @@ fn a_cold_page_is_fetched_once_however_many_threads_need_it() {
     let (store, bucket) = s3_store();
     let v = synthetic(&store, "cold", 4, 4000);
     // Small enough to be read whole when opened: this test wants pages on demand.
-    let lazy = ManifestOptions { preload_raw_bytes: 0, ..ManifestOptions::default() };
-    let m = Arc::new(rt().block_on(store.open_manifest("cold", v, &lazy)).expect("open"));
+    let lazy = ManifestOptions {
+        preload_raw_bytes: 0,
+        ..ManifestOptions::default()
+    };
+    let m = Arc::new(
+        rt().block_on(store.open_manifest("cold", v, &lazy))
+            .expect("open"),
+    );
     let target = m.len() as u32 - 10;
     server().reset_counts(&bucket);
     const N: usize = 16;
@@ -147,7 +181,11 @@ fn a_cold_page_is_fetched_once_however_many_threads_need_it() {
     for t in threads {
         assert_eq!(t.join().expect("thread"), target);
     }
-    assert_eq!(server().counts(&bucket).get, 1, "one ranged GET for the page");
+    assert_eq!(
+        server().counts(&bucket).get,
+        1,
+        "one ranged GET for the page"
+    );
     assert_eq!(m.page_loads(), 1);
 }
 
@@ -158,20 +196,41 @@ fn pages_are_shared_through_the_node_cache() {
     let dir = tempfile::tempdir().expect("cache dir");
     let cache = cache(dir.path(), 1 << 30);
     let scope = datastore::cache::Scope::new(&store.url().to_string(), "shared");
-    let opts = ManifestOptions { disk: Some((cache.clone(), scope)), preload_raw_bytes: 0, ..ManifestOptions::default() };
-    let open = || rt().block_on(store.open_manifest("shared", v, &opts)).expect("open");
+    let opts = ManifestOptions {
+        disk: Some((cache.clone(), scope)),
+        preload_raw_bytes: 0,
+        ..ManifestOptions::default()
+    };
+    let open = || {
+        rt().block_on(store.open_manifest("shared", v, &opts))
+            .expect("open")
+    };
     let first = open();
     let last = first.len() as u32 - 1;
-    first.resolve(b"dir03/file-03999.txt").expect("resolve").expect("exists");
+    first
+        .resolve(b"dir03/file-03999.txt")
+        .expect("resolve")
+        .expect("exists");
     assert!(first.page_loads() >= 2);
     server().reset_counts(&bucket);
     // A second handle (another volume, another mount process) reads the same pages.
     let second = open();
-    let e = second.resolve(b"dir03/file-03999.txt").expect("resolve").expect("exists");
+    let e = second
+        .resolve(b"dir03/file-03999.txt")
+        .expect("resolve")
+        .expect("exists");
     assert_eq!(e.index(), last);
-    assert_eq!(second.page_loads(), 0, "every page came from the node cache");
+    assert_eq!(
+        second.page_loads(),
+        0,
+        "every page came from the node cache"
+    );
     let c = server().counts(&bucket);
-    assert_eq!((c.head, c.get), (1, 1), "the head only: one HEAD, one ranged GET");
+    assert_eq!(
+        (c.head, c.get),
+        (1, 1),
+        "the head only: one HEAD, one ranged GET"
+    );
 }
 
 fn stat(p: &Path) -> std::io::Result<std::fs::Metadata> {
@@ -185,19 +244,36 @@ fn a_changed_page_is_eio_for_its_entries_only() {
     let m = rt().block_on(store.load_manifest("flip", v)).expect("open");
     let files = files_by_page(&m);
     let victim = m.page_index_of(m.len() as u32 / 2);
-    let (bad, _) = files.iter().find(|(_, p)| *p == victim).expect("a file in the victim page");
-    let (good, _) = files.iter().rev().find(|(_, p)| *p != victim).expect("a file elsewhere");
+    let (bad, _) = files
+        .iter()
+        .find(|(_, p)| *p == victim)
+        .expect("a file in the victim page");
+    let (good, _) = files
+        .iter()
+        .rev()
+        .find(|(_, p)| *p != victim)
+        .expect("a file elsewhere");
     // One byte of that page changes in the store (same length: only the checksum tells).
     let key = layout::manifest_key("flip", v);
-    let mut stored = rt().block_on(store.objects().get(&key)).expect("get").to_vec();
-    let head = datastore::store::manifest::paged::Head::parse(&stored[..m.head_bytes().expect("head").len()]).expect("head");
+    let mut stored = rt()
+        .block_on(store.objects().get(&key))
+        .expect("get")
+        .to_vec();
+    let head = datastore::store::manifest::paged::Head::parse(
+        &stored[..m.head_bytes().expect("head").len()],
+    )
+    .expect("head");
     let at = head.index[victim];
     stored[(at.off + u64::from(at.len) / 3) as usize] ^= 0x40;
-    rt().block_on(store.objects().put(&key, stored.into(), false)).expect("put");
+    rt().block_on(store.objects().put(&key, stored.into(), false))
+        .expect("put");
     let mnt = mount_version(&store, "flip", v, None, FetchConfig::default());
     let err = stat(&mnt.path().join(bad)).expect_err("an entry of the changed page");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{bad}: {err}");
     let ok = stat(&mnt.path().join(good)).expect("an entry of another page");
     assert_eq!(ok.len(), 15);
-    assert_eq!(std::fs::read(mnt.path().join(good)).expect("read"), b"shared content\n");
+    assert_eq!(
+        std::fs::read(mnt.path().join(good)).expect("read"),
+        b"shared content\n"
+    );
 }

@@ -222,7 +222,12 @@ impl ManifestBuilder {
     pub fn finish(mut self) -> Result<Finished, ManifestError> {
         self.spill.seal();
         // Directories other than the root, in entry order: (parent, name).
-        let mut dir_order: Vec<Vec<u8>> = self.dirs.keys().filter(|k| !k.is_empty()).cloned().collect();
+        let mut dir_order: Vec<Vec<u8>> = self
+            .dirs
+            .keys()
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect();
         dir_order.sort_unstable_by(|a, b| split(a).cmp(&split(b)));
 
         // Pass 1: child counts, and what is dropped.
@@ -385,7 +390,12 @@ impl<'a, 'd> Combined<'a, 'd> {
     }
 
     /// Drops every following record at (parent, name).
-    fn drop_same(&mut self, parent: &[u8], name: &[u8], why: DroppedWhy) -> Result<(), ManifestError> {
+    fn drop_same(
+        &mut self,
+        parent: &[u8],
+        name: &[u8],
+        why: DroppedWhy,
+    ) -> Result<(), ManifestError> {
         while let Some(next) = self.recs.peek() {
             match next {
                 Ok(r) if r.parent == parent && r.name == name => {}

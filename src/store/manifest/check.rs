@@ -47,12 +47,13 @@ impl Checker {
             let e = page.entry(idx);
             if idx > 0 {
                 let p = e.parent_index();
-                let o = self
-                    .open
-                    .get_mut(&p)
-                    .ok_or_else(|| corrupt(format!("entry {idx} is outside its parent's children")))?;
+                let o = self.open.get_mut(&p).ok_or_else(|| {
+                    corrupt(format!("entry {idx} is outside its parent's children"))
+                })?;
                 if idx < o.first || idx >= o.end {
-                    return Err(corrupt(format!("entry {idx} is outside its parent's children")));
+                    return Err(corrupt(format!(
+                        "entry {idx} is outside its parent's children"
+                    )));
                 }
                 o.left -= 1;
                 if e.kind() == Kind::Dir {

@@ -406,4 +406,3 @@ fn push_shown(shown: &mut String, comp: &OsStr) {
     }
     shown.push_str(&comp.to_string_lossy());
 }
-

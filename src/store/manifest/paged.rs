@@ -32,7 +32,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::page::{ENTRY_LEN, Layout, NO_RECORD, PACK_FLAG, Page, PackRef};
+use super::page::{ENTRY_LEN, Layout, NO_RECORD, PACK_FLAG, PackRef, Page};
 use super::{
     Blob, Kind, Location, ManifestError, Totals, corrupt, le_u32, le_u64, push_external,
     push_string,
@@ -161,7 +161,10 @@ impl Head {
                 Some(prev) => at.first > prev.first,
             };
             let in_pages = at.off >= pages_off
-                && at.off.checked_add(u64::from(at.len)).is_some_and(|e| e <= end);
+                && at
+                    .off
+                    .checked_add(u64::from(at.len))
+                    .is_some_and(|e| e <= end);
             if !ok_first || u64::from(at.first) >= entries || !in_pages {
                 return Err(corrupt("page index entry out of range"));
             }
@@ -231,8 +234,7 @@ impl Head {
     /// Checks page `p`'s stored bytes against the index and decodes them.
     pub fn decode_page(&self, p: usize, stored: &[u8]) -> Result<(Page, Totals), ManifestError> {
         let at = &self.index[p];
-        if stored.len() != at.len as usize
-            || <[u8; 32]>::from(Sha256::digest(stored)) != at.sha256
+        if stored.len() != at.len as usize || <[u8; 32]>::from(Sha256::digest(stored)) != at.sha256
         {
             return Err(corrupt(format!("page {p} does not match its checksum")));
         }
@@ -343,7 +345,11 @@ impl<W: Write> PageWriter<W> {
     }
 
     fn raw_len(&self) -> usize {
-        PAGE_HEADER_LEN + self.entries.len() + self.blobs.len() + self.names.len() + self.strings.len()
+        PAGE_HEADER_LEN
+            + self.entries.len()
+            + self.blobs.len()
+            + self.names.len()
+            + self.strings.len()
     }
 
     /// Adds the next entry.
@@ -442,7 +448,12 @@ impl<W: Write> PageWriter<W> {
         ] {
             raw.extend_from_slice(&(n as u32).to_le_bytes());
         }
-        for s in [&mut self.entries, &mut self.blobs, &mut self.names, &mut self.strings] {
+        for s in [
+            &mut self.entries,
+            &mut self.blobs,
+            &mut self.names,
+            &mut self.strings,
+        ] {
             raw.extend_from_slice(s);
             s.clear();
         }
@@ -530,11 +541,7 @@ impl<W: Write> PageWriter<W> {
 
 /// Length of the longest common prefix of `a` and `b` that ends on a char boundary of `a`.
 fn common_prefix(a: &str, b: &str) -> usize {
-    let mut n = a
-        .bytes()
-        .zip(b.bytes())
-        .take_while(|(x, y)| x == y)
-        .count();
+    let mut n = a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
     while !a.is_char_boundary(n) {
         n -= 1;
     }

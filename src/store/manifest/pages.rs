@@ -135,9 +135,10 @@ impl Paged {
             };
         }
         // A panic in a load must not leave its waiters waiting forever.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load(i as usize)))
-            .unwrap_or_else(|_| Err(ManifestError::Fetch(format!("loading page {i} panicked"))))
-            .map(Arc::new);
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load(i as usize)))
+                .unwrap_or_else(|_| Err(ManifestError::Fetch(format!("loading page {i} panicked"))))
+                .map(Arc::new);
         let outcome: Outcome = match &result {
             Ok(p) => Ok(p.clone()),
             Err(ManifestError::Corrupt(m)) => Err((true, m.clone())),
@@ -211,9 +212,7 @@ impl Paged {
                 }
             }
         }
-        let stored = self
-            .source
-            .read(at.off..at.off + u64::from(at.len))?;
+        let stored = self.source.read(at.off..at.off + u64::from(at.len))?;
         self.loads.fetch_add(1, Ordering::Relaxed);
         let (page, _) = self.head.decode_page(i, &stored)?;
         if let (Some(d), Some(key)) = (&self.disk, &key) {
@@ -222,4 +221,3 @@ impl Paged {
         Ok(page)
     }
 }
-

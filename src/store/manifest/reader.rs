@@ -28,8 +28,8 @@ use bytes::Bytes;
 
 use super::check::Checker;
 use super::page::{Entry, PackRef, Page};
-use super::pages::{Disk, Paged};
 use super::paged::{self, Head};
+use super::pages::{Disk, Paged};
 use super::source::{FileSource, MemorySource, PageSource};
 use super::{Kind, MAX_RAW_LEN, ManifestError, Totals, corrupt, format1};
 use crate::cache::{BlockCache, BlockKey, Scope};
@@ -132,7 +132,9 @@ impl Manifest {
             None,
             &ManifestOptions::lazy(),
         )?;
-        if m.paged().is_some_and(|p| p.head.raw_total > max_raw.min(MAX_RAW_LEN)) {
+        if m.paged()
+            .is_some_and(|p| p.head.raw_total > max_raw.min(MAX_RAW_LEN))
+        {
             return Err(ManifestError::TooLarge);
         }
         if verify {
@@ -237,7 +239,8 @@ impl Manifest {
 
     /// Readers waiting for a page another reader is loading (single-flight; for tests).
     pub fn page_waiters(&self) -> u64 {
-        self.paged().map_or(0, |p| p.waiting.load(Ordering::Relaxed))
+        self.paged()
+            .map_or(0, |p| p.waiting.load(Ordering::Relaxed))
     }
 
     /// The node cache key of page `page`, when the manifest uses the node cache.

@@ -254,7 +254,10 @@ impl Spill {
         drop(w);
         self.runs.push(file);
         self.mem_bytes = 0;
-        tracing::debug!(runs = self.runs.len(), "manifest builder spilled a sorted run");
+        tracing::debug!(
+            runs = self.runs.len(),
+            "manifest builder spilled a sorted run"
+        );
         Ok(())
     }
 

@@ -82,7 +82,9 @@ fn sample() -> Manifest {
 }
 
 fn names(m: &Manifest, dir: &Entry) -> Vec<Vec<u8>> {
-    m.children(dir).map(|e| e.unwrap().name().to_vec()).collect()
+    m.children(dir)
+        .map(|e| e.unwrap().name().to_vec())
+        .collect()
 }
 
 /// Every path with its kind, size, mode, mtime, blob and target (as a set: walk order is the
@@ -122,7 +124,10 @@ fn build_lookup_and_walk() {
         }
     );
     let root = m.root().unwrap();
-    assert_eq!(names(&m, &root), [&b"a"[..], b"b", b"empty", b"ext", b"link"]);
+    assert_eq!(
+        names(&m, &root),
+        [&b"a"[..], b"b", b"empty", b"ext", b"link"]
+    );
     assert_eq!(root.subdirs(), 2);
     let a = m.lookup(&root, b"a").unwrap().unwrap();
     assert_eq!((a.kind(), a.mode(), a.mtime_ns()), (Kind::Dir, 0o700, 9));
@@ -135,7 +140,10 @@ fn build_lookup_and_walk() {
     let e = m.resolve(b"ext").unwrap().unwrap();
     assert_eq!(e.mtime_ns(), -5);
     assert_eq!(e.blob().unwrap().location, Location::External(ext()));
-    assert_eq!(m.reference_roots(), Some(&[("src".to_owned(), "k/1".to_owned())][..]));
+    assert_eq!(
+        m.reference_roots(),
+        Some(&[("src".to_owned(), "k/1".to_owned())][..])
+    );
     let l = m.resolve(b"link").unwrap().unwrap();
     assert_eq!(l.symlink_target(), Some("a/é z".as_bytes()));
     assert!(m.lookup(&root, b"nope").unwrap().is_none());
@@ -211,7 +219,10 @@ fn directory_wins_and_the_first_of_twins_is_kept() {
     b.insert(&["c"], file(1, 1)).unwrap();
     b.insert(&["c"], file(2, 9)).unwrap();
     assert!(b.insert(&["x", ".."], file(1, 1)).is_err());
-    let Finished { manifest: m, dropped } = b.finish().unwrap();
+    let Finished {
+        manifest: m,
+        dropped,
+    } = b.finish().unwrap();
     assert_eq!(
         dropped,
         [
@@ -226,7 +237,11 @@ fn directory_wins_and_the_first_of_twins_is_kept() {
         ]
     );
     assert_eq!(m.resolve(b"a").unwrap().unwrap().kind(), Kind::Dir);
-    assert_eq!(m.resolve(b"c").unwrap().unwrap().size(), 1, "the first is kept");
+    assert_eq!(
+        m.resolve(b"c").unwrap().unwrap().size(),
+        1,
+        "the first is kept"
+    );
     assert_eq!(m.totals().files, 2);
     m.verify().unwrap();
 }
@@ -238,7 +253,10 @@ fn format_1_corruption_is_detected() {
     let raw = b.finish().unwrap();
     let mut bad = raw.clone();
     bad[64 + 3] ^= 0xff;
-    assert!(matches!(format1::parse(bad), Err(ManifestError::Corrupt(_))));
+    assert!(matches!(
+        format1::parse(bad),
+        Err(ManifestError::Corrupt(_))
+    ));
     assert!(format1::parse(raw[..20].to_vec()).is_err());
     assert!(Manifest::from_compressed(b"not zstd").is_err());
     let mut bad = raw.clone();
@@ -253,8 +271,11 @@ fn big_tree(b: &mut ManifestBuilder, dirs: usize, per_dir: usize) {
         for d in 0..dirs {
             let dir = format!("dir-{d:04}");
             let name = format!("file-{f:05}.bin");
-            b.insert(&[dir.as_str(), "sub", name.as_str()], file(f as u64, d as u8))
-                .unwrap();
+            b.insert(
+                &[dir.as_str(), "sub", name.as_str()],
+                file(f as u64, d as u8),
+            )
+            .unwrap();
         }
     }
     for d in 0..dirs {
@@ -409,8 +430,13 @@ fn concurrent_readers_of_a_cold_page_load_it_once() {
         release: Mutex::new(None),
     });
     let m = Arc::new(
-        Manifest::open(stored.slice(..head_len), src.clone(), None, &ManifestOptions::lazy())
-            .unwrap(),
+        Manifest::open(
+            stored.slice(..head_len),
+            src.clone(),
+            None,
+            &ManifestOptions::lazy(),
+        )
+        .unwrap(),
     );
     const N: u64 = 8;
     // The one load waits until the seven others wait for it.
@@ -441,7 +467,13 @@ fn the_lru_keeps_to_its_budget() {
         page_cache_bytes: 1,
         ..ManifestOptions::lazy()
     };
-    let m = Manifest::open(stored.slice(..head_len), Arc::new(MemorySource(stored.clone())), None, &opts).unwrap();
+    let m = Manifest::open(
+        stored.slice(..head_len),
+        Arc::new(MemorySource(stored.clone())),
+        None,
+        &opts,
+    )
+    .unwrap();
     let last = m.len() as u32 - 1;
     m.entry(0).unwrap();
     m.entry(last).unwrap();
@@ -461,7 +493,13 @@ fn pages_are_shared_through_the_node_cache_and_checked_there() {
             disk: Some((cache.clone(), scope)),
             ..ManifestOptions::lazy()
         };
-        Manifest::open(stored.slice(..head_len), src, Some("ds/versions/1/manifest"), &opts).unwrap()
+        Manifest::open(
+            stored.slice(..head_len),
+            src,
+            Some("ds/versions/1/manifest"),
+            &opts,
+        )
+        .unwrap()
     };
     let source = || {
         Arc::new(Gated {
@@ -517,8 +555,18 @@ fn small_manifests_are_read_whole_when_opened() {
         reads: AtomicU64::new(0),
         release: Mutex::new(None),
     });
-    let m = Manifest::open(stored.slice(..head_len), src.clone(), None, &ManifestOptions::default()).unwrap();
-    assert_eq!(src.reads.load(Ordering::SeqCst), 1, "one read of every page");
+    let m = Manifest::open(
+        stored.slice(..head_len),
+        src.clone(),
+        None,
+        &ManifestOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        src.reads.load(Ordering::SeqCst),
+        1,
+        "one read of every page"
+    );
     let mut n = 0;
     m.walk(|_, _| n += 1).unwrap();
     m.entry(m.len() as u32 - 1).unwrap();
@@ -558,12 +606,18 @@ fn measure_builder() {
             mode: 0o644,
             mtime_ns: 1_700_000_000_000_000_000 + i as i64,
             size: 1000 + i as u64,
-            blob: Blob { id, location: Location::Store },
+            blob: Blob {
+                id,
+                location: Location::Store,
+            },
         };
         // Directories of 1000, inserted in a scattered order.
         let j = (i * 7_919) % files;
-        b.insert(&[format!("d{:05}", j / 1000), format!("image-{j:09}.jpg")], node)
-            .unwrap();
+        b.insert(
+            &[format!("d{:05}", j / 1000), format!("image-{j:09}.jpg")],
+            node,
+        )
+        .unwrap();
     }
     let runs = b.spilled_runs();
     let inserted = started.elapsed();
@@ -574,7 +628,13 @@ fn measure_builder() {
     let head = m.head_bytes().unwrap();
     drop(m);
     let t = Instant::now();
-    let m = Manifest::open(head.clone(), Arc::new(MemorySource(stored.clone())), None, &ManifestOptions::lazy()).unwrap();
+    let m = Manifest::open(
+        head.clone(),
+        Arc::new(MemorySource(stored.clone())),
+        None,
+        &ManifestOptions::lazy(),
+    )
+    .unwrap();
     let opened = t.elapsed();
     let t = Instant::now();
     let j = files / 2;
@@ -585,7 +645,10 @@ fn measure_builder() {
     let lookup = t.elapsed();
     assert_eq!(e.kind(), Kind::File);
     let t = Instant::now();
-    let dir = m.resolve(format!("d{:05}", j / 1000).as_bytes()).unwrap().unwrap();
+    let dir = m
+        .resolve(format!("d{:05}", j / 1000).as_bytes())
+        .unwrap()
+        .unwrap();
     let listed = m.children(&dir).filter(|e| e.is_ok()).count();
     let ls = t.elapsed();
     println!(
