@@ -176,8 +176,9 @@ impl Mounts {
     }
 
     /// s3fs as the field tunes it for large read-only data: 16 parallel 8 MiB ranged GETs per
-    /// file, a large long-lived stat cache, no probing for other tools' directory objects, the
-    /// kernel page cache kept across opens, and a local cache directory.
+    /// file, a large long-lived stat cache, the kernel page cache kept across opens, and a local
+    /// cache directory. (Not `notsup_compat_dir`: it hides directories that have no marker
+    /// object, and the copy has none, as most buckets.)
     fn s3fs(&self, ds: &Dataset, dir: &Path, cache: &Path) -> Command {
         let opts = [
             "ro".to_string(),
@@ -189,7 +190,6 @@ impl Mounts {
             "max_stat_cache_size=1000000".into(),
             "stat_cache_expire=86400".into(),
             "enable_noobj_cache".into(),
-            "notsup_compat_dir".into(),
             "kernel_cache".into(),
             format!("use_cache={}", cache.display()),
             "dbglevel=warn".into(),
