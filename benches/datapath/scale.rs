@@ -14,6 +14,7 @@
 use std::io::Write;
 
 use datastore::store::manifest::PackedAt;
+use datastore::store::Store;
 use s3_test_server::Synthetic;
 
 use super::*;

@@ -456,6 +456,14 @@ impl Fast {
             conditional_puts: tokio::sync::Mutex::new(()),
         })
     }
+
+    /// Whether `key` names a directory of the backing filesystem, i.e. a prefix of other keys
+    /// and not an object. S3 answers NoSuchKey for it (clients such as s3fs and rclone rely on
+    /// that to tell directories from files); s3s-fs would try to read the directory and answer
+    /// 500, which those clients retry for minutes.
+    fn is_prefix_only(&self, bucket: &str, key: &str) -> bool {
+        self.root.join(bucket).join(key).is_dir()
+    }
 }
 
 /// Reads `range` of a file in 1 MiB chunks on a blocking thread, one chunk ahead.
@@ -594,6 +602,9 @@ impl S3 for Fast {
         if let Some(shape) = self.shared.synthetic(&req.input.bucket) {
             return shape.head(&req.input.key).map(S3Response::new);
         }
+        if self.is_prefix_only(&req.input.bucket, &req.input.key) {
+            return Err(s3_error!(NoSuchKey));
+        }
         self.inner.head_object(req).await
     }
 
@@ -667,6 +678,9 @@ impl S3 for Fast {
         if let Some(shape) = self.shared.synthetic(&req.input.bucket) {
             return shape.get(&req.input).map(S3Response::new);
         }
+        if self.is_prefix_only(&req.input.bucket, &req.input.key) {
+            return Err(s3_error!(NoSuchKey));
+        }
         let input = &req.input;
         let head_input = HeadObjectInput::builder()
             .bucket(input.bucket.clone())
@@ -710,5 +724,48 @@ impl S3 for Fast {
             ..Default::default()
         };
         Ok(S3Response::new(output))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request<T>(input: T) -> S3Request<T> {
+        S3Request {
+            input,
+            method: http::Method::GET,
+            uri: http::Uri::from_static("/"),
+            headers: Default::default(),
+            extensions: Default::default(),
+            credentials: None,
+            region: None,
+            service: None,
+            trailing_headers: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_that_is_only_a_prefix_of_others_is_no_such_key() {
+        let root = std::env::temp_dir().join(format!("s3-test-server-prefix-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("b/dir")).expect("mkdir");
+        std::fs::write(root.join("b/dir/obj"), b"data").expect("write");
+        let fast = Fast::new(&root, Arc::new(Shared::default())).expect("server");
+        let head = |key: &str| {
+            HeadObjectInput::builder().bucket("b".into()).key(key.into()).build().expect("input")
+        };
+        let get = |key: &str| {
+            GetObjectInput::builder().bucket("b".into()).key(key.into()).build().expect("input")
+        };
+
+        let found = fast.head_object(request(head("dir/obj"))).await.expect("head object");
+        assert_eq!(found.output.content_length, Some(4));
+        for key in ["dir", "dir/"] {
+            let err = fast.head_object(request(head(key))).await.expect_err("head prefix");
+            assert_eq!(err.code(), &s3s::S3ErrorCode::NoSuchKey, "HEAD {key}");
+            let err = fast.get_object(request(get(key))).await.err().expect("get prefix");
+            assert_eq!(err.code(), &s3s::S3ErrorCode::NoSuchKey, "GET {key}");
+        }
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
