@@ -4,7 +4,7 @@
 //! server is not the bottleneck), reading the same bytes (issue 13).
 //!
 //! `cargo bench --bench datapath` (or `bash scripts/bench.sh`); `-- --quick` shrinks the data and
-//! measures once instead of the median of 3 fresh mounts; `-- --only big|small|tree|huge|scale` runs
+//! measures once instead of the median of 3 fresh mounts; `-- --only big|small|tree|huge|scale[-versions|-creates]` runs
 //! one part. Prints the comparison table, then the rows that only concern us (mount time and
 //! memory of a huge version); BENCHMARKS.md records a run and the peers' flags.
 //!
@@ -96,7 +96,7 @@ fn on_fresh_mounts<const N: usize>(
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
-    // `--only big|small|tree|huge|scale` runs one part (for profiling).
+    // `--only big|small|tree|huge|scale[-versions|-creates]` runs one part (for profiling).
     let args: Vec<String> = std::env::args().collect();
     let only = args
         .iter()
@@ -455,13 +455,19 @@ fn main() {
     }
 
     // 5. Scale: versions of millions of files, large creates.
-    if run("scale") {
+    let parts = scale::Parts {
+        versions: run("scale") || run("scale-versions"),
+        creates: run("scale") || run("scale-creates"),
+    };
+    if parts.versions || parts.creates {
         phase("scale");
         let ctx = scale::Ctx {
             server: &server,
             bucket: &bucket,
         };
-        scale::run(&ctx, &store, work.path(), quick, &mut rows);
+        let work = shm.join("scale");
+        std::fs::create_dir_all(&work).expect("mkdir");
+        scale::run(&ctx, &store, &work, quick, parts, &mut rows);
     }
 
     drop(mounts);

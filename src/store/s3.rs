@@ -331,39 +331,15 @@ impl S3Client {
         bucket: &str,
         prefix: &str,
     ) -> BoxStream<'static, Result<ObjectInfo, StoreError>> {
-        let what = format!("listing s3://{bucket}/{prefix}");
-        let pages = self
-            .control
-            .list_objects_v2()
-            .bucket(bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
-        futures::stream::unfold((pages, what), |(mut pages, what)| async move {
-            let started = std::time::Instant::now();
-            let page = pages.next().await?;
-            let page = page.map_err(|e| map_err(&what, e));
-            record("list", started, &page);
-            let items: Vec<Result<ObjectInfo, StoreError>> = match page {
-                Ok(p) => p
-                    .contents()
-                    .iter()
-                    .filter_map(|o| {
-                        Some(Ok(ObjectInfo {
-                            key: o.key()?.to_owned(),
-                            size: o.size().unwrap_or(0).max(0) as u64,
-                            etag: o.e_tag().map(str::to_owned),
-                            version_id: None,
-                            modified_ns: o.last_modified().map(datetime_ns).unwrap_or(0),
-                        }))
-                    })
-                    .collect(),
-                Err(e) => vec![Err(e)],
-            };
-            Some((futures::stream::iter(items), (pages, what)))
-        })
-        .flatten()
-        .boxed()
+        self.listing(bucket, prefix, None)
+            .filter_map(|l| async move {
+                match l {
+                    Ok(Listed::Object(o)) => Some(Ok(o)),
+                    Ok(Listed::Prefix(_)) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            })
+            .boxed()
     }
 
     /// One level below `prefix` (a listing with the '/' delimiter): the objects directly in it
@@ -374,13 +350,40 @@ impl S3Client {
         bucket: &str,
         prefix: &str,
     ) -> BoxStream<'static, Result<Listed, StoreError>> {
+        self.listing(bucket, prefix, Some("/"))
+    }
+
+    /// Names of the common prefixes directly below `prefix` (which ends with '/').
+    pub async fn list_dirs(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut level = self.list_level(bucket, prefix);
+        let mut out = Vec::new();
+        while let Some(l) = level.next().await {
+            if let Listed::Prefix(p) = l? {
+                let name = p.strip_prefix(prefix).unwrap_or(&p).trim_end_matches('/');
+                if !name.is_empty() {
+                    out.push(name.to_owned());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The one ListObjectsV2 pager behind every listing: objects and (with a delimiter) common
+    /// prefixes, page by page, each page timed and counted.
+    fn listing(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        delimiter: Option<&str>,
+    ) -> BoxStream<'static, Result<Listed, StoreError>> {
         let what = format!("listing s3://{bucket}/{prefix}");
         let pages = self
             .control
             .list_objects_v2()
             .bucket(bucket)
             .prefix(prefix)
-            .delimiter("/")
+            .set_delimiter(delimiter.map(str::to_owned))
             .into_paginator()
             .send();
         futures::stream::unfold((pages, what), |(mut pages, what)| async move {
@@ -413,37 +416,6 @@ impl S3Client {
         })
         .flatten()
         .boxed()
-    }
-
-    /// Names of the common prefixes directly below `prefix` (which ends with '/').
-    pub async fn list_dirs(&self, bucket: &str, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let what = format!("listing s3://{bucket}/{prefix}");
-        let mut pages = self
-            .control
-            .list_objects_v2()
-            .bucket(bucket)
-            .prefix(prefix)
-            .delimiter("/")
-            .into_paginator()
-            .send();
-        let mut out = Vec::new();
-        loop {
-            let started = std::time::Instant::now();
-            let Some(page) = pages.next().await else { break };
-            let page = page.map_err(|e| map_err(&what, e));
-            record("list", started, &page);
-            let page = page?;
-            for cp in page.common_prefixes() {
-                if let Some(p) = cp.prefix() {
-                    let name = p.strip_prefix(prefix).unwrap_or(p).trim_end_matches('/');
-                    if !name.is_empty() {
-                        out.push(name.to_owned());
-                    }
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
     }
 
     /// Server-side copy of `src` (pinned to its ETag when given) to `dst_bucket/dst_key`.

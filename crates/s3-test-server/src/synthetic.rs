@@ -71,11 +71,17 @@ impl Synthetic {
         // Keys with the prefix are a contiguous run [lo, hi).
         let lo = self.first_after(&prefix, false);
         let hi = lo + partition(self.keys - lo, |j| self.key(lo + j).starts_with(&prefix));
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
         let mut i = match &marker {
             Some(m) => self.first_after(m, true).max(lo),
             None => lo,
         };
-        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        // A page that ended on a common prefix continues after every key below it, as S3 does.
+        if let (Some(m), Some(d)) = (&marker, &delimiter) {
+            if m.ends_with(d.as_str()) {
+                i += partition(hi.saturating_sub(i), |j| self.key(i + j).starts_with(m.as_str()));
+            }
+        }
         let mut contents = Vec::new();
         let mut prefixes: Vec<CommonPrefix> = Vec::new();
         let mut last = None;
@@ -203,5 +209,22 @@ mod tests {
         assert_eq!(d1.is_truncated, Some(false));
         assert_eq!(s.index(&s.key(1234)), Some(1234));
         assert_eq!(s.index("d000000/f000009999.dat"), None);
+    }
+
+    #[test]
+    fn a_delimited_listing_names_each_common_prefix_once_across_pages() {
+        let s = Synthetic { keys: 25_000, per_dir: 1000 };
+        let mut token = None;
+        let mut dirs = Vec::new();
+        loop {
+            let out = page(&s, "", Some("/"), token.take(), 7);
+            dirs.extend(out.common_prefixes.unwrap_or_default().into_iter().map(|c| c.prefix.unwrap()));
+            match out.next_continuation_token {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        let want: Vec<String> = (0..25).map(|d| format!("d{d:06}/")).collect();
+        assert_eq!(dirs, want);
     }
 }
