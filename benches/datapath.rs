@@ -465,9 +465,7 @@ fn main() {
             server: &server,
             bucket: &bucket,
         };
-        let work = shm.join("scale");
-        std::fs::create_dir_all(&work).expect("mkdir");
-        scale::run(&ctx, &store, &work, quick, parts, &mut rows);
+        scale::run(&ctx, &store, work.path(), quick, parts, &mut rows);
     }
 
     drop(mounts);
