@@ -26,7 +26,21 @@ pub struct ScaleSizes {
 }
 
 impl ScaleSizes {
+    /// The sizes of a run; `BENCH_SCALE_LOCAL_FILES` and `BENCH_SCALE_KEYS` override the two
+    /// creates' (to look at one of them alone).
     pub fn new(quick: bool) -> ScaleSizes {
+        let mut s = Self::preset(quick);
+        let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+        if let Some(n) = var("BENCH_SCALE_LOCAL_FILES") {
+            s.local_files = n;
+        }
+        if let Some(n) = var("BENCH_SCALE_KEYS") {
+            s.s3_keys = n;
+        }
+        s
+    }
+
+    fn preset(quick: bool) -> ScaleSizes {
         if quick {
             ScaleSizes {
                 versions: vec![100_000, 1_000_000],
