@@ -97,6 +97,11 @@ pub struct Content {
 }
 
 impl Content {
+    /// The scoped content id: the key of its blocks and of its whole copy in the node cache.
+    pub fn cache_id(&self) -> &[u8; 32] {
+        &self.cache_id
+    }
+
     /// The key of block `block` of this content.
     fn key(&self, block: u64) -> BlockKey {
         BlockKey {
@@ -183,6 +188,11 @@ impl Fetcher {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The node cache, if any.
+    pub fn cache(&self) -> Option<&Arc<BlockCache>> {
+        self.cache.as_ref()
     }
 
     /// The cache scope of datastore `datastore` of this fetcher's store.
