@@ -262,7 +262,7 @@ impl BlockCache {
 
     /// Writes a block if it fits (evicting least recently used blocks first). Blocking.
     pub fn put_blocking(&self, key: &BlockKey, data: &[u8]) {
-        if self.contains(key) || self.knows_whole(&key.id) {
+        if self.contains(key) || self.whole_covers(&key.id) {
             return;
         }
         let Some(r) = self.reserve(key, (HEADER_LEN + data.len()) as u64) else {

@@ -13,8 +13,9 @@
 //! - **Checked by length, not checksum.** Opening a copy checks its length; its bytes carry no
 //!   crc (checking one would cost a full read at every open, the very cost passthrough removes).
 //!   A block read that falls back to a copy is likewise unchecked.
-//! - **Supersedes the blocks.** Once committed, the content's block files are removed (the copy
-//!   serves block reads), and no new block of that content is cached.
+//! - **Supersedes the blocks.** While a copy is written and once it is committed, no block of
+//!   its content is cached (the copy serves block reads); block files cached before are removed
+//!   at commit.
 //! - **Eviction is safe while open.** The kernel holds its own reference on a backing file, so
 //!   an evicted (unlinked) copy keeps serving readers that have it open; its disk space comes
 //!   back when the last of them closes. Until then the ledger no longer counts it.
@@ -61,6 +62,13 @@ impl BlockCache {
     /// Whether this process knows a whole copy of `id` (no disk access).
     pub(super) fn knows_whole(&self, id: &[u8; 32]) -> bool {
         self.lock().lru.contains(&whole_key(*id))
+    }
+
+    /// Whether content `id` has a whole copy, or one being written by this process: its blocks
+    /// need no files of their own (a copy that is abandoned leaves them to be fetched again).
+    pub(super) fn whole_covers(&self, id: &[u8; 32]) -> bool {
+        let st = self.lock();
+        st.whole_writing.contains(id) || st.lru.contains(&whole_key(*id))
     }
 
     /// Block `key` read from the content's whole copy, for a block whose file is gone.
