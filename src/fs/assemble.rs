@@ -24,8 +24,10 @@ use crate::cache::{BlockCache, WholeWriter};
 const MAX_PENDING: usize = 64;
 /// How far past its written prefix a reader may read before the copy is abandoned.
 const MAX_GAP: u64 = 64 << 20;
-/// A copy is started by a read that begins before this offset (async reads arrive out of order).
-const MAX_START: u64 = 8 << 20;
+/// A copy is started by a first read that begins before this offset: the reads of the kernel's
+/// readahead window (16 MiB, see `mount::READAHEAD_KB`) complete in any order, so the first
+/// one served to a reader that starts at 0 may lie anywhere in it.
+const MAX_START: u64 = 32 << 20;
 
 enum State {
     /// No read yet.
