@@ -5,9 +5,11 @@
 //! copy and writes every range it serves into it, off the reply path (a blocking task per
 //! read). The copy commits the moment the last gap closes — before the reader closes the file,
 //! so a re-read right after finds it. Invariants:
-//! - **Bounded.** At most `MAX_PENDING` writes are queued per handle; past that, or when the
-//!   reader seeks further than `MAX_GAP` past the written prefix (a random reader, who would
-//!   hold a reservation it may never fill), the copy is abandoned and its space given back.
+//! - **Bounded.** At most `MAX_PENDING` writes are queued per handle; past that the read waits
+//!   for one to finish (backpressure: under load, abandoning instead lost most copies). When
+//!   the reader seeks further than `MAX_GAP` past the written prefix (a random reader, who
+//!   would hold a reservation it may never fill), the copy is abandoned and its space given
+//!   back.
 //! - **Never in the way.** Nothing here can fail a read: every error abandons the copy.
 //! - **Only complete blocks.** The bytes written are those the read path hands out, which the
 //!   fetcher only ever builds from complete blocks of the right content.
@@ -53,8 +55,9 @@ impl Assembler {
         }
     }
 
-    /// Records `data`, served at `offset` of `content`. Non-blocking.
-    pub(crate) fn feed(
+    /// Records `data`, served at `offset` of `content`. Waits only when `MAX_PENDING` writes
+    /// are queued (backpressure: a reader cannot outrun the disk by more than that).
+    pub(crate) async fn feed(
         &self,
         cache: &Arc<BlockCache>,
         content: &Content,
@@ -64,38 +67,38 @@ impl Assembler {
         if data.is_empty() {
             return;
         }
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(*st, State::Idle) {
-            *st = if offset >= MAX_START {
-                State::Done
-            } else {
-                State::Writing(Arc::new(OnceLock::new()))
+        let w = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(*st, State::Idle) {
+                *st = if offset >= MAX_START {
+                    State::Done
+                } else {
+                    State::Writing(Arc::new(OnceLock::new()))
+                };
+            }
+            let State::Writing(w) = &*st else {
+                return;
             };
-        }
-        let State::Writing(w) = &*st else {
-            return;
-        };
-        let prefix = match w.get() {
-            Some(Some(w)) => w.prefix(),
-            Some(None) => {
+            let prefix = match w.get() {
+                Some(Some(w)) => w.prefix(),
+                Some(None) => {
+                    *st = State::Done;
+                    return;
+                }
+                None => 0,
+            };
+            if offset > prefix.saturating_add(MAX_GAP) {
+                tracing::debug!(offset, "reader seeks: abandoning the whole copy");
                 *st = State::Done;
                 return;
             }
-            None => 0,
+            w.clone()
         };
-        if offset > prefix.saturating_add(MAX_GAP) {
-            tracing::debug!(offset, "reader seeks: abandoning the whole copy");
-            *st = State::Done;
-            return;
-        }
-        let Ok(permit) = self.pending.clone().try_acquire_owned() else {
-            tracing::debug!("whole copy writes fall behind: abandoning it");
-            *st = State::Done;
+        let Ok(permit) = self.pending.clone().acquire_owned().await else {
             return;
         };
-        let (w, data, cache) = (w.clone(), data.clone(), cache.clone());
+        let (data, cache) = (data.clone(), cache.clone());
         let (id, size) = (*content.cache_id(), content.size);
-        drop(st);
         tokio::task::spawn_blocking(move || {
             let Some(w) = w.get_or_init(|| cache.begin_whole(id, size)) else {
                 return;

@@ -445,7 +445,7 @@ impl DatastoreFs {
         };
         metrics::fuse_read(out.len() as u64, true);
         if let Some(cache) = self.fetcher.cache() {
-            handle.assembler.feed(cache, content, offset, &out);
+            handle.assembler.feed(cache, content, offset, &out).await;
         }
         Ok(out)
     }

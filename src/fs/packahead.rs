@@ -93,7 +93,10 @@ impl Inner {
     /// Registers a new window of `at.pack` over `range` (clamped to the pack), making room.
     fn add(&mut self, key: &Key, at: &PackedAt, range: Range<u64>, total: u64) -> Option<Launch> {
         let range = range.start..range.end.min(at.pack_len);
-        let len = range.end.checked_sub(range.start).filter(|l| *l > 0 && *l <= total)?;
+        let len = range
+            .end
+            .checked_sub(range.start)
+            .filter(|l| *l > 0 && *l <= total)?;
         while self.held + len > total {
             let old = self.windows.pop_front()?;
             self.held -= old.range.end - old.range.start;
@@ -128,7 +131,11 @@ impl Fetcher {
     /// Bytes `range` of a packed content from a pack window, starting windows as the access
     /// pattern calls for (see the module docs). `None`: not packed, not following the pack,
     /// or the window failed — fetch the range alone.
-    pub(super) async fn from_pack_window(&self, content: &Content, range: Range<u64>) -> Option<Bytes> {
+    pub(super) async fn from_pack_window(
+        &self,
+        content: &Content,
+        range: Range<u64>,
+    ) -> Option<Bytes> {
         let cfg = self.config();
         let Location::Pack(at) = content.blob.location else {
             return None;
@@ -157,13 +164,20 @@ impl Fetcher {
                         && abs.start >= half
                     {
                         let len = (size * 2).clamp(cfg.pack_window_min, cfg.pack_window_max);
-                        launches.extend(inner.add(&key, &at, next..next + len, cfg.pack_windows_total));
+                        launches.extend(inner.add(
+                            &key,
+                            &at,
+                            next..next + len,
+                            cfg.pack_windows_total,
+                        ));
                     }
                     (w, launches)
                 }
                 None => {
                     let stream = inner.streams.get_mut(&key);
-                    let step = stream.as_ref().map(|s| (abs.start.checked_sub(s.next), s.next));
+                    let step = stream
+                        .as_ref()
+                        .map(|s| (abs.start.checked_sub(s.next), s.next));
                     match (stream, step) {
                         // Just after the last GET: the pack is being followed.
                         (Some(s), Some((Some(ahead), next))) if ahead < FOLLOW_GAP => {
@@ -185,7 +199,9 @@ impl Fetcher {
                         }
                         // A little behind (concurrent readers of one walk arrive out of
                         // order): fetched alone, the stream stays.
-                        (Some(_), Some((None, next))) if next - abs.start <= cfg.pack_window_max => {
+                        (Some(_), Some((None, next)))
+                            if next - abs.start <= cfg.pack_window_max =>
+                        {
                             return None;
                         }
                         // Anywhere else: a new stream starts here.
