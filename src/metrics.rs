@@ -45,6 +45,11 @@ struct Metrics {
     fuse_read_errors: Counter,
     csi_recovery_failures: Counter,
     csi_volumes_abandoned: Counter,
+    cache_whole_committed: Counter,
+    fuse_passthrough_opens: Counter,
+    pack_prefetch_gets: Counter,
+    pack_prefetch_bytes: Counter,
+    pack_prefetch_hits: Counter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -72,6 +77,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         fuse_read_errors: Counter::default(),
         csi_recovery_failures: Counter::default(),
         csi_volumes_abandoned: Counter::default(),
+        cache_whole_committed: Counter::default(),
+        fuse_passthrough_opens: Counter::default(),
+        pack_prefetch_gets: Counter::default(),
+        pack_prefetch_bytes: Counter::default(),
+        pack_prefetch_hits: Counter::default(),
         registry: Registry::default(),
     };
     registry.register(
@@ -130,6 +140,31 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Staged volumes given up after their recovery failed too often (mounts removed)",
         m.csi_volumes_abandoned.clone(),
     );
+    registry.register(
+        "cache_whole_copies",
+        "Whole-file copies committed to the node cache (passthrough backing files)",
+        m.cache_whole_committed.clone(),
+    );
+    registry.register(
+        "fuse_passthrough_opens",
+        "Opens answered with a passthrough backing file (reads bypass the FUSE server)",
+        m.fuse_passthrough_opens.clone(),
+    );
+    registry.register(
+        "pack_prefetch_gets",
+        "Ranged GETs of pack windows (neighbours of files read in pack order)",
+        m.pack_prefetch_gets.clone(),
+    );
+    registry.register(
+        "pack_prefetch_bytes",
+        "Bytes fetched by pack windows",
+        m.pack_prefetch_bytes.clone(),
+    );
+    registry.register(
+        "pack_prefetch_hits",
+        "Packed files served from a pack window instead of their own GET",
+        m.pack_prefetch_hits.clone(),
+    );
     registry.register("fuse_reads", "read() requests served", m.fuse_reads.clone());
     registry.register(
         "fuse_read_bytes",
@@ -184,6 +219,19 @@ pub fn csi_recovery_failure() {
 }
 pub fn csi_volume_abandoned() {
     METRICS.csi_volumes_abandoned.inc();
+}
+pub fn cache_whole_committed() {
+    METRICS.cache_whole_committed.inc();
+}
+pub fn fuse_passthrough_open() {
+    METRICS.fuse_passthrough_opens.inc();
+}
+pub fn pack_prefetch_get(bytes: u64) {
+    METRICS.pack_prefetch_gets.inc();
+    METRICS.pack_prefetch_bytes.inc_by(bytes);
+}
+pub fn pack_prefetch_hit() {
+    METRICS.pack_prefetch_hits.inc();
 }
 pub fn fuse_read(bytes: u64, ok: bool) {
     let m = &*METRICS;

@@ -28,6 +28,7 @@
 mod block;
 mod ledger;
 mod scope;
+mod whole;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -44,6 +45,7 @@ use thiserror::Error;
 
 pub use block::HEADER_LEN;
 pub use scope::Scope;
+pub use whole::{WHOLE, WholeWriter};
 use block::{Temporary, classify, header, verify};
 use ledger::{Ledger, Locked};
 
@@ -76,6 +78,8 @@ struct State {
     lru: LruCache<BlockKey, u64>,
     written_since_reconcile: u64,
     reconciling: bool,
+    /// Contents whose whole copy this process is writing (see `whole`).
+    whole_writing: std::collections::HashSet<[u8; 32]>,
 }
 
 /// A bounded, checksummed, LRU block cache in a directory shared by the node's processes.
@@ -125,6 +129,7 @@ impl BlockCache {
                 lru: LruCache::unbounded(),
                 written_since_reconcile: 0,
                 reconciling: false,
+                whole_writing: std::collections::HashSet::new(),
             }),
             ledger,
             pending_writes: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_WRITES)),
@@ -176,6 +181,13 @@ impl BlockCache {
             Ok(read) => read,
             Err(_) => {
                 self.forget(key);
+                // A content with a whole copy keeps no block files: read the copy.
+                if key.block != WHOLE
+                    && let Some(b) = self.block_from_whole(key, expected_len)
+                {
+                    metrics::cache_hit();
+                    return Some(b);
+                }
                 metrics::cache_miss();
                 return None;
             }
@@ -250,7 +262,7 @@ impl BlockCache {
 
     /// Writes a block if it fits (evicting least recently used blocks first). Blocking.
     pub fn put_blocking(&self, key: &BlockKey, data: &[u8]) {
-        if self.contains(key) {
+        if self.contains(key) || self.whole_covers(&key.id) {
             return;
         }
         let Some(r) = self.reserve(key, (HEADER_LEN + data.len()) as u64) else {

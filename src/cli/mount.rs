@@ -49,6 +49,13 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
+    /// Never serve reads by FUSE passthrough (by default a file whose whole copy is in the
+    /// node cache is read by the kernel straight from that copy; needs root, kernel 6.9+).
+    #[arg(long, env = "DATASTORE_NO_PASSTHROUGH")]
+    pub no_passthrough: bool,
+    /// Never fetch the neighbours of packed files read in pack order (one GET per file).
+    #[arg(long, env = "DATASTORE_NO_PACK_PREFETCH")]
+    pub no_pack_prefetch: bool,
 }
 
 /// The node cache.
@@ -120,10 +127,13 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e.into()),
     };
-    let cfg = FetchConfig {
+    let mut cfg = FetchConfig {
         deadline: a.read_timeout,
         ..FetchConfig::default()
     };
+    if a.no_pack_prefetch {
+        cfg.pack_window_max = 0;
+    }
     let cache = a.cache.open(cfg.block_size).await?;
     let fetcher = Fetcher::new(store, cache.clone(), cfg);
     // Pages of a paged manifest go through the node cache too (shared with other mounts).
@@ -136,6 +146,7 @@ pub async fn run(a: MountArgs) -> anyhow::Result<()> {
     opts.uid = a.uid.unwrap_or(opts.uid);
     opts.gid = a.gid.unwrap_or(opts.gid);
     opts.source_modes = a.source_modes;
+    opts.passthrough = !a.no_passthrough;
     let fs = Arc::new(DatastoreFs::new(
         name,
         version,

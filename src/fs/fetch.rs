@@ -68,6 +68,12 @@ pub struct FetchConfig {
     pub max_readahead_blocks: u64,
     /// Readahead blocks of all handles together (the prefetch memory bound).
     pub max_readahead_blocks_total: u64,
+    /// Pack readahead (`packahead`): the first and the largest window, in bytes; a largest
+    /// window of 0 turns it off.
+    pub pack_window_min: u64,
+    pub pack_window_max: u64,
+    /// Bytes all pack windows hold together.
+    pub pack_windows_total: u64,
 }
 
 impl Default for FetchConfig {
@@ -81,6 +87,9 @@ impl Default for FetchConfig {
             max_backoff: Duration::from_secs(2),
             max_readahead_blocks: 64,
             max_readahead_blocks_total: 512,
+            pack_window_min: 1 << 20,
+            pack_window_max: 8 << 20,
+            pack_windows_total: 64 << 20,
         }
     }
 }
@@ -97,6 +106,11 @@ pub struct Content {
 }
 
 impl Content {
+    /// The scoped content id: the key of its blocks and of its whole copy in the node cache.
+    pub fn cache_id(&self) -> &[u8; 32] {
+        &self.cache_id
+    }
+
     /// The key of block `block` of this content.
     fn key(&self, block: u64) -> BlockKey {
         BlockKey {
@@ -138,6 +152,8 @@ pub struct Fetcher {
     budget: Arc<Semaphore>,
     /// Readahead blocks that open handles may still claim (see `readahead`).
     window_budget: AtomicU64,
+    /// Windows of packs read in pack order (see `packahead`).
+    pub(super) packs: super::packahead::PackAhead,
 }
 
 impl std::fmt::Debug for Fetcher {
@@ -156,6 +172,7 @@ impl Fetcher {
             budget: Arc::new(Semaphore::new(permits as usize)),
             inflight: Arc::new(Mutex::new(HashMap::new())),
             window_budget: AtomicU64::new(cfg.max_readahead_blocks_total),
+            packs: Default::default(),
             cfg,
         })
     }
@@ -183,6 +200,11 @@ impl Fetcher {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The node cache, if any.
+    pub fn cache(&self) -> Option<&Arc<BlockCache>> {
+        self.cache.as_ref()
     }
 
     /// The cache scope of datastore `datastore` of this fetcher's store.
@@ -320,6 +342,19 @@ impl Fetcher {
 
     /// Fetches a contiguous stretch of blocks with retries (see the module docs).
     async fn fetch(&self, content: &Content, mut blocks: Vec<(u64, Sender)>) {
+        if let (Some(&(first, _)), Some(&(last, _))) = (blocks.first(), blocks.last()) {
+            let bs = self.cfg.block_size;
+            let start = first * bs;
+            let range = start..((last + 1) * bs).min(content.size);
+            if let Some(bytes) = self.from_pack_window(content, range).await {
+                for (b, tx) in blocks {
+                    let from = ((b * bs - start) as usize).min(bytes.len());
+                    let to = (from + self.block_len(content, b)).min(bytes.len());
+                    self.complete(content, b, tx, Ok(bytes.slice(from..to)));
+                }
+                return;
+            }
+        }
         let Ok(_permit) = self.budget.acquire_many(blocks.len() as u32).await else {
             return;
         };

@@ -7,19 +7,28 @@
 //! EROFS (the mount is also `ro`, so most never reach us). Files are opened with
 //! FOPEN_KEEP_CACHE and directories with FOPEN_CACHE_DIR: versions are immutable, so the
 //! kernel's page cache stays valid across opens.
+//!
+//! Passthrough: when the kernel offers FUSE_PASSTHROUGH (6.9+), a file whose whole copy is in
+//! the node cache is opened with that copy as its backing file, so reads and mmap go straight
+//! to the copy's page cache and never reach this process. Modes per inode follow `iomode`.
+//! When the kernel refuses a backing file for a reason that will not change (no
+//! CAP_SYS_ADMIN, passthrough not negotiated, a cache on a stacked filesystem), passthrough is
+//! switched off for the mount and every open takes the page cache path.
 
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
+    BackingId, Config, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, SessionACL,
 };
 
+use super::iomode::IoModes;
 use super::{Attr, DatastoreFs};
 use crate::store::manifest::Kind;
 
@@ -51,11 +60,42 @@ impl Default for MountConfig {
 pub struct FuseAdapter {
     fs: Arc<DatastoreFs>,
     rt: tokio::runtime::Handle,
+    /// Negotiated at INIT and not refused since (see the module docs).
+    passthrough: AtomicBool,
+    modes: Mutex<IoModes<BackingId>>,
 }
 
 impl FuseAdapter {
     pub fn new(fs: Arc<DatastoreFs>, rt: tokio::runtime::Handle) -> Self {
-        FuseAdapter { fs, rt }
+        FuseAdapter {
+            fs,
+            rt,
+            passthrough: AtomicBool::new(false),
+            modes: Mutex::new(IoModes::new()),
+        }
+    }
+
+    /// A backing id for the whole copy of `ino`, if it has one and the kernel takes it.
+    fn backing(&self, ino: u64, reply: &ReplyOpen) -> Option<BackingId> {
+        let file = self.fs.whole_copy(ino)?;
+        match reply.open_backing(&file) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                let lasting = matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc::EPERM | libc::EOPNOTSUPP | libc::ENOTTY | libc::ELOOP | libc::ENOSYS
+                    )
+                );
+                if lasting {
+                    self.passthrough.store(false, Ordering::Relaxed);
+                    tracing::info!(error = %e, "the kernel refuses passthrough backing files; serving reads through FUSE");
+                } else {
+                    tracing::debug!(error = %e, ino, "no passthrough for this open");
+                }
+                None
+            }
+        }
     }
 }
 
@@ -108,6 +148,14 @@ impl fuser::Filesystem for FuseAdapter {
         }
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // Depth 1: backing files on a plain filesystem (the node cache), and this mount may
+        // still be stacked under an overlay.
+        if self.fs.passthrough()
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -200,9 +248,22 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(Errno::from_i32(e)),
+        let fh = match self.fs.open(ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(Errno::from_i32(e)),
+        };
+        let mut modes = self.modes.lock().unwrap_or_else(|e| e.into_inner());
+        let passthrough = self.passthrough.load(Ordering::Relaxed);
+        match modes.open(ino.0, fh, || {
+            passthrough.then(|| self.backing(ino.0, &reply)).flatten()
+        }) {
+            Some(backing) => {
+                self.fs.note_passthrough_open();
+                // No other flag: the kernel refuses any outside FOPEN_PASSTHROUGH_MASK (the
+                // open would fail with EIO), FOPEN_KEEP_CACHE included.
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), backing)
+            }
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 
@@ -252,6 +313,13 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.fs.release(ino.0, fh.0);
+        // The last passthrough file of the inode: its backing id is closed here (on drop).
+        let backing = self
+            .modes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(ino.0, fh.0);
+        drop(backing);
         reply.ok();
     }
 

@@ -9,8 +9,11 @@
 //! Inode numbers are manifest indices plus one (the root is 1). Readdir offsets are stable:
 //! 1 is ".", 2 is "..", and 3 + k is the k-th child in name order.
 
+mod assemble;
 pub mod fetch;
 pub mod fuse;
+mod iomode;
+mod packahead;
 mod readahead;
 
 use std::collections::HashMap;
@@ -24,6 +27,7 @@ use bytes::{Bytes, BytesMut};
 
 use crate::metrics;
 use crate::store::manifest::{Entry, Kind, Manifest, ManifestError};
+use assemble::Assembler;
 use fetch::{Content, Fetcher, ReadError};
 use readahead::Readahead;
 
@@ -73,6 +77,11 @@ pub struct FsOptions {
     /// 0555 when the source had an execute bit; directories 0555), because pods run as any uid
     /// while the files belong to `uid` (the volume is read-only, so nothing is lost).
     pub source_modes: bool,
+    /// Serve files whose whole copy is in the node cache by FUSE passthrough (reads go to the
+    /// copy's page cache without a FUSE round trip), and build such copies from sequential
+    /// reads of files of at least one block. Needs CAP_SYS_ADMIN and kernel 6.9+; without
+    /// them opens quietly take the normal path.
+    pub passthrough: bool,
 }
 
 impl Default for FsOptions {
@@ -84,6 +93,7 @@ impl Default for FsOptions {
             gid,
             ttl: Duration::from_secs(24 * 3600),
             source_modes: false,
+            passthrough: true,
         }
     }
 }
@@ -91,6 +101,16 @@ impl Default for FsOptions {
 struct Handle {
     content: Arc<Content>,
     readahead: Mutex<Readahead>,
+    assembler: Assembler,
+}
+
+/// Per-mount counters (tests and benchmarks tell the read paths apart with them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FsStats {
+    /// read() requests that reached this filesystem.
+    pub reads: u64,
+    /// Opens answered with a passthrough backing file.
+    pub passthrough_opens: u64,
 }
 
 /// A mounted (or mountable) datastore version.
@@ -104,6 +124,8 @@ pub struct DatastoreFs {
     /// after a restart, the kernel keeps using handles an earlier process gave out.
     handles: Mutex<HashMap<(u64, u64), Arc<Handle>>>,
     next_fh: AtomicU64,
+    reads: AtomicU64,
+    passthrough_opens: AtomicU64,
 }
 
 impl std::fmt::Debug for DatastoreFs {
@@ -140,6 +162,8 @@ impl DatastoreFs {
             handles: Mutex::new(HashMap::new()),
             // Start far from an earlier process's handles (they stay in use after a restart).
             next_fh: AtomicU64::new(rand::random::<u64>() >> 2),
+            reads: AtomicU64::new(0),
+            passthrough_opens: AtomicU64::new(0),
         }
     }
 
@@ -157,6 +181,42 @@ impl DatastoreFs {
 
     pub fn ttl(&self) -> Duration {
         self.opts.ttl
+    }
+
+    /// Whether opens may be answered by passthrough.
+    pub fn passthrough(&self) -> bool {
+        self.opts.passthrough
+    }
+
+    /// This mount's counters.
+    pub fn stats(&self) -> FsStats {
+        FsStats {
+            reads: self.reads.load(Ordering::Relaxed),
+            passthrough_opens: self.passthrough_opens.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts an open answered by passthrough (the adapter's doing).
+    pub fn note_passthrough_open(&self) {
+        self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+        metrics::fuse_passthrough_open();
+    }
+
+    /// The committed whole copy of file `ino` in the node cache, for a passthrough open: a
+    /// plain file with exactly the file's bytes. `None` when there is none (or passthrough is
+    /// off). Blocking (an open and an fstat).
+    pub fn whole_copy(&self, ino: u64) -> Option<std::fs::File> {
+        if !self.opts.passthrough {
+            return None;
+        }
+        let cache = self.fetcher.cache()?;
+        let e = self.entry(ino).ok()?;
+        let blob = e.blob()?;
+        if e.kind() != Kind::File || e.size() == 0 || self.fetcher.store().check_blob(&blob).is_err() {
+            return None;
+        }
+        let content = self.fetcher.content(self.name.clone(), blob, e.size());
+        cache.open_whole(content.cache_id(), content.size)
     }
 
     /// EIO for a manifest page that cannot be read (logged once here).
@@ -302,9 +362,16 @@ impl DatastoreFs {
             return Err(libc::EIO);
         }
         let content = Arc::new(self.fetcher.content(self.name.clone(), blob, e.size()));
+        let bs = self.fetcher.config().block_size;
+        let eligible = self.opts.passthrough
+            && self
+                .fetcher
+                .cache()
+                .is_some_and(|c| content.size >= bs && content.size <= c.limit() / 2);
         Ok(Arc::new(Handle {
             content,
             readahead: Mutex::new(Readahead::new()),
+            assembler: Assembler::new(eligible),
         }))
     }
 
@@ -330,6 +397,7 @@ impl DatastoreFs {
 
     /// Reads up to `size` bytes at `offset` of an open file (short only at end of file).
     pub async fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Bytes, Errno> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let handle = self.handle(ino, fh)?;
         let content = &handle.content;
         let end = offset.saturating_add(u64::from(size)).min(content.size);
@@ -376,6 +444,9 @@ impl DatastoreFs {
             buf.freeze()
         };
         metrics::fuse_read(out.len() as u64, true);
+        if let Some(cache) = self.fetcher.cache() {
+            handle.assembler.feed(cache, content, offset, &out).await;
+        }
         Ok(out)
     }
 

@@ -181,22 +181,33 @@ pub fn open_fs(
     cache: Option<Arc<BlockCache>>,
     cfg: FetchConfig,
 ) -> Arc<DatastoreFs> {
+    open_fs_with(store, name, version, cache, cfg, test_fs_options())
+}
+
+/// The filesystem options of the tests: modes as recorded (the tests compare mounted trees
+/// with their sources, modes included).
+pub fn test_fs_options() -> FsOptions {
+    FsOptions {
+        source_modes: true,
+        ..FsOptions::default()
+    }
+}
+
+/// Builds the filesystem of a version with the given options (no mount).
+pub fn open_fs_with(
+    store: &Store,
+    name: &str,
+    version: u64,
+    cache: Option<Arc<BlockCache>>,
+    cfg: FetchConfig,
+    opts: FsOptions,
+) -> Arc<DatastoreFs> {
     let manifest = Arc::new(
         rt().block_on(store.load_manifest(name, version))
             .expect("load manifest"),
     );
     let fetcher = Fetcher::new(store.clone(), cache, cfg);
-    Arc::new(DatastoreFs::new(
-        name,
-        version,
-        manifest,
-        fetcher,
-        // The tests compare mounted trees with their sources, modes included.
-        FsOptions {
-            source_modes: true,
-            ..FsOptions::default()
-        },
-    ))
+    Arc::new(DatastoreFs::new(name, version, manifest, fetcher, opts))
 }
 
 /// Mounts a version with FUSE in a fresh directory.
@@ -207,7 +218,11 @@ pub fn mount_version(
     cache: Option<Arc<BlockCache>>,
     cfg: FetchConfig,
 ) -> TestMount {
-    let fs = open_fs(store, name, version, cache, cfg);
+    mount_fs(open_fs(store, name, version, cache, cfg))
+}
+
+/// Mounts a filesystem with FUSE in a fresh directory.
+pub fn mount_fs(fs: Arc<DatastoreFs>) -> TestMount {
     let dir = tempfile::Builder::new()
         .prefix("mnt")
         .tempdir()

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use datastore::cache::{BlockKey, Scope};
+use datastore::fs::FsOptions;
 use datastore::fs::fetch::FetchConfig;
 use datastore::store::Store;
 use datastore::store::upload::{Progress, UploadOptions, create_from_dir};
@@ -53,6 +54,15 @@ fn size_bound_holds_when_reading_more_than_it_allows() {
     assert!(c.used() <= limit);
 }
 
+/// A mount that keeps the content in blocks (no whole copy, no passthrough).
+fn mount_blocks(store: &Store, name: &str, v: u64, c: Arc<datastore::cache::BlockCache>) -> TestMount {
+    let opts = FsOptions {
+        passthrough: false,
+        ..test_fs_options()
+    };
+    mount_fs(open_fs_with(store, name, v, Some(c), FetchConfig::default(), opts))
+}
+
 #[test]
 fn remount_reads_cached_blocks_without_gets_and_refetches_corrupt_ones() {
     init_logging();
@@ -60,13 +70,7 @@ fn remount_reads_cached_blocks_without_gets_and_refetches_corrupt_ones() {
     let (v, data) = one_file(&store, "warm", (5 * MIB + 12345) as usize);
     let dir = tempfile::tempdir().expect("tempdir");
     {
-        let m = mount_version(
-            &store,
-            "warm",
-            v,
-            Some(cache(dir.path(), 1 << 30)),
-            FetchConfig::default(),
-        );
+        let m = mount_blocks(&store, "warm", v, cache(dir.path(), 1 << 30));
         assert_eq!(
             std::fs::read(m.path().join("data.bin")).expect("read"),
             data
@@ -75,13 +79,7 @@ fn remount_reads_cached_blocks_without_gets_and_refetches_corrupt_ones() {
     }
     // A new mount with a new cache instance over the same directory: zero GETs.
     {
-        let m = mount_version(
-            &store,
-            "warm",
-            v,
-            Some(cache(dir.path(), 1 << 30)),
-            FetchConfig::default(),
-        );
+        let m = mount_blocks(&store, "warm", v, cache(dir.path(), 1 << 30));
         server().reset_counts(&bucket);
         assert_eq!(
             std::fs::read(m.path().join("data.bin")).expect("read"),
@@ -112,7 +110,7 @@ fn remount_reads_cached_blocks_without_gets_and_refetches_corrupt_ones() {
     raw[n - 100] ^= 0x55;
     std::fs::write(&path, raw).expect("corrupt");
     let before = datastore::metrics::snapshot();
-    let m = mount_version(&store, "warm", v, Some(c), FetchConfig::default());
+    let m = mount_blocks(&store, "warm", v, c);
     server().reset_counts(&bucket);
     assert_eq!(
         std::fs::read(m.path().join("data.bin")).expect("read"),

@@ -15,6 +15,7 @@ mod import;
 mod integrity;
 mod manifests;
 mod packs;
+mod passthrough;
 mod stress;
 mod readonly;
 mod roundtrip;
