@@ -121,8 +121,12 @@ impl Store {
         upload: Option<&Lease>,
     ) -> Result<u64> {
         names::validate_datastore_name(name)?;
-        let compressed = Bytes::from(manifest.to_compressed()?);
-        info.manifest_bytes = compressed.len() as u64;
+        // A manifest just built is a local file: streamed, never held whole in memory.
+        let body = match manifest.stored_file() {
+            Some((file, len)) => Body::File(file, len),
+            None => Body::Memory(Bytes::from(manifest.to_compressed()?)),
+        };
+        info.manifest_bytes = body.len();
         let lock = if self.conditional_writes().await? {
             None
         } else {
@@ -133,7 +137,7 @@ impl Store {
             l.ensure_held_for(lease::ttl() / 3).await?;
         }
         let result = self
-            .claim_and_commit(name, &mut info, compressed, lock.as_ref(), upload)
+            .claim_and_commit(name, &mut info, &body, lock.as_ref(), upload)
             .await;
         if let Some(l) = lock {
             l.release().await;
@@ -145,7 +149,7 @@ impl Store {
         &self,
         name: &str,
         info: &mut VersionInfo,
-        compressed: Bytes,
+        body: &Body<'_>,
         lock: Option<&Lease>,
         upload: Option<&Lease>,
     ) -> Result<u64> {
@@ -174,15 +178,12 @@ impl Store {
             for l in [lock, upload].into_iter().flatten() {
                 l.ensure_held()?;
             }
-            match self
-                .objects
-                .put(
-                    &layout::manifest_key(name, version),
-                    compressed.clone(),
-                    true,
-                )
-                .await
-            {
+            let key = layout::manifest_key(name, version);
+            let written = match body {
+                Body::Memory(bytes) => self.objects.put(&key, bytes.clone(), true).await,
+                Body::File(file, len) => self.objects.put_from_file(&key, file, *len, true).await,
+            };
+            match written {
                 Ok(()) => {
                     if let Some(l) = upload.filter(|l| !l.held()) {
                         // The lease lapsed while the manifest was in flight: a sweep may have
@@ -249,6 +250,22 @@ impl Store {
             let jitter = Duration::from_millis(rand::random::<u64>() % 100);
             tokio::time::sleep(backoff + jitter).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// The stored bytes of a manifest being committed.
+enum Body<'a> {
+    Memory(Bytes),
+    /// A manifest just built: its temporary file and length.
+    File(&'a std::fs::File, u64),
+}
+
+impl Body<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Body::Memory(b) => b.len() as u64,
+            Body::File(_, len) => *len,
         }
     }
 }

@@ -323,6 +323,36 @@ impl ObjectStore for LocalStore {
         .await
     }
 
+    /// Copies the body a chunk at a time (positioned reads: the file's offset is not used).
+    async fn put_from_file(
+        &self,
+        key: &str,
+        file: &std::fs::File,
+        len: u64,
+        if_absent: bool,
+    ) -> Result<(), StoreError> {
+        let target = self.target(key)?;
+        let what = format!("writing {key}");
+        let src = file
+            .try_clone()
+            .map_err(|e| StoreError::io(format!("reading the body of {key}"), e))?;
+        blocking(move || {
+            target.write(if_absent, |out| {
+                let mut buf = vec![0u8; CHUNK];
+                let mut at = 0u64;
+                while at < len {
+                    let n = CHUNK.min((len - at) as usize);
+                    std::os::unix::fs::FileExt::read_exact_at(&src, &mut buf[..n], at)
+                        .and_then(|()| out.write_all(&buf[..n]))
+                        .map_err(|e| StoreError::io(&what, e))?;
+                    at += n as u64;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
     async fn probe_if_absent(&self, _key: &str) -> Result<bool, StoreError> {
         Ok(true) // link(2) fails on an existing target, atomically
     }

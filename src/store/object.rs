@@ -160,6 +160,30 @@ pub trait ObjectStore: Send + Sync + Debug + 'static {
     /// replacing an existing object.
     async fn put(&self, key: &str, body: Bytes, if_absent: bool) -> Result<(), StoreError>;
 
+    /// Writes the first `len` bytes of `file` as `key` (as [`ObjectStore::put`], `if_absent`
+    /// included). Stores that can stream do so in bounded memory (a manifest of a hundred
+    /// million files is over a gigabyte); this default reads the file whole and calls `put`.
+    async fn put_from_file(
+        &self,
+        key: &str,
+        file: &std::fs::File,
+        len: u64,
+        if_absent: bool,
+    ) -> Result<(), StoreError> {
+        let file = file
+            .try_clone()
+            .map_err(|e| StoreError::io(format!("reading the body of {key}"), e))?;
+        let what = format!("reading the body of {key}");
+        let body = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; len as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0).map(|()| buf)
+        })
+        .await
+        .map_err(|e| StoreError::io(&what, std::io::Error::other(e)))?
+        .map_err(|e| StoreError::io(&what, e))?;
+        self.put(key, Bytes::from(body), if_absent).await
+    }
+
     /// Whether "only if absent" writes are honoured: writes `key`, writes it again only if
     /// absent (which must fail), and deletes it. `false` means `put(.., true)` may overwrite.
     async fn probe_if_absent(&self, key: &str) -> Result<bool, StoreError>;

@@ -277,3 +277,59 @@ fn a_changed_page_is_eio_for_its_entries_only() {
         b"shared content\n"
     );
 }
+
+/// A manifest over one PutObject's worth (16 MiB stored) is committed from its file as a
+/// multipart upload: the object holds exactly the built bytes, the version opens and resolves,
+/// and writing the same key again "only if absent" is refused.
+#[test]
+fn a_large_manifest_is_committed_as_a_multipart_upload_from_its_file() {
+    let (store, bucket) = s3_store();
+    let mut b = ManifestBuilder::new(1_700_000_000_000_000_000);
+    let files = 700_000u64;
+    for i in 0..files {
+        // Distinct, incompressible content ids: ~32 stored bytes per file at least.
+        let id: [u8; 32] = Sha256::digest(i.to_le_bytes()).into();
+        let node = Node::File {
+            mode: 0o644,
+            mtime_ns: 1_700_000_000_000_000_000,
+            size: i,
+            blob: Blob {
+                id,
+                location: Location::Store,
+            },
+        };
+        b.insert(&[format!("d{:03}", i / 1000), format!("f{i:07}")], node)
+            .expect("insert");
+    }
+    let m = b.finish().expect("build").manifest;
+    let (file, len) = m.stored_file().expect("a built manifest is a local file");
+    assert!(len > 16 << 20, "stored {len} bytes: not over one PutObject");
+    let mut built = vec![0u8; len as usize];
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut built, 0).expect("read built");
+
+    server().reset_counts(&bucket);
+    let v = rt()
+        .block_on(store.commit_version("big", info("big", &m), &m))
+        .expect("commit");
+    let counts = server().counts(&bucket);
+    // Create + complete of the upload (and its parts) are more than the claim's one PUT.
+    assert!(counts.other >= 2, "no multipart upload: {counts:?}");
+
+    let key = layout::manifest_key("big", v);
+    let stored = rt().block_on(store.objects().get(&key)).expect("get manifest");
+    assert_eq!(Sha256::digest(&stored), Sha256::digest(&built));
+    let opened = rt()
+        .block_on(store.open_manifest("big", v, &ManifestOptions::default()))
+        .expect("open");
+    let e = opened
+        .resolve(b"d654/f0654321")
+        .expect("resolve")
+        .expect("present");
+    assert_eq!(e.size(), 654_321);
+
+    let again = rt().block_on(store.objects().put_from_file(&key, file, len, true));
+    assert!(
+        matches!(again, Err(datastore::store::object::StoreError::AlreadyExists { .. })),
+        "{again:?}"
+    );
+}

@@ -280,6 +280,13 @@ impl Manifest {
         }
     }
 
+    /// The local file holding the stored bytes and their length: a format 2 manifest just
+    /// built (so a commit streams it instead of holding it in memory).
+    pub fn stored_file(&self) -> Option<(&std::fs::File, u64)> {
+        let p = self.paged()?;
+        Some((p.source.file()?, p.source.len()))
+    }
+
     /// Length of the stored bytes (format 2; `None` for format 1, which is re-encoded).
     pub fn stored_len(&self) -> Option<u64> {
         self.paged().map(|p| p.source.len())

@@ -36,6 +36,10 @@ pub trait PageSource: Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The local file holding the stored manifest, when there is one (a manifest just built).
+    fn file(&self) -> Option<&File> {
+        None
+    }
 }
 
 fn out_of_range(range: &Range<u64>, len: u64) -> ManifestError {
@@ -89,6 +93,9 @@ impl PageSource for FileSource {
     }
     fn len(&self) -> u64 {
         self.len
+    }
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
     }
 }
 
