@@ -205,10 +205,21 @@ impl Store {
         let mut committed = HashSet::new();
         for v in self.versions(name).await? {
             match self.load_manifest(name, v).await {
-                Ok(m) => {
-                    committed.insert(v);
-                    referenced.extend(store_blobs(&m)?.into_keys());
-                }
+                Ok(m) => match store_blobs(&m) {
+                    Ok(ids) => {
+                        committed.insert(v);
+                        referenced.extend(ids.into_keys());
+                    }
+                    // Pages are read after the head: a delete may remove the manifest in
+                    // between. Gone now means deleted meanwhile, as below.
+                    Err(e) => {
+                        let key = layout::manifest_key(name, v);
+                        if self.objects.head(&key).await?.is_some() {
+                            return Err(e.into());
+                        }
+                        tracing::debug!(datastore = name, version = v, "version deleted while the sweep read it");
+                    }
+                },
                 Err(Error::NoSuchVersion { .. }) => {} // deleted meanwhile: see the trash
                 Err(e) => return Err(e),
             }

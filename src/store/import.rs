@@ -371,8 +371,7 @@ pub async fn import_from_s3(
     if opts.skip_if_unchanged
         && let Some(latest) = store.latest(name).await?
     {
-        let current = store.load_manifest(name, latest).await?;
-        if same_content_async(current, &manifest).await? {
+        if latest_is_same(store, name, latest, &manifest).await {
             let info = store.version_info(name, latest).await?;
             if let Some(l) = lease {
                 l.release().await;
@@ -517,6 +516,26 @@ pub(crate) async fn same_content_async(a: Manifest, b: &Arc<Manifest>) -> Result
         .await
         .map_err(|e| Error::Source(format!("comparing manifests failed: {e}")))?
         .map_err(Error::from)
+}
+
+/// Whether version `latest` of `name` holds the same tree as `manifest` (skip-if-unchanged).
+/// A latest version that was deleted meanwhile (its manifest may vanish between the HEAD that
+/// opens it and the read of its pages), or that cannot be read, is not the same: committing a
+/// new version is then the safe answer.
+pub(crate) async fn latest_is_same(
+    store: &Store,
+    name: &str,
+    latest: u64,
+    manifest: &Arc<Manifest>,
+) -> bool {
+    let compared = match store.load_manifest(name, latest).await {
+        Ok(current) => same_content_async(current, manifest).await,
+        Err(e) => Err(e),
+    };
+    compared.unwrap_or_else(|e| {
+        tracing::warn!(datastore = name, version = latest, error = %e, "could not compare with the latest version; committing a new one");
+        false
+    })
 }
 
 /// A sum of per-entry hashes: equal for equal sets of entries, in any order.

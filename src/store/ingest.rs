@@ -25,7 +25,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 
-use super::import::same_content_async;
+use super::import::latest_is_same;
 use super::lease::Lease;
 use super::manifest::{DroppedWhy, Manifest, ManifestBuilder};
 use super::upload::sink::{ObjectSink, StoreSink};
@@ -179,18 +179,18 @@ impl<'a> Ingest<'a> {
         let name = self.name;
         let store = self.store;
         let manifest = std::sync::Arc::new(manifest);
-        if skip_if_unchanged && let Some(latest) = store.latest(name).await? {
-            let current = store.load_manifest(name, latest).await?;
-            if same_content_async(current, &manifest).await? {
-                let info = store.version_info(name, latest).await?;
-                self.lease.release().await;
-                return Ok(Report {
-                    version: latest,
-                    info,
-                    skipped,
-                    unchanged: true,
-                });
-            }
+        if skip_if_unchanged
+            && let Some(latest) = store.latest(name).await?
+            && latest_is_same(store, name, latest, &manifest).await
+        {
+            let info = store.version_info(name, latest).await?;
+            self.lease.release().await;
+            return Ok(Report {
+                version: latest,
+                info,
+                skipped,
+                unchanged: true,
+            });
         }
         let totals = manifest.totals();
         let info = VersionInfo {

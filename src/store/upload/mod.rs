@@ -163,12 +163,18 @@ pub async fn create_from_dir(
 ) -> Result<Report> {
     names::validate_datastore_name(name)?;
     let walk = walk_source(src, opts.symlinks)?;
-    // Only a hint (unchanged files are not re-read): a version deleted meanwhile is no error.
+    // Only a hint (unchanged files are not re-read, packs are reused): a version deleted
+    // meanwhile, or one whose manifest cannot be read, only means sending everything again.
+    // (A delete can remove the manifest between the HEAD that opens it and the read of its
+    // pages: that surfaces as a manifest read error, not as NoSuchVersion.)
     let previous = match store.latest(name).await? {
         Some(v) => match store.load_manifest(name, v).await {
             Ok(m) => Some(m),
             Err(Error::NoSuchVersion { .. }) => None,
-            Err(e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(datastore = name, version = v, error = %e, "could not read the latest version; sending every file");
+                None
+            }
         },
         None => None,
     };
