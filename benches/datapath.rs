@@ -394,27 +394,11 @@ fn main() {
             )
             .expect("insert");
         }
-        let manifest = b.finish().expect("manifest").manifest;
-        let stored_len = manifest.stored_len().unwrap_or(0);
-        let info = datastore::store::VersionInfo {
-            datastore: "huge".into(),
-            version: 0,
-            created: datastore::store::now_rfc3339(),
-            source: "synthetic".into(),
-            mode: "upload".into(),
-            files: manifest.totals().files,
-            dirs: manifest.totals().dirs,
-            symlinks: 0,
-            bytes: manifest.totals().bytes,
-            transferred_files: 0,
-            transferred_bytes: 0,
-            manifest_bytes: 0,
-            validator: None,
-        };
-        let v = rt()
-            .block_on(store.commit_version("huge", info, &manifest))
-            .expect("commit");
-        drop(manifest);
+        let v = scale::commit_built(&store, "huge", b);
+        let stored_len = rt()
+            .block_on(store.version_info("huge", v))
+            .expect("version info")
+            .manifest_bytes;
         let mnt = work.path().join("huge-mnt");
         std::fs::create_dir_all(&mnt).expect("mkdir");
         let started = Instant::now();

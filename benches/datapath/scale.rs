@@ -111,8 +111,8 @@ fn synthetic_version(store: &Store, name: &str, n: u64) -> (u64, u64, Duration) 
     (v, bytes, started.elapsed())
 }
 
-/// Commits what a builder holds as a new version of `name`.
-fn commit_built(store: &Store, name: &str, b: ManifestBuilder) -> u64 {
+/// Commits what a builder holds as a new version of `name` (also the `huge` section's).
+pub fn commit_built(store: &Store, name: &str, b: ManifestBuilder) -> u64 {
     let manifest = b.finish().expect("manifest").manifest;
     let info = datastore::store::VersionInfo {
         datastore: name.into(),
